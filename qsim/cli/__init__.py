@@ -7,9 +7,9 @@ import sys
 
 from .. import __version__
 from ..errors import QsimError
-from . import measure, size
+from . import measure, size, trace
 
-SUBCOMMANDS = [size, measure]
+SUBCOMMANDS = [size, measure, trace]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,139 @@
+"""``qsim trace info|synth|convert``: look at traces, make synthetic ones, convert between formats."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import UsageError
+from ..synth import synthesize
+from ..trace import apply_offset_policy, trace_stats, OFFSET_POLICIES
+from ..traceio import FORMATS, read_trace, write_trace
+from ..units import format_size, human_size, parse_size
+from .common import RawDefaultsHelp, add_output, print_json, print_table, size_arg
+
+EXAMPLES = """examples:
+  qsim trace info traces/fio-randread-4k.iolog.gz
+  qsim trace synth zipf.iolog.gz --pattern zipf:1.2 --size 100G --requests 1M --bs 4k --rw 70 --seed 1
+  qsim trace synth mixed.csv --pattern hotspot:90/10 --size 20G --requests 100k --bs 4k/50:64k/50 --fsync 32
+  qsim trace convert traces/fio-randread-4k.iolog.gz randread.npz
+"""
+
+
+def add_reader_options(parser: argparse.ArgumentParser) -> None:
+    """How to read a trace file: the options every subcommand that loads a trace shares."""
+    parser.add_argument("--format", choices=FORMATS, help="force the input format (default: detected from content)")
+    parser.add_argument("--file", metavar="NAME", help="fio iolog naming several files: the one to keep")
+    parser.add_argument("--action", default="Q", help="blkparse: the action to keep (default Q, queued)")
+
+
+def load_trace(args: argparse.Namespace, path: str | None = None):
+    return read_trace(path or args.trace, args.format, args.file, args.action)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trace", help="inspect, synthesize and convert I/O traces",
+                       description="Traces are fio iologs (v2/v3), blkparse text, CSV (op,offset,length[,time]) or "
+                       "qsim's binary .npz; gzip is read transparently.",
+                       epilog=EXAMPLES, formatter_class=RawDefaultsHelp)
+    tsub = p.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
+
+    info = tsub.add_parser("info", help="counts, bytes, footprint and sizes of a trace", epilog=EXAMPLES,
+                           formatter_class=RawDefaultsHelp)
+    info.add_argument("trace", metavar="TRACE")
+    add_reader_options(info)
+    add_output(info)
+    info.set_defaults(run=run_info)
+
+    synth = tsub.add_parser("synth", help="generate a synthetic workload", epilog=EXAMPLES,
+                            formatter_class=RawDefaultsHelp,
+                            description="Write a seeded synthetic trace; OUT's suffix picks the format "
+                            "(.iolog[.gz] fio iolog v3, .csv, .npz).")
+    synth.add_argument("out", metavar="OUT")
+    synth.add_argument("--pattern", default="uniform",
+                       help="seq, uniform, zipf[:ALPHA] (default alpha 1.2) or hotspot[:IO/DISK] (default 90/10)")
+    synth.add_argument("--size", required=True, type=size_arg("--size"), help="disk size the requests cover")
+    synth.add_argument("--offset", type=size_arg("--offset"), default=0, help="start of the region (default 0)")
+    synth.add_argument("--requests", required=True, help="number of requests, e.g. 1M or 250k (k/M = 1000s here)")
+    synth.add_argument("--bs", default="4k", help="block size: 4k, a range 4k-64k, or fio bssplit 4k/50:64k/50")
+    synth.add_argument("--rw", type=float, default=100.0, metavar="READ%",
+                       help="share of reads in percent, like fio's rwmixread (default 100: reads only)")
+    synth.add_argument("--align", type=size_arg("--align"), help="offset alignment (default: smallest block size)")
+    synth.add_argument("--fsync", type=int, default=0, metavar="N", help="a flush after every N writes (fio's fsync)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--fio-file", default="/dev/vda", help="file name written into an iolog (default /dev/vda)")
+    synth.set_defaults(run=run_synth)
+
+    convert = tsub.add_parser("convert", help="convert a trace between formats", epilog=EXAMPLES,
+                              formatter_class=RawDefaultsHelp)
+    convert.add_argument("trace", metavar="IN")
+    convert.add_argument("out", metavar="OUT", help="output; its suffix picks the format (.iolog[.gz], .csv, .npz)")
+    add_reader_options(convert)
+    convert.add_argument("--size", type=size_arg("--size"), help="disk size, to apply --offset-policy")
+    convert.add_argument("--offset-policy", choices=OFFSET_POLICIES, default="error",
+                         help="requests ending beyond --size: error (default), skip or wrap")
+    convert.add_argument("--fio-file", default="/dev/vda", help="file name written into an iolog (default /dev/vda)")
+    convert.set_defaults(run=run_convert)
+
+
+def parse_count(text: str) -> int:
+    """A request count: 1000, 250k, 1M, 1.5M (decimal multiples: counts are not bytes)."""
+    s = text.strip().lower()
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(s[-1:], 1)
+    try:
+        value = float(s[:-1] if scale > 1 else s) * scale
+    except ValueError:
+        raise UsageError(f"--requests {text!r}: expected a count such as 1000, 250k or 1M") from None
+    if value < 0 or value != int(value):
+        raise UsageError(f"--requests {text!r}: expected a whole, non-negative count")
+    return int(value)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    stats = trace_stats(load_trace(args))
+    if args.output == "json":
+        print_json(stats)
+        return 0
+    print(f"{stats['source']}: {stats['requests']} requests")
+    print_table([
+        ("reads", f"{stats['reads']}  ({human_size(stats['read_bytes'])})"),
+        ("writes", f"{stats['writes']}  ({human_size(stats['write_bytes'])})"),
+        ("discards", f"{stats['discards']}  ({human_size(stats['discard_bytes'])})"),
+        ("flushes", f"{stats['flushes']}"),
+        ("offsets", f"{stats['min_offset']} .. {stats['max_end_offset']}  "
+                    f"(ends below {format_size(_round_up_gib(stats['max_end_offset']))})"),
+        ("footprint", f"{stats['footprint_4k_blocks']} distinct 4k blocks "
+                      f"({human_size(stats['footprint_4k_blocks'] * 4096)}), "
+                      f"{stats['footprint_64k_clusters']} distinct 64k clusters"),
+        ("unaligned", f"{100 * stats['unaligned_share']:.3g}% of requests not 4k-aligned"),
+    ] + ([("duration", f"{stats['duration_s']:.3f} s")] if stats["duration_s"] is not None else []))
+    if stats["size_histogram"]:
+        print("  request sizes (rounded up to a power of two):")
+        total = sum(stats["size_histogram"].values())
+        for size, count in stats["size_histogram"].items():
+            print(f"    {format_size(size):>6}  {count:>10}  {100 * count / total:5.1f}%")
+    return 0
+
+
+def _round_up_gib(n: int) -> int:
+    gib = 1 << 30
+    return max(-(-n // gib) * gib, gib)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    trace = synthesize(args.size, parse_count(args.requests), args.pattern, args.bs, args.rw / 100, args.align,
+                       args.fsync, args.seed, args.offset)
+    write_trace(trace, args.out, args.fio_file)
+    print(f"wrote {len(trace)} requests to {args.out}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    trace = load_trace(args)
+    if args.size is not None:
+        trace = apply_offset_policy(trace, args.size, args.offset_policy)
+    write_trace(trace, args.out, args.fio_file)
+    print(f"wrote {len(trace)} requests to {args.out}")
+    return 0
+
+
+__all__ = ["add_parser", "add_reader_options", "load_trace", "parse_size"]

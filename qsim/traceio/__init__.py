@@ -1,0 +1,76 @@
+"""Reading and writing traces in every format qsim knows, with the format detected from the content."""
+
+from __future__ import annotations
+
+from ..errors import QsimError
+from ..trace import Trace
+from .blkparse import looks_like_blkparse, read_blkparse
+from .csvfmt import read_csv_trace, write_csv_trace
+from .iolog import HEADERS, read_iolog, write_iolog
+from .npz import read_npz_trace, write_npz_trace
+from .textfile import check_readable, head_lines
+
+FORMATS = ("iolog", "blkparse", "csv", "npz")
+
+
+def detect_format(path: str) -> str:
+    check_readable(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic.startswith(b"PK"):
+        return "npz"
+    lines = head_lines(path, 20)
+    if not lines:
+        raise QsimError(f"{path}: empty file, not a trace")
+    if lines[0].strip() in HEADERS:
+        return "iolog"
+    if lines[0].strip().lower().replace(" ", "").startswith("op,"):
+        return "csv"
+    if looks_like_blkparse(lines):
+        return "blkparse"
+    raise QsimError(f"{path}: line 1: unknown trace format {lines[0][:60]!r} (expected a fio iolog header "
+                    "'fio version 3 iolog', a CSV header 'op,offset,length', blkparse text or a qsim .npz; "
+                    "force one with --format)")
+
+
+def read_trace(path: str, format: str | None = None, file: str | None = None, action: str = "Q") -> Trace:
+    """Load a trace; ``format`` forces one of FORMATS, ``file`` picks a file in a multi-file iolog, ``action`` the
+    blkparse action kept."""
+    fmt = format or detect_format(path)
+    check_readable(path)
+    if fmt == "iolog":
+        return read_iolog(path, file)
+    if fmt == "csv":
+        return read_csv_trace(path)
+    if fmt == "npz":
+        return read_npz_trace(path)
+    if fmt == "blkparse":
+        return read_blkparse(path, action)
+    raise QsimError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}", 2)
+
+
+def format_for_output(path: str) -> str:
+    """The format a file name asks for: .iolog[.gz] -> iolog v3, .csv -> CSV, .npz -> binary."""
+    name = path.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    for suffix, fmt in ((".iolog", "iolog"), (".log", "iolog"), (".csv", "csv"), (".npz", "npz")):
+        if name.endswith(suffix):
+            return fmt
+    raise QsimError(f"{path}: cannot tell the format from the name (use .iolog, .iolog.gz, .csv or .npz)", 2)
+
+
+def write_trace(trace: Trace, path: str, fio_file: str = "/dev/vda") -> None:
+    fmt = format_for_output(path)
+    try:
+        if fmt == "iolog":
+            write_iolog(trace, path, fio_file)
+        elif fmt == "csv":
+            write_csv_trace(trace, path)
+        else:
+            write_npz_trace(trace, path)
+    except OSError as exc:
+        raise QsimError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+__all__ = ["FORMATS", "detect_format", "read_trace", "write_trace", "format_for_output", "Trace"]

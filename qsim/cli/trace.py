@@ -8,7 +8,7 @@ from ..errors import UsageError
 from ..synth import synthesize
 from ..trace import apply_offset_policy, trace_stats, OFFSET_POLICIES
 from ..traceio import FORMATS, read_trace, write_trace
-from ..units import format_size, human_size, parse_size
+from ..units import format_size, human_size
 from .common import RawDefaultsHelp, add_output, print_json, print_table, size_arg
 
 EXAMPLES = """examples:
@@ -136,4 +136,4 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_parser", "add_reader_options", "load_trace", "parse_size"]
+

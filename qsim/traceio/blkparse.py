@@ -43,11 +43,11 @@ def read_blkparse(path: str, action: str = "Q") -> Trace:
     op[rwbs.str.contains("R").to_numpy()] = READ
     op[rwbs.str.contains("W").to_numpy()] = WRITE
     op[rwbs.str.contains("D").to_numpy()] = DISCARD
-    nsect = fields["nsect"].fillna(0).astype(np.int64).to_numpy()
+    nsect = pd.to_numeric(fields["nsect"]).fillna(0).to_numpy(dtype=np.int64)
     flush = rwbs.str.startswith("F").to_numpy() & ((~has_sector) | (nsect == 0))
     op[flush] = FLUSH
     usable = (op != 255) & (has_sector | flush) & ((nsect > 0) | flush)
-    sector = fields["sector"].fillna(0).astype(np.int64).to_numpy()
+    sector = pd.to_numeric(fields["sector"]).fillna(0).to_numpy(dtype=np.int64)
     time = fields["time"].astype(np.float64).to_numpy()
     return Trace.from_arrays(op[usable], sector[usable] * SECTOR_BYTES, nsect[usable] * SECTOR_BYTES,
                              time[usable] - (time[usable][0] if usable.any() else 0), path)

@@ -34,7 +34,7 @@ def read_csv_trace(path: str) -> Trace:
         raise QsimError(f"{path}: line {k + 2}: unknown op {frame['op'].iloc[k]!r} (expected read, write, discard "
                         "or flush)")
     op = op.to_numpy(dtype=np.uint8)
-    offset = _whole_numbers(frame["offset"], path, "offset")
+    offset = _whole_numbers(frame["offset"], path, "offset", allow_missing=op == FLUSH)
     length = _whole_numbers(frame["length"], path, "length", allow_missing=op == FLUSH)
     io = op != FLUSH
     bad = (offset < 0) & io

@@ -1,0 +1,140 @@
+"""Drives the stage-1 kernel (``qsim.events``) over a whole trace: buffers, chunking, state copies.
+
+``run_kernel`` takes an image state and a trace and returns the cache event stream, the byte counters and the
+image state after the trace. The trace is processed in chunks so event buffers stay bounded and a progress bar can
+follow long runs; the kernel carries allocation state across chunks, so the result does not depend on chunking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import events as ev
+from . import hostalloc
+from .errors import QsimError
+from .image import ImageState
+from .trace import WRITE, Trace
+
+CHUNK_EVENTS = 1 << 22
+
+
+@dataclass(frozen=True, eq=False)
+class EventStream:
+    """Stage-1 output for one (trace, image, geometry, entry size): L2 cache events in order.
+
+    ``key`` int64 dense slice ids (0 .. n_keys-1), ``kind`` uint8 (events.GET, GET_DIRTY, GET_EMPTY), ``flush_at``
+    int64: a whole-cache flush happens before event ``flush_at[j]`` (after all events before it).
+    """
+
+    key: np.ndarray
+    kind: np.ndarray
+    flush_at: np.ndarray
+    n_keys: int
+    entry_size: int
+    counters: dict[str, int]
+
+
+@dataclass(frozen=True, eq=False)
+class KernelResult:
+    image: ImageState
+    events: EventStream
+
+
+def geometry_vector(state: ImageState, entry_size: int, writethrough: bool) -> np.ndarray:
+    g = state.geometry
+    if entry_size % g.l2_entry_bytes or entry_size > g.cluster_size:
+        raise QsimError(f"l2-cache-entry-size={entry_size} does not fit cluster_size={g.cluster_size}")
+    slice_entries = entry_size // g.l2_entry_bytes
+    vec = np.zeros(ev.GEOMETRY_SIZE, dtype=np.int64)
+    vec[ev.G_CLUSTER_BITS] = g.cluster_size.bit_length() - 1
+    vec[ev.G_TABLE_BITS] = g.l2_entries_per_table.bit_length() - 1
+    vec[ev.G_SLICE_BITS] = slice_entries.bit_length() - 1
+    vec[ev.G_SC_BITS] = g.subcluster_size.bit_length() - 1
+    vec[ev.G_EXTENDED] = int(g.extended_l2)
+    vec[ev.G_SPC] = g.subclusters_per_cluster
+    vec[ev.G_SLICES_PER_TABLE] = g.l2_entries_per_table // slice_entries
+    vec[ev.G_L1_SIZE] = g.l1_entries
+    vec[ev.G_BACKING] = int(state.backing)
+    vec[ev.G_WRITETHROUGH] = int(writethrough)
+    return vec
+
+
+def _room_needed(state: ImageState, trace: Trace) -> tuple[int, int]:
+    """(new L2 tables, new host clusters) the trace's writes could need at most."""
+    g = state.geometry
+    writes = (trace.op == WRITE) | (trace.op == ev.OP_PREALLOC)
+    if not writes.any():
+        return 0, 0
+    cb = g.cluster_size.bit_length() - 1
+    tb = g.l2_entries_per_table.bit_length() - 1
+    first = trace.offset[writes] >> cb
+    last = (trace.end[writes] - 1) >> cb
+    spanned = int(min((last - first + 1).sum(), g.clusters))
+    tables = np.concatenate([first >> tb, last >> tb])
+    wide = np.flatnonzero((last >> tb) - (first >> tb) > 1)
+    if len(wide):
+        tables = np.concatenate([tables] + [np.arange(first[i] >> tb, (last[i] >> tb) + 1) for i in wide])
+    tables = np.unique(tables)
+    tables = tables[tables < g.l1_entries]
+    new_tables = int((state.table_slot[tables] < 0).sum())
+    refcounts_per_block = g.cluster_size * 8 // g.refcount_bits
+    host = spanned + new_tables
+    return new_tables, host + 2 * (host // refcounts_per_block + 1)
+
+
+def run_kernel(state: ImageState, trace: Trace, entry_size: int, writethrough: bool = False, record: bool = True,
+               reopen: bool = False, progress=None) -> KernelResult:
+    """Replay ``trace`` on a copy of ``state`` (the original is never changed). ``record`` keeps the events;
+    ``reopen`` leaves the result as a freshly opened image (free cluster index 0), as QEMU's next open sees it."""
+    extra_tables, extra_host = _room_needed(state, trace)
+    work = state.with_capacity(extra_tables, extra_host)
+    g = geometry_vector(work, entry_size, writethrough)
+    tables = (work.table_slot, work.table_host)
+    ent = (work.entry_host, work.entry_flags, work.entry_alloc, work.entry_zero)
+    alloc = (work.host_used, work.refblock_covered, work.alloc_state)
+    st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
+    st[ev.S_SLOTS] = work.n_tables
+    cnt = np.zeros(ev.COUNTERS_SIZE, dtype=np.int64)
+    capacity = CHUNK_EVENTS if record else 0
+    keys, kinds, flushes = [], [], []
+    events_before = 0
+    i, n = 0, len(trace)
+    offset = trace.offset
+    length = trace.length.astype(np.int64)
+    while i < n:
+        out = (np.empty(capacity, np.int64), np.empty(capacity, np.uint8), np.empty(capacity, np.int64))
+        st[ev.S_EVENTS] = 0
+        st[ev.S_FLUSHES] = 0
+        nxt = ev.run_requests(g, tables, ent, alloc, out, st, cnt, trace.op, offset, length, i, n)
+        if nxt == i:  # one request needs more room than a whole buffer: grow it
+            capacity *= 4
+            continue
+        if record:
+            keys.append(out[0][: st[ev.S_EVENTS]].copy())
+            kinds.append(out[1][: st[ev.S_EVENTS]].copy())
+            flushes.append(out[2][: st[ev.S_FLUSHES]] + events_before)
+            events_before += int(st[ev.S_EVENTS])
+        if progress is not None:
+            progress(nxt - i)
+        i = nxt
+    if work.alloc_state[hostalloc.OVERFLOW]:
+        raise QsimError("internal error: the host cluster map was sized too small (please report this trace)")
+    if reopen:
+        work.alloc_state[hostalloc.FREE_INDEX] = 0
+    image = replace(work, n_tables=int(st[ev.S_SLOTS]))
+    counters = {name: int(cnt[k]) for k, name in enumerate(ev.COUNTER_NAMES)}
+    counters["unmodelled_refcount_growth"] = int(work.alloc_state[hostalloc.UNMODELLED])
+    counters["refcount_blocks_allocated"] = int(work.alloc_state[hostalloc.REFBLOCKS_MADE] -
+                                                state.alloc_state[hostalloc.REFBLOCKS_MADE])
+    n_keys = int(g[ev.G_SLICES_PER_TABLE]) * max(image.n_tables, 1)
+    stream = EventStream(
+        key=np.concatenate(keys) if keys else np.zeros(0, np.int64),
+        kind=np.concatenate(kinds) if kinds else np.zeros(0, np.uint8),
+        flush_at=np.concatenate(flushes) if flushes else np.zeros(0, np.int64),
+        n_keys=n_keys,
+        entry_size=entry_size,
+        counters=counters,
+    )
+    return KernelResult(image, stream)

@@ -1,0 +1,530 @@
+"""Stage 1 of the replay: requests -> the exact stream of L2 cache events QEMU 7.2's qcow2 driver makes.
+
+What QEMU does to its L2 cache for a request stream does not depend on the cache size: which slices are looked up,
+created empty (``get_empty``) or dirtied, and where the caches are flushed, are fixed by the trace, the image state,
+the geometry and the slice (entry) size. This module follows QEMU's code paths (block/qcow2.c qcow2_co_preadv_part,
+qcow2_co_pwritev_part, handle_alloc_space; block/qcow2-cluster.c qcow2_get_host_offset, qcow2_alloc_host_offset,
+handle_copied, handle_alloc, calculate_l2_meta, perform_cow, qcow2_alloc_cluster_link_l2, l2_allocate) request by
+request. Allocation state makes this inherently sequential, so it is one numba kernel; its events go to stage 2
+(``qsim.lru``), which turns them into hits, misses and write-backs for every cache size at once.
+
+Event keys are dense slice ids: ``table slot x slices per table + slice index`` (slots number L2 tables in the order
+they appear), equivalent to QEMU's key (the slice's host offset) because tables never move or get freed here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .hostalloc import alloc_clusters, alloc_clusters_at, free_cluster
+
+# Event kinds
+GET, GET_DIRTY, GET_EMPTY = 0, 1, 2  # a lookup; a lookup whose slice is then dirtied; a new slice (dirty, no read)
+# Request ops handled by the kernel (qsim.trace ops plus one internal)
+OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH, OP_PREALLOC = 0, 1, 2, 3, 4
+# L2 entry flags
+F_ZERO, F_COMPRESSED, F_COPIED = 1, 2, 4
+# Subcluster types (QCow2SubclusterType)
+NORMAL, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, COMPRESSED = range(6)
+
+# geometry/options vector (int64) indices
+(G_CLUSTER_BITS, G_TABLE_BITS, G_SLICE_BITS, G_SC_BITS, G_EXTENDED, G_SPC, G_SLICES_PER_TABLE, G_L1_SIZE,
+ G_BACKING, G_WRITETHROUGH, G_EMIT) = range(11)
+GEOMETRY_SIZE = 11
+# run state (int64) indices
+S_EVENTS, S_FLUSHES, S_SLOTS, S_STOP = range(4)
+STATE_SIZE = 4
+# counters (int64) indices
+(C_REQUESTS, C_READS, C_WRITES, C_FLUSHES, C_DISCARDS, C_READ_BYTES, C_WRITE_BYTES, C_COW_READ_BYTES,
+ C_COW_WRITE_BYTES, C_ZERO_FILL_BYTES, C_TABLES_ALLOCATED, C_CLUSTERS_ALLOCATED, C_ZERO_CHECKS,
+ C_COW_READ_LOOKUPS) = range(14)
+COUNTER_NAMES = ("requests", "reads", "writes", "flushes", "discards_ignored", "guest_read_bytes",
+                 "guest_write_bytes", "cow_read_bytes", "cow_write_bytes", "zero_fill_bytes", "l2_tables_allocated",
+                 "clusters_allocated", "zero_check_lookups", "cow_read_lookups")
+COUNTERS_SIZE = len(COUNTER_NAMES)
+
+# A meta (QCowL2Meta) row
+M_ALLOC, M_GUEST_CLUSTER, M_NB, M_KEEP_OLD, M_START_OFF, M_START_N, M_END_OFF, M_END_N, M_SKIP = range(9)
+META_WIDTH = 9
+INT_MAX = 2**31 - 1
+REQUEST_MAX_BYTES = 2**31 - 512
+INV = -1
+
+
+@njit(cache=True)
+def _ctz32(v):
+    v &= 0xFFFFFFFF
+    if v == 0:
+        return 32
+    n = 0
+    while (v & 1) == 0:
+        v >>= 1
+        n += 1
+    return n
+
+
+@njit(cache=True)
+def _clz32(v):
+    v &= 0xFFFFFFFF
+    if v == 0:
+        return 32
+    n = 0
+    while (v & 0x80000000) == 0:
+        v <<= 1
+        n += 1
+    return n
+
+
+@njit(cache=True)
+def _subcluster_type(g, ent, slot, idx, sc):
+    host, flags, abits, zbits = ent
+    f = flags[slot, idx]
+    h = host[slot, idx]
+    if f & F_COMPRESSED:
+        return COMPRESSED
+    if g[G_EXTENDED]:
+        if h != 0:
+            if (zbits[slot, idx] >> sc) & 1:
+                return ZERO_ALLOC
+            if (abits[slot, idx] >> sc) & 1:
+                return NORMAL
+            return UNALLOC_ALLOC
+        if (zbits[slot, idx] >> sc) & 1:
+            return ZERO_PLAIN
+        return UNALLOC_PLAIN
+    if f & F_ZERO:
+        return ZERO_ALLOC if h != 0 else ZERO_PLAIN
+    return NORMAL if h != 0 else UNALLOC_PLAIN
+
+
+@njit(cache=True)
+def _range_type(g, ent, slot, idx, sc_from):
+    """(type of subcluster sc_from, how many subclusters from it share that type) -- qcow2_get_subcluster_range_type."""
+    t = _subcluster_type(g, ent, slot, idx, sc_from)
+    spc = g[G_SPC]
+    if not g[G_EXTENDED] or t == COMPRESSED:
+        return t, spc - sc_from
+    abits = np.int64(ent[2][slot, idx])
+    zbits = np.int64(ent[3][slot, idx])
+    below = (np.int64(1) << sc_from) - 1
+    if t == NORMAL:
+        return t, _ctz32(~(abits | below)) - sc_from
+    if t == ZERO_PLAIN or t == ZERO_ALLOC:
+        return t, _ctz32(~(zbits | below)) - sc_from
+    return t, _ctz32((abits | zbits) & ~below & 0xFFFFFFFF) - sc_from
+
+
+@njit(cache=True)
+def _needs_new_alloc(g, ent, slot, idx):
+    """cluster_needs_new_alloc: only an allocated (normal or zero-allocated) cluster with COPIED is kept."""
+    f = ent[1][slot, idx]
+    if f & F_COMPRESSED:
+        return True
+    if ent[0][slot, idx] != 0 and (f & F_COPIED):
+        return False
+    return True
+
+
+@njit(cache=True)
+def _emit(out, st, key, kind):
+    if out[0].shape[0] == 0:  # not recording (building a preallocated image)
+        return
+    n = st[S_EVENTS]
+    out[0][n] = key
+    out[1][n] = kind
+    st[S_EVENTS] = n + 1
+
+
+@njit(cache=True)
+def _flush(out, st):
+    if out[2].shape[0] == 0:
+        return
+    out[2][st[S_FLUSHES]] = st[S_EVENTS]
+    st[S_FLUSHES] += 1
+
+
+@njit(cache=True)
+def _slice_key(g, slot, idx):
+    return slot * g[G_SLICES_PER_TABLE] + (idx >> g[G_SLICE_BITS])
+
+
+@njit(cache=True)
+def _l2_allocate(g, tables, alloc_arrays, out, st, cnt, l1):
+    """l2_allocate: a host cluster for the table, get_empty (dirty) for each slice, flush the whole L2 cache."""
+    used, covered, alloc = alloc_arrays
+    table_slot, table_host = tables
+    host = alloc_clusters(used, covered, alloc, 1)
+    slot = st[S_SLOTS]
+    st[S_SLOTS] = slot + 1
+    table_slot[l1] = slot
+    table_host[slot] = host
+    for s in range(g[G_SLICES_PER_TABLE]):
+        _emit(out, st, slot * g[G_SLICES_PER_TABLE] + s, GET_EMPTY)
+    _flush(out, st)
+    cnt[C_TABLES_ALLOCATED] += 1
+    return slot
+
+
+@njit(cache=True)
+def _get_cluster_table(g, tables, alloc_arrays, out, st, cnt, gc, kind):
+    """get_cluster_table: the slice holding guest cluster gc, allocating the L2 table first if there is none."""
+    l1 = gc >> g[G_TABLE_BITS]
+    slot = tables[0][l1]
+    if slot < 0:
+        slot = _l2_allocate(g, tables, alloc_arrays, out, st, cnt, l1)
+    _emit(out, st, _slice_key(g, slot, gc & ((1 << g[G_TABLE_BITS]) - 1)), kind)
+    return slot
+
+
+@njit(cache=True)
+def _count_contiguous_subclusters(g, ent, slot, idx, nb_clusters, sc_index):
+    count = 0
+    expected_type = NORMAL
+    expected_host = 0
+    check_offset = False
+    host = ent[0]
+    for i in range(nb_clusters):
+        first_sc = sc_index if i == 0 else 0
+        t, ret = _range_type(g, ent, slot, idx + i, first_sc)
+        if i == 0:
+            if t == COMPRESSED:
+                return ret
+            expected_type = t
+            expected_host = host[slot, idx]
+            check_offset = t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC
+        elif t != expected_type:
+            break
+        elif check_offset:
+            expected_host += 1
+            if expected_host != host[slot, idx + i]:
+                break
+        count += ret
+        if first_sc + ret < g[G_SPC]:
+            break
+    return count
+
+
+@njit(cache=True)
+def _host_extent(g, tables, ent, out, st, pos, end):
+    """qcow2_get_host_offset: one lookup (none without an L2 table) -> (bytes of this extent, its subcluster type,
+    or -1 when no L2 table exists)."""
+    cb = g[G_CLUSTER_BITS]
+    tb = g[G_TABLE_BITS]
+    gc = pos >> cb
+    oic = pos & ((1 << cb) - 1)
+    idx = gc & ((1 << tb) - 1)
+    in_slice = idx & ((1 << g[G_SLICE_BITS]) - 1)
+    bytes_needed = min(end - pos + oic, ((1 << g[G_SLICE_BITS]) - in_slice) << cb)
+    l1 = gc >> tb
+    slot = tables[0][l1] if l1 < g[G_L1_SIZE] else -1
+    if slot < 0:
+        return bytes_needed - oic, -1
+    _emit(out, st, _slice_key(g, slot, idx), GET)
+    nb = (bytes_needed + (1 << cb) - 1) >> cb
+    sc_index = oic >> g[G_SC_BITS]
+    count = _count_contiguous_subclusters(g, ent, slot, idx, nb, sc_index)
+    avail = (count + sc_index) << g[G_SC_BITS]
+    t = _subcluster_type(g, ent, slot, idx, sc_index)
+    return min(avail, bytes_needed) - oic, t
+
+
+@njit(cache=True)
+def _read(g, tables, ent, out, st, pos, length):
+    """The lookups of qcow2_co_preadv_part: one per extent."""
+    end = pos + length
+    while pos < end:
+        n, _ = _host_extent(g, tables, ent, out, st, pos, end)
+        pos += n
+
+
+@njit(cache=True)
+def _calculate_l2_meta(g, ent, metas, nmeta, host_cluster, guest, nbytes, slot, idx, keep_old):
+    """calculate_l2_meta: append a QCowL2Meta with its COW regions, unless nothing needs doing (keep_old, all
+    written subclusters already normal). Returns the new meta count."""
+    cb = g[G_CLUSTER_BITS]
+    scb = g[G_SC_BITS]
+    spc = g[G_SPC]
+    cs = np.int64(1) << cb
+    sc_size = np.int64(1) << scb
+    cow_start_to = guest & (cs - 1)
+    cow_end_from = cow_start_to + nbytes
+    nb_clusters = (cow_end_from + cs - 1) >> cb
+    skip_cow = keep_old
+    if skip_cow:
+        for i in range(nb_clusters):
+            write_from = max(cow_start_to, i << cb)
+            write_to = min(cow_end_from, (i + 1) << cb)
+            first_sc = (write_from >> scb) & (spc - 1)
+            last_sc = ((write_to - 1) >> scb) & (spc - 1)
+            t, cnt = _range_type(g, ent, slot, idx + i, first_sc)
+            if t != NORMAL or first_sc + cnt <= last_sc:
+                skip_cow = False
+                break
+    if skip_cow:
+        return nmeta
+    sc_index = (guest >> scb) & (spc - 1)
+    t = _subcluster_type(g, ent, slot, idx, sc_index)
+    if not keep_old:
+        if t == COMPRESSED:
+            cow_start_from = 0
+        elif t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC:
+            if g[G_EXTENDED]:
+                cow_start_from = min(sc_index, _ctz32(np.int64(ent[2][slot, idx]))) << scb
+            else:
+                cow_start_from = 0
+        else:
+            cow_start_from = sc_index << scb
+    else:
+        cow_start_from = cow_start_to if t == NORMAL else sc_index << scb
+    last = idx + nb_clusters - 1
+    sc_index = ((guest + nbytes - 1) >> scb) & (spc - 1)
+    t = _subcluster_type(g, ent, slot, last, sc_index)
+    if not keep_old:
+        if t == COMPRESSED:
+            cow_end_to = (cow_end_from + cs - 1) & ~(cs - 1)
+        elif t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC:
+            cow_end_to = (cow_end_from + cs - 1) & ~(cs - 1)
+            if g[G_EXTENDED]:
+                cow_end_to -= min(spc - sc_index - 1, _clz32(np.int64(ent[2][slot, last]))) << scb
+        else:
+            cow_end_to = (cow_end_from + sc_size - 1) & ~(sc_size - 1)
+    else:
+        cow_end_to = cow_end_from if t == NORMAL else (cow_end_from + sc_size - 1) & ~(sc_size - 1)
+    m = metas[nmeta]
+    m[M_ALLOC] = host_cluster
+    m[M_GUEST_CLUSTER] = guest >> cb
+    m[M_NB] = nb_clusters
+    m[M_KEEP_OLD] = keep_old
+    m[M_START_OFF] = cow_start_from
+    m[M_START_N] = cow_start_to - cow_start_from
+    m[M_END_OFF] = cow_end_from
+    m[M_END_N] = cow_end_to - cow_end_from
+    m[M_SKIP] = 0
+    return nmeta + 1
+
+
+@njit(cache=True)
+def _count_single_write_clusters(g, ent, slot, idx, nb, new_alloc):
+    expected = ent[0][slot, idx]
+    i = 0
+    while i < nb:
+        if _needs_new_alloc(g, ent, slot, idx + i) != new_alloc:
+            break
+        if not new_alloc:
+            if expected != ent[0][slot, idx + i]:
+                break
+            expected += 1
+        i += 1
+    return i
+
+
+@njit(cache=True)
+def _clusters_to_slice_end(g, guest, nbytes):
+    cb = g[G_CLUSTER_BITS]
+    cs = np.int64(1) << cb
+    nb = ((guest & (cs - 1)) + nbytes + cs - 1) >> cb
+    in_slice = (guest >> cb) & ((1 << g[G_SLICE_BITS]) - 1)
+    return min(nb, (1 << g[G_SLICE_BITS]) - in_slice, REQUEST_MAX_BYTES >> cb)
+
+
+@njit(cache=True)
+def _alloc_host_offset(g, tables, ent, alloc_arrays, out, st, cnt, metas, nmeta, offset, nbytes):
+    """qcow2_alloc_host_offset: handle_copied / handle_alloc over as many clusters as stay host-contiguous.
+    Returns (bytes covered, meta count)."""
+    cb = g[G_CLUSTER_BITS]
+    cs = np.int64(1) << cb
+    tb = g[G_TABLE_BITS]
+    used, covered, alloc = alloc_arrays
+    start = offset
+    remaining = nbytes
+    cluster_offset = INV
+    cur = 0
+    while True:
+        start += cur
+        remaining -= cur
+        if cluster_offset != INV:
+            cluster_offset += cur
+        if remaining == 0:
+            break
+        cur = remaining
+        oic = start & (cs - 1)
+        gc = start >> cb
+        idx = gc & ((1 << tb) - 1)
+        # handle_copied
+        nb = _clusters_to_slice_end(g, start, cur)
+        slot = _get_cluster_table(g, tables, alloc_arrays, out, st, cnt, gc, GET)
+        if not _needs_new_alloc(g, ent, slot, idx):
+            host = ent[0][slot, idx]
+            if cluster_offset != INV and (host << cb) != cluster_offset - oic:
+                break
+            keep = _count_single_write_clusters(g, ent, slot, idx, nb, False)
+            cur = min(cur, keep * cs - oic)
+            nmeta = _calculate_l2_meta(g, ent, metas, nmeta, host, start, cur, slot, idx, True)
+            cluster_offset = (host << cb) + oic
+            continue
+        # handle_alloc
+        slot = _get_cluster_table(g, tables, alloc_arrays, out, st, cnt, gc, GET)
+        nb = _count_single_write_clusters(g, ent, slot, idx, nb, True)
+        if cluster_offset == INV:
+            host = alloc_clusters(used, covered, alloc, nb)
+        else:
+            host = (cluster_offset - oic) >> cb
+            nb = alloc_clusters_at(used, covered, alloc, host, nb)
+            if nb == 0:
+                break
+        cnt[C_CLUSTERS_ALLOCATED] += nb
+        cur = min(cur, min(cur + oic, nb * cs) - oic)
+        nmeta = _calculate_l2_meta(g, ent, metas, nmeta, host, start, cur, slot, idx, False)
+        cluster_offset = (host << cb) + oic
+    return nbytes - remaining, nmeta
+
+
+@njit(cache=True)
+def _is_unallocated(g, tables, ent, out, st, pos, nbytes):
+    """is_unallocated via bdrv_is_allocated_above: one lookup in this image; a backing file is taken to hold data."""
+    if nbytes == 0:
+        return True
+    n, t = _host_extent(g, tables, ent, out, st, pos, pos + nbytes)
+    if t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1:
+        return n >= nbytes and not g[G_BACKING]
+    return False
+
+
+@njit(cache=True)
+def _handle_alloc_space(g, tables, ent, out, st, cnt, metas, first, last):
+    """handle_alloc_space for metas[first:last] (newest first): zero-checks; zero-fill instead of COW when both COW
+    regions read as zeroes (host with fast write-zeroes, no backing data)."""
+    cs = np.int64(1) << g[G_CLUSTER_BITS]
+    for j in range(last - 1, first - 1, -1):
+        m = metas[j]
+        if m[M_START_N] == 0 and m[M_END_N] == 0:
+            continue
+        base = m[M_GUEST_CLUSTER] * cs
+        before = st[S_EVENTS]
+        zero = _is_unallocated(g, tables, ent, out, st, base + m[M_START_OFF], m[M_START_N])
+        if zero:
+            zero = _is_unallocated(g, tables, ent, out, st, base + m[M_END_OFF], m[M_END_N])
+        cnt[C_ZERO_CHECKS] += st[S_EVENTS] - before
+        if zero:
+            m[M_SKIP] = 1
+            cnt[C_ZERO_FILL_BYTES] += m[M_END_OFF] + m[M_END_N] - m[M_START_OFF]
+
+
+@njit(cache=True)
+def _link_l2(g, tables, ent, alloc_arrays, out, st, cnt, m, prealloc):
+    """perform_cow (reads through this image when COW is not skipped) then qcow2_alloc_cluster_link_l2."""
+    cb = g[G_CLUSTER_BITS]
+    cs = np.int64(1) << cb
+    scb = g[G_SC_BITS]
+    base = m[M_GUEST_CLUSTER] * cs
+    if (m[M_START_N] or m[M_END_N]) and not m[M_SKIP] and not prealloc:
+        before = st[S_EVENTS]
+        data_bytes = m[M_END_OFF] - (m[M_START_OFF] + m[M_START_N])
+        if m[M_START_N] and m[M_END_N] and data_bytes <= 16384:
+            span = m[M_END_OFF] + m[M_END_N] - m[M_START_OFF]
+            _read(g, tables, ent, out, st, base + m[M_START_OFF], span)
+            cnt[C_COW_READ_BYTES] += span
+        else:
+            if m[M_START_N]:
+                _read(g, tables, ent, out, st, base + m[M_START_OFF], m[M_START_N])
+            if m[M_END_N]:
+                _read(g, tables, ent, out, st, base + m[M_END_OFF], m[M_END_N])
+            cnt[C_COW_READ_BYTES] += m[M_START_N] + m[M_END_N]
+        cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
+        cnt[C_COW_READ_LOOKUPS] += st[S_EVENTS] - before
+    gc = m[M_GUEST_CLUSTER]
+    slot = _get_cluster_table(g, tables, alloc_arrays, out, st, cnt, gc, GET_DIRTY)
+    idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
+    host, flags, abits, zbits = ent
+    written_to_all = m[M_END_OFF] + m[M_END_N]
+    for i in range(m[M_NB]):
+        old = host[slot, idx + i]
+        if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i and not (flags[slot, idx + i] & F_COMPRESSED):
+            free_cluster(alloc_arrays[0], alloc_arrays[1], alloc_arrays[2], old)
+        host[slot, idx + i] = m[M_ALLOC] + i
+        flags[slot, idx + i] = F_COPIED
+        if g[G_EXTENDED] and not prealloc:
+            written_from = max(m[M_START_OFF], i << cb)
+            written_to = min(written_to_all, (i + 1) << cb)
+            first_sc = (written_from >> scb) & (g[G_SPC] - 1)
+            last_sc = ((written_to - 1) >> scb) & (g[G_SPC] - 1)
+            bits = ((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1)
+            abits[slot, idx + i] = np.uint32((np.int64(abits[slot, idx + i]) | bits) & 0xFFFFFFFF)
+            zbits[slot, idx + i] = np.uint32(np.int64(zbits[slot, idx + i]) & ~bits & 0xFFFFFFFF)
+
+
+@njit(cache=True)
+def _write(g, tables, ent, alloc_arrays, out, st, cnt, metas, part_first, part_last, offset, length, prealloc):
+    """qcow2_co_pwritev_part: each part's lookups and zero-checks in order; the parts' L2 links come after all
+    parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part."""
+    nmeta = 0
+    pos = offset
+    remaining = length
+    max_part = (INT_MAX >> g[G_CLUSTER_BITS]) << g[G_CLUSTER_BITS] if prealloc else INT_MAX
+    parts = 0
+    while remaining > 0:
+        first = nmeta
+        done, nmeta = _alloc_host_offset(g, tables, ent, alloc_arrays, out, st, cnt, metas, nmeta, pos,
+                                         min(remaining, max_part))
+        pos += done
+        remaining -= done
+        if prealloc:
+            for j in range(nmeta - 1, first - 1, -1):
+                _link_l2(g, tables, ent, alloc_arrays, out, st, cnt, metas[j], True)
+            nmeta = 0
+            continue
+        _handle_alloc_space(g, tables, ent, out, st, cnt, metas, first, nmeta)
+        part_first[parts] = first
+        part_last[parts] = nmeta
+        parts += 1
+    for p in range(parts):
+        for j in range(part_last[p] - 1, part_first[p] - 1, -1):
+            _link_l2(g, tables, ent, alloc_arrays, out, st, cnt, metas[j], False)
+
+
+@njit(cache=True)
+def run_requests(g, tables, ent, alloc_arrays, out, st, cnt, op, offset, length, first, last):
+    """Process requests [first, last) until done or the event buffers might overflow; returns the next request.
+
+    Room is checked before each request against a bound on the events it can make.
+    """
+    cb = g[G_CLUSTER_BITS]
+    ev_capacity = out[0].shape[0]
+    fl_capacity = out[2].shape[0]
+    recording = ev_capacity > 0
+    max_clusters = 1
+    for i in range(first, last):
+        if op[i] != OP_PREALLOC:
+            n = ((offset[i] & ((1 << cb) - 1)) + length[i] + (1 << cb) - 1) >> cb
+            max_clusters = max(max_clusters, n)
+    rows = max(2 * max_clusters, 2 * g[G_SLICES_PER_TABLE]) + 8
+    metas = np.zeros((rows, META_WIDTH), dtype=np.int64)
+    part_first = np.empty(rows, dtype=np.int64)
+    part_last = np.empty(rows, dtype=np.int64)
+    for i in range(first, last):
+        n_clusters = ((offset[i] & ((1 << cb) - 1)) + length[i] + (1 << cb) - 1) >> cb
+        n_tables = (n_clusters >> g[G_TABLE_BITS]) + 2
+        bound = n_clusters * (2 * g[G_SPC] + 8) + n_tables * (g[G_SLICES_PER_TABLE] + 8) + 16
+        if recording and (st[S_EVENTS] + bound > ev_capacity or st[S_FLUSHES] + n_clusters + n_tables + 2
+                          > fl_capacity):
+            return i
+        o = op[i]
+        cnt[C_REQUESTS] += 1
+        if o == OP_READ:
+            cnt[C_READS] += 1
+            cnt[C_READ_BYTES] += length[i]
+            _read(g, tables, ent, out, st, offset[i], length[i])
+        elif o == OP_WRITE or o == OP_PREALLOC:
+            cnt[C_WRITES] += 1
+            cnt[C_WRITE_BYTES] += length[i]
+            _write(g, tables, ent, alloc_arrays, out, st, cnt, metas, part_first, part_last, offset[i], length[i],
+                   o == OP_PREALLOC)
+            if g[G_WRITETHROUGH] and o == OP_WRITE:
+                _flush(out, st)
+        elif o == OP_FLUSH:
+            cnt[C_FLUSHES] += 1
+            _flush(out, st)
+        else:
+            cnt[C_DISCARDS] += 1  # QEMU ignores discards unless opened with discard=unmap
+    return last

@@ -66,7 +66,7 @@ class ImageState:
 
         def grow(a: np.ndarray, shape, dtype):
             out = np.zeros(shape, dtype=dtype)
-            if a.ndim == 2 and shape[0] > 1:
+            if a.ndim == 2 and a.shape[1] == shape[1] and shape[1] > 1:  # not the [1, 1] placeholder
                 out[: self.n_tables] = a[: self.n_tables]
             elif a.ndim == 1:
                 out[: min(len(a), len(out))] = a[: min(len(a), len(out))]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .hostalloc import alloc_clusters, alloc_clusters_at, free_cluster
+from .hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
 
 # Event kinds
 GET, GET_DIRTY, GET_EMPTY = 0, 1, 2  # a lookup; a lookup whose slice is then dirtied; a new slice (dirty, no read)
@@ -150,11 +150,25 @@ def _slice_key(g, slot, idx):
 
 
 @njit(cache=True)
+def _alloc_flushing(out, st, alloc_arrays, at, n):
+    """qcow2_alloc_clusters (at < 0: first host cluster) or qcow2_alloc_clusters_at (how many). Creating a refcount
+    block on the way flushes the L2 cache first (alloc_refcount_block), once per block."""
+    used, covered, alloc = alloc_arrays
+    before = alloc[REFBLOCKS_MADE]
+    if at < 0:
+        result = alloc_clusters(used, covered, alloc, n)
+    else:
+        result = alloc_clusters_at(used, covered, alloc, at, n)
+    for _ in range(alloc[REFBLOCKS_MADE] - before):
+        _flush(out, st)
+    return result
+
+
+@njit(cache=True)
 def _l2_allocate(g, tables, alloc_arrays, out, st, cnt, l1):
     """l2_allocate: a host cluster for the table, get_empty (dirty) for each slice, flush the whole L2 cache."""
-    used, covered, alloc = alloc_arrays
     table_slot, table_host = tables
-    host = alloc_clusters(used, covered, alloc, 1)
+    host = _alloc_flushing(out, st, alloc_arrays, -1, 1)
     slot = st[S_SLOTS]
     st[S_SLOTS] = slot + 1
     table_slot[l1] = slot
@@ -335,7 +349,6 @@ def _alloc_host_offset(g, tables, ent, alloc_arrays, out, st, cnt, metas, nmeta,
     cb = g[G_CLUSTER_BITS]
     cs = np.int64(1) << cb
     tb = g[G_TABLE_BITS]
-    used, covered, alloc = alloc_arrays
     start = offset
     remaining = nbytes
     cluster_offset = INV
@@ -367,10 +380,10 @@ def _alloc_host_offset(g, tables, ent, alloc_arrays, out, st, cnt, metas, nmeta,
         slot = _get_cluster_table(g, tables, alloc_arrays, out, st, cnt, gc, GET)
         nb = _count_single_write_clusters(g, ent, slot, idx, nb, True)
         if cluster_offset == INV:
-            host = alloc_clusters(used, covered, alloc, nb)
+            host = _alloc_flushing(out, st, alloc_arrays, -1, nb)
         else:
             host = (cluster_offset - oic) >> cb
-            nb = alloc_clusters_at(used, covered, alloc, host, nb)
+            nb = _alloc_flushing(out, st, alloc_arrays, host, nb)
             if nb == 0:
                 break
         cnt[C_CLUSTERS_ALLOCATED] += nb

@@ -87,6 +87,8 @@ def update_refcount(used, covered, alloc, first, n, addend):
             return 0
         if covered[block_index] == 0:
             ret = _alloc_refcount_block(used, covered, alloc, cluster)
+            if alloc[FREE_INDEX] > first:  # "try the same ones first to see if they're still free"
+                alloc[FREE_INDEX] = first
             for done in range(first, cluster):  # revert
                 _set_used(used, alloc, done, 0 if addend > 0 else 1)
                 if addend > 0 and done < alloc[FREE_INDEX]:

@@ -7,9 +7,9 @@ import sys
 
 from .. import __version__
 from ..errors import QsimError
-from . import measure, size, trace
+from . import measure, replay, size, sweep, trace, validate
 
-SUBCOMMANDS = [size, measure, trace]
+SUBCOMMANDS = [size, measure, trace, replay, sweep, validate]
 
 
 def build_parser() -> argparse.ArgumentParser:

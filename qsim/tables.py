@@ -1,0 +1,53 @@
+"""DataFrames at the edge: save by file suffix, and print the columns people read first with qemu-img sizes."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+
+from .errors import QsimError, UsageError
+from .units import format_size, human_size
+
+SUMMARY_COLUMNS = ["cluster_size", "extended_l2", "l2_cache_bytes", "l2_cache_entry_size", "l2_cache_entries",
+                   "l2_lookups", "l2_misses", "l2_disk_reads", "l2_writebacks", "l2_hit_ratio",
+                   "metadata_read_bytes", "cow_write_bytes", "zero_fill_bytes", "image_file_bytes"]
+SETTING_COLUMNS = {"cluster_size", "l2_cache_bytes", "l2_cache_entry_size", "virtual_size", "l2_cache_ram_bytes"}
+AMOUNT_COLUMNS = {"metadata_read_bytes", "metadata_write_bytes", "cow_read_bytes", "cow_write_bytes",
+                  "zero_fill_bytes", "image_file_bytes", "guest_read_bytes", "guest_write_bytes"}
+
+
+def save_frame(frame: pd.DataFrame, path: str) -> None:
+    """Write CSV, JSON (records) or Parquet, chosen by the suffix."""
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix == ".csv":
+            frame.to_csv(path, index=False)
+        elif suffix == ".json":
+            frame.to_json(path, orient="records", indent=2)
+        elif suffix == ".parquet":
+            try:
+                frame.to_parquet(path, index=False)
+            except ImportError:
+                raise QsimError("writing Parquet needs pyarrow: pip install pyarrow (or save as .csv / .json)") \
+                    from None
+        else:
+            raise UsageError(f"--save {path}: unknown suffix (use .csv, .json, .parquet, .png or .svg)")
+    except OSError as exc:
+        raise QsimError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
+def human_table(frame: pd.DataFrame, columns: list[str] = SUMMARY_COLUMNS) -> str:
+    """The main columns with sizes as qemu-img writes them (64k, 32M) and ratios as percentages."""
+    shown = frame[[c for c in columns if c in frame.columns]].copy()
+    for column in shown.columns:
+        if column in SETTING_COLUMNS:
+            shown[column] = [format_size(int(v)) for v in shown[column]]
+        elif column in AMOUNT_COLUMNS:
+            shown[column] = [human_size(int(v)) for v in shown[column]]
+        elif column == "l2_hit_ratio":
+            shown[column] = [f"{100 * v:.2f}%" for v in shown[column]]
+        elif column == "extended_l2":
+            shown[column] = ["on" if v else "off" for v in shown[column]]
+    shown.columns = [c.replace("l2_cache_", "cache_").replace("_bytes", "") for c in shown.columns]
+    return shown.to_string(index=False)

@@ -1,0 +1,89 @@
+"""Stage 2 (qsim.lru) against a plain-Python LRU cache that tracks dirtiness and flushes, on random event streams."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qsim.events import GET, GET_DIRTY, GET_EMPTY
+from qsim.lru import analyse, counts_for, stack_distances
+
+
+def reference_lru(keys, kinds, flush_at, entries):
+    """QEMU's qcow2 cache, the obvious way: LRU of ``entries`` slots, dirty bits, whole-cache flushes."""
+    cache = OrderedDict()  # key -> dirty
+    flushes = list(flush_at)
+    c = dict(lookups=0, hits=0, misses=0, disk_reads=0, evictions=0, writebacks=0)
+
+    def flush():
+        for key, dirty in cache.items():
+            if dirty:
+                c["writebacks"] += 1
+                cache[key] = False
+
+    for i, (key, kind) in enumerate(zip(keys, kinds)):
+        while flushes and flushes[0] <= i:
+            flushes.pop(0)
+            flush()
+        c["lookups"] += 1
+        if key in cache:
+            c["hits"] += 1
+            cache.move_to_end(key)
+        else:
+            c["misses"] += 1
+            if kind != GET_EMPTY:
+                c["disk_reads"] += 1
+            if len(cache) >= entries:
+                _, dirty = cache.popitem(last=False)
+                c["evictions"] += 1
+                c["writebacks"] += int(dirty)
+            cache[key] = False
+        if kind in (GET_DIRTY, GET_EMPTY):
+            cache[key] = True
+    while flushes:
+        flushes.pop(0)
+        flush()
+    c["writebacks_at_close"] = sum(cache.values())
+    return c
+
+
+def random_stream(rng, n, n_keys):
+    keys = rng.integers(0, n_keys, n)
+    kinds = rng.choice([GET, GET, GET, GET_DIRTY, GET_EMPTY], n).astype(np.uint8)
+    flush_at = np.sort(rng.choice(n + 1, size=rng.integers(0, max(n // 5, 1)), replace=False))
+    return keys.astype(np.int64), kinds, flush_at.astype(np.int64)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_all_sizes_at_once_equal_one_simulation_per_size(seed):
+    rng = np.random.default_rng(seed)
+    n_keys = int(rng.integers(1, 60))
+    keys, kinds, flush_at = random_stream(rng, int(rng.integers(1, 2500)), n_keys)
+    d = analyse(keys, kinds, flush_at, n_keys)
+    for entries in (1, 2, 3, 4, 7, 16, 59, 100):
+        ours = counts_for(d, keys, kinds, n_keys, entries)
+        ref = reference_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), entries)
+        assert (ours.lookups, ours.hits, ours.misses, ours.disk_reads, ours.evictions, ours.writebacks,
+                ours.writebacks_at_close) == (ref["lookups"], ref["hits"], ref["misses"], ref["disk_reads"],
+                                              ref["evictions"], ref["writebacks"], ref["writebacks_at_close"]), entries
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=300), st.integers(12, 40))
+def test_stack_distances_survive_tree_compaction(keys, tree_size):
+    """A tiny tree forces compaction every few accesses; distances must not change."""
+    keys = np.asarray(keys, dtype=np.int64)
+    big, _ = stack_distances(keys, 10)
+    small, _ = stack_distances(keys, 10, tree_size)
+    assert big.tolist() == small.tolist()
+    for entries in (1, 2, 5):
+        ref = reference_lru(keys.tolist(), [GET] * len(keys), [], entries)
+        assert int((small > entries).sum()) == ref["misses"]
+
+
+def test_empty_stream():
+    d = analyse(np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64), 1)
+    c = counts_for(d, np.zeros(0, np.int64), np.zeros(0, np.uint8), 1, 2)
+    assert (c.lookups, c.misses, c.writebacks) == (0, 0, 0)

@@ -1,0 +1,236 @@
+"""The replay engine on QEMU 7.2's observed test vectors (shared/qemu-behaviour.md), a vectorized reference for
+reads, the compiled kernel against its plain-Python self, and the replay/sweep interfaces."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qsim.imageopts import ImageOptions
+from qsim.replay import parse_cache_sizes, replay
+from qsim.sweep import sweep
+from qsim.trace import READ, WRITE, Trace, trace_stats
+from qsim.traceio import read_trace
+
+K, M, G = 1 << 10, 1 << 20, 1 << 30
+PREALLOC = ImageOptions(preallocation="metadata")
+FRESH = ImageOptions()
+TRACES = Path(__file__).resolve().parent.parent / "traces"
+
+
+def row(trace, size, options, l2=None, entry=None, mode="writeback"):
+    return replay(trace, size, options, l2_cache_sizes=[l2], l2_cache_entry_size=entry, cache_mode=mode).rows[0]
+
+
+def reads(offsets, length=4096):
+    return Trace.from_arrays([READ] * len(offsets), offsets, [length] * len(offsets))
+
+
+def counters(r, *names):
+    return tuple(r[n] for n in names)
+
+
+CYCLE_3_TABLES = reads([0, 512 * M, G] * 10)
+
+
+@pytest.mark.parametrize(
+    "trace, size, options, l2, entry, expected",
+    [
+        (CYCLE_3_TABLES, 2 * G, PREALLOC, 128 * K, 64 * K, (30, 30, 30, 28)),
+        (CYCLE_3_TABLES, 2 * G, PREALLOC, 256 * K, 64 * K, (30, 3, 3, 0)),
+        (CYCLE_3_TABLES, 2 * G, PREALLOC, None, None, (30, 3, 3, 0)),
+        (reads([0, 32 * M, 64 * M] * 10), G, PREALLOC, 8 * K, None, (30, 30, 30, 28)),
+        (reads([0, 32 * M, 64 * M] * 10), G, PREALLOC, 12 * K, None, (30, 3, 3, 0)),
+        (reads([0, 32 * M, 64 * M] * 10), G, PREALLOC, 128 * K, None, (30, 1, 1, 0)),
+        (CYCLE_3_TABLES, 2 * G, PREALLOC, 512, None, (30, 30, 30, 28)),
+        (CYCLE_3_TABLES, 2 * G, PREALLOC, 0, None, (30, 30, 30, 28)),
+        (CYCLE_3_TABLES, 2 * G, FRESH, None, None, (0, 0, 0, 0)),
+        (reads([0, 256 * M, 512 * M] * 10), 2 * G, ImageOptions(preallocation="metadata", extended_l2=True),
+         128 * K, 64 * K, (30, 30, 30, 28)),
+        (reads([0, 256 * M, 512 * M] * 10), 2 * G, PREALLOC, 128 * K, 64 * K, (30, 2, 2, 0)),
+        (reads([2 * M - 64 * K], 128 * K), 2 * G, PREALLOC, 8 * K, None, (1, 1, 1, 0)),
+        (reads([512 * M - 64 * K], 128 * K), 2 * G, PREALLOC, 8 * K, None, (2, 2, 2, 0)),
+        (reads([64 * K - 4 * K], 8 * K), 2 * G, PREALLOC, None, None, (1, 1, 1, 0)),
+    ],
+)
+def test_qemu_7_2_read_vectors(trace, size, options, l2, entry, expected):
+    r = row(trace, size, options, l2, entry)
+    assert counters(r, "l2_lookups", "l2_misses", "l2_disk_reads", "l2_evictions") == expected
+
+
+def test_1t_default_cache_holds_8192_slices_not_8193():
+    stride = 32 * M  # one 4 KiB slice of 64 KiB-cluster L2 entries maps 32 MiB
+    for distinct, second_pass_misses in ((8192, 0), (8193, 8193)):
+        offsets = np.arange(distinct) * stride
+        r = row(reads(np.concatenate([offsets, offsets])), 1 << 40, PREALLOC)
+        assert r["l2_cache_entries"] == 8192
+        assert r["l2_misses"] - distinct == second_pass_misses
+
+
+def test_write_vectors():
+    first = row(Trace.from_arrays([WRITE], [0], [64 * K]), 2 * G, FRESH)
+    assert counters(first, "l2_lookups", "l2_misses", "l2_disk_reads", "l2_tables_allocated") == (4, 1, 0, 1)
+    slices = row(Trace.from_arrays([WRITE], [0], [64 * K]), 2 * G, FRESH, 8 * K)
+    assert counters(slices, "l2_lookups", "l2_misses") == (19, 17)  # 16 get_empty + copied (miss) + alloc + link
+    # alloc 64K in a new table / overwrite 4K / alloc 4K cluster-aligned / alloc 64K: 4 / 1 / 4 / 3 lookups
+    steps = [(M, 64 * K), (M + 8 * K, 4 * K), (3 * M, 4 * K), (5 * M, 64 * K)]
+    for options, expected in ((FRESH, [4, 1, 4, 3]), (ImageOptions(extended_l2=True), [4, 1, 3, 3])):
+        done = 0
+        for k in range(len(steps)):
+            t = Trace.from_arrays([WRITE] * (k + 1), [o for o, _ in steps[: k + 1]], [n for _, n in steps[: k + 1]])
+            total = row(t, 2 * G, options)["l2_lookups"]
+            assert total - done == expected[k], (options, k)
+            done = total
+
+
+def test_writeback_vs_writethrough():
+    t = Trace.from_arrays([WRITE] * 3, [0, 64 * K, 128 * K], [4 * K] * 3)
+    wb = row(t, 2 * G, FRESH)
+    wt = row(t, 2 * G, FRESH, mode="writethrough")
+    # the first write's new table is flushed by l2_allocate in both modes; after that, 0 vs 3 write-backs
+    assert (wb["l2_writebacks"], wb["l2_writebacks_at_close"]) == (1, 1)
+    assert (wt["l2_writebacks"], wt["l2_writebacks_at_close"]) == (4, 0)
+
+
+def test_extended_l2_subcluster_rules():
+    ext = ImageOptions(preallocation="metadata", extended_l2=True)
+    mid = Trace.from_arrays([WRITE, WRITE], [64 * K + 512, 64 * K + 512], [512, 512])
+    lookups = row(mid.select([0]), G, ext)["l2_lookups"], row(mid, G, ext)["l2_lookups"]
+    assert (lookups[0], lookups[1] - lookups[0]) == (4, 1)  # copied, 2 zero-checks, link; then 1
+    end_mid = Trace.from_arrays([WRITE, WRITE], [128 * K, 128 * K], [3 * K, 3 * K])
+    lookups = row(end_mid.select([0]), G, ext)["l2_lookups"], row(end_mid, G, ext)["l2_lookups"]
+    assert (lookups[0], lookups[1] - lookups[0]) == (3, 1)
+
+
+def read_lookups_reference(trace, cluster_size, entry_size, table_bytes):
+    """Reads on a metadata-preallocated image: one lookup per slice a request touches (tables are host-contiguous
+    inside and broken between, and table ends are slice ends). Plain numpy, no QEMU model."""
+    slice_bytes = entry_size // 8 * cluster_size
+    first = trace.offset // slice_bytes
+    last = (trace.end - 1) // slice_bytes
+    return int((last - first + 1).sum())
+
+
+@pytest.mark.parametrize("cluster_size, l2", [(64 * K, None), (64 * K, 16 * K), (2 * M, None), (4 * K, 8 * K)])
+def test_prealloc_reads_match_the_vectorized_reference(cluster_size, l2):
+    rng = np.random.default_rng(cluster_size)
+    size = 8 * G
+    offsets = rng.integers(0, size - M, 3000)
+    lengths = rng.choice([512, 4 * K, 64 * K, 512 * K], 3000)
+    t = Trace.from_arrays(np.full(3000, READ), offsets, lengths)
+    r = row(t, size, ImageOptions(cluster_size=cluster_size, preallocation="metadata"), l2)
+    assert r["l2_lookups"] == read_lookups_reference(t, cluster_size, r["l2_cache_entry_size"], cluster_size ** 2 // 8)
+
+
+SCRIPT = """
+import json, sys
+import numpy as np
+from qsim.imageopts import ImageOptions
+from qsim.engine import run_kernel
+from qsim.geometry import ImageGeometry
+from qsim.image import build_image
+from qsim.synth import synthesize
+t = synthesize(1 << 30, 400, "uniform", "512/20:4k/50:64k/20:256k/10", read_share=0.5, flush_every=9, seed=3,
+               align=512)
+out = {}
+for ext in (False, True):
+    g = ImageGeometry(1 << 30, 65536, ext)
+    image = build_image(g, ImageOptions(extended_l2=ext, fill=0.05, seed=1))
+    r = run_kernel(image, t, 4096).events
+    out[str(ext)] = [r.key.tolist(), r.kind.tolist(), r.flush_at.tolist(), r.counters]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_compiled_kernel_equals_plain_python():
+    """The numba kernel and the same code run as plain Python (NUMBA_DISABLE_JIT) give identical event streams."""
+    results = []
+    for jit_off in ("0", "1"):
+        env = dict(os.environ, NUMBA_DISABLE_JIT=jit_off)
+        proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(json.loads(proc.stdout))
+    assert results[0] == results[1]
+    assert len(results[0]["True"][0]) > 500
+
+
+def test_replay_is_independent_of_chunking(monkeypatch):
+    import qsim.engine as engine
+
+    t = read_trace(str(TRACES / "fio-randrw-mixed-fsync.iolog.gz"))
+    whole = replay(t, 8 * G, ImageOptions(extended_l2=True), l2_cache_sizes="16k,1M,default").rows
+    monkeypatch.setattr(engine, "CHUNK_EVENTS", 5000)
+    chunked = replay(t, 8 * G, ImageOptions(extended_l2=True), l2_cache_sizes="16k,1M,default").rows
+    assert whole == chunked
+
+
+def test_parse_cache_sizes():
+    assert parse_cache_sizes("64k,1M,default") == [64 * K, M, None]
+    assert parse_cache_sizes("64k..1M") == [64 * K, 128 * K, 256 * K, 512 * K, M]
+    assert parse_cache_sizes("64k..1M:3") == [64 * K, 256 * K, M]
+    assert parse_cache_sizes(None) == [None]
+
+
+def test_sweep_frame():
+    t = read_trace(str(TRACES / "fio-randwrite-4k.iolog.gz"))
+    frame = sweep(t, [16 * K, 64 * K, 2 * M], [False, True], "64k,default", show_progress=False)
+    assert len(frame) == 3 * 2 * 2
+    assert set(frame["cluster_size"]) == {16 * K, 64 * K, 2 * M}
+    # 4 KiB random writes into an empty image zero-fill the rest of each new cluster, or with extended_l2 only of
+    # each newly touched 64 KiB subcluster of a 2 MiB cluster
+    off = frame[(frame.cluster_size == 2 * M) & ~frame.extended_l2].iloc[0]
+    on = frame[(frame.cluster_size == 2 * M) & frame.extended_l2].iloc[0]
+    assert off["zero_fill_bytes"] == off["clusters_allocated"] * 2 * M
+    assert on["zero_fill_bytes"] == trace_stats(t)["footprint_64k_clusters"] * 64 * K
+    assert (frame["guest_write_bytes"] == 20000 * 4096).all()
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, "-m", "qsim", *argv], capture_output=True, text=True)
+
+
+def test_cli_replay_json_contract():
+    proc = cli("replay", str(TRACES / "fio-randread-4k.iolog.gz"), "-o", "preallocation=metadata",
+               "--l2-cache-size", "64k,default", "--output=json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    keys = {"cluster_size", "extended_l2", "preallocation", "l2_cache_bytes", "l2_cache_entry_size",
+            "l2_cache_entries", "requests", "l2_lookups", "l2_hits", "l2_misses", "l2_disk_reads", "l2_evictions",
+            "l2_writebacks", "metadata_read_bytes", "metadata_write_bytes", "cow_read_bytes", "cow_write_bytes",
+            "zero_fill_bytes", "guest_read_bytes", "guest_write_bytes", "l2_tables_allocated",
+            "clusters_allocated", "image_file_bytes"}
+    assert len(rows) == 2 and keys <= set(rows[0])
+    assert rows[1]["l2_cache_bytes"] == 4 * M and rows[1]["l2_misses"] == 64  # 32G disk: whole-disk default cache
+    assert rows[0]["l2_lookups"] == 20000 and rows[0]["requests"] == 20000
+
+
+def test_cli_sweep_saves_csv(tmp_path):
+    out = tmp_path / "sweep.csv"
+    proc = cli("sweep", str(TRACES / "synth-hotspot-mixed.csv"), "--cluster-size", "64k,128k", "--extended-l2",
+               "on,off", "--l2-cache-size", "64k..256k", "--save", str(out), "--output=csv")
+    assert proc.returncode == 0, proc.stderr
+    import pandas as pd
+
+    frame = pd.read_csv(out)
+    assert len(frame) == 2 * 2 * 3
+    assert proc.stdout.splitlines()[0].startswith("trace,virtual_size,cluster_size")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["replay", "/nonexistent"], "no such file"),
+        (["replay", str(TRACES / "synth-hotspot-mixed.csv"), "--size", "1G"], "ends beyond the disk size"),
+        (["replay", str(TRACES / "synth-hotspot-mixed.csv"), "--l2-cache-size", "1M..64k"], "a range goes"),
+        (["replay", str(TRACES / "synth-hotspot-mixed.csv"), "-o", "cluster_size=8k,extended_l2=on"], "16384"),
+        (["sweep", str(TRACES / "synth-hotspot-mixed.csv"), "--extended-l2", "maybe"], "expected on, off"),
+        (["replay", str(TRACES / "synth-hotspot-mixed.csv"), "--save", "x.xlsx"], "unknown suffix"),
+    ],
+)
+def test_cli_replay_errors(argv, message):
+    proc = cli(*argv)
+    assert proc.returncode in (1, 2) and message in proc.stderr and "Traceback" not in proc.stderr

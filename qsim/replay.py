@@ -15,7 +15,7 @@ import numpy as np
 from .cachecfg import DEFAULT_QEMU_VERSION, CacheConfig, CacheSettings, resolve_cache
 from .engine import run_kernel
 from .errors import QsimError, UsageError
-from .geometry import ImageGeometry
+from .geometry import ImageGeometry, measure
 from .image import ImageState, build_image
 from .imageopts import ImageOptions
 from .lru import analyse, counts_for
@@ -160,6 +160,8 @@ def _row(trace, image, image_after, config: CacheConfig, counters, counts, cache
         "l2_tables_allocated": counters["l2_tables_allocated"],
         "clusters_allocated": counters["clusters_allocated"],
         "image_file_bytes": image_after.file_bytes,
+        "full_l2_cache_bytes": g.full_l2_cache_bytes,
+        "metadata_overhead_bytes": measure(g).required,
         "exact": not counters["unmodelled_refcount_growth"],
     }
 

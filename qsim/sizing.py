@@ -128,3 +128,28 @@ def size_report(
         reason = "covers the whole disk"
     paste = pasteable_settings(geometry, target, settings.refcount_cache_size, settings.l2_cache_entry_size)
     return SizeReport(geometry, str(qemu_version), configured, default, target, reason, paste)
+
+
+def coverage_table(virtual_sizes: list[int], cluster_sizes: list[int], extended_l2: list[bool] = (False, True),
+                   qemu_version: str = DEFAULT_QEMU_VERSION):
+    """Disk size x cluster size x extended_l2 -> whole-disk L2 bytes and what QEMU's default covers (a DataFrame).
+    Combinations QEMU refuses are left out."""
+    import pandas as pd
+
+    from .errors import QsimError
+
+    rows = []
+    for ext in extended_l2:
+        for cluster in cluster_sizes:
+            for size in virtual_sizes:
+                try:
+                    g = ImageGeometry(size, cluster, ext)
+                    g.check_l1_size()
+                    default = resolve_cache(g, CacheSettings(), qemu_version)
+                except QsimError:
+                    continue
+                rows.append({"virtual_size": size, "cluster_size": cluster, "extended_l2": ext,
+                             "full_l2_cache_bytes": g.full_l2_cache_bytes,
+                             "default_l2_cache_bytes": default.l2_cache_bytes,
+                             "default_covered_fraction": default.covered_fraction})
+    return pd.DataFrame(rows)

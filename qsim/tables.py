@@ -9,7 +9,7 @@ import pandas as pd
 from .errors import QsimError, UsageError
 from .units import format_size, human_size
 
-SUMMARY_COLUMNS = ["cluster_size", "extended_l2", "l2_cache_bytes", "l2_cache_entry_size", "l2_cache_entries",
+SUMMARY_COLUMNS = ["cluster_size", "extended_l2", "l2_cache_size_asked", "l2_cache_bytes", "l2_cache_entry_size", "l2_cache_entries",
                    "l2_lookups", "l2_misses", "l2_disk_reads", "l2_writebacks", "l2_hit_ratio",
                    "metadata_read_bytes", "cow_write_bytes", "zero_fill_bytes", "image_file_bytes"]
 SETTING_COLUMNS = {"cluster_size", "l2_cache_bytes", "l2_cache_entry_size", "virtual_size", "l2_cache_ram_bytes"}
@@ -47,7 +47,27 @@ def human_table(frame: pd.DataFrame, columns: list[str] = SUMMARY_COLUMNS) -> st
             shown[column] = [human_size(int(v)) for v in shown[column]]
         elif column == "l2_hit_ratio":
             shown[column] = [f"{100 * v:.2f}%" for v in shown[column]]
+        elif column == "l2_cache_size_asked":
+            shown[column] = [v if str(v) == "default" else format_size(int(v)) for v in shown[column]]
         elif column == "extended_l2":
             shown[column] = ["on" if v else "off" for v in shown[column]]
-    shown.columns = [c.replace("l2_cache_", "cache_").replace("_bytes", "") for c in shown.columns]
+    shown.columns = [c.replace("l2_cache_size_asked", "asked").replace("l2_cache_", "cache_").replace("_bytes", "")
+                     for c in shown.columns]
     return shown.to_string(index=False)
+
+
+def load_frame(path: str) -> pd.DataFrame:
+    """Read a table qsim saved (.csv, .json, .parquet)."""
+    if not os.path.exists(path):
+        raise QsimError(f"{path}: no such file")
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix == ".csv":
+            return pd.read_csv(path)
+        if suffix == ".json":
+            return pd.read_json(path, orient="records")
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+    except (ValueError, pd.errors.ParserError, OSError, ImportError) as exc:
+        raise QsimError(f"{path}: cannot read the table ({exc})") from None
+    raise UsageError(f"{path}: unknown suffix (a table saved by qsim: .csv, .json or .parquet)")

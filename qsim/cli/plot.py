@@ -1,0 +1,71 @@
+"""``qsim plot``: the trade-off figures, from a table qsim saved (``qsim sweep --save``) or computed here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import QsimError, UsageError
+from ..sizing import coverage_table
+from ..tables import load_frame
+from ..units import parse_size
+from .common import RawDefaultsHelp, size_arg
+
+EXAMPLES = """examples:
+  qsim sweep traces/fio-randrw-mixed-fsync.iolog.gz --cluster-size 16k,64k,2M --extended-l2 off,on \\
+      --l2-cache-size 16k..4M,default --save sweep.csv
+  qsim plot mrc sweep.csv --save mrc.png
+  qsim plot tradeoff sweep.csv --cache 1M --save tradeoff.svg
+  qsim plot coverage --save coverage.png
+"""
+KINDS = ("mrc", "tradeoff", "coverage")
+NEEDED = {
+    "mrc": {"cluster_size", "extended_l2", "l2_cache_ram_bytes", "l2_cache_size_asked"},
+    "tradeoff": {"cluster_size", "extended_l2", "l2_cache_bytes", "full_l2_cache_bytes", "cow_write_bytes",
+                 "zero_fill_bytes", "metadata_overhead_bytes", "l2_misses", "l2_cache_size_asked"},
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="miss-ratio curve, cluster-size trade-off or coverage map, as PNG/SVG",
+                       description="mrc and tradeoff read a table saved by 'qsim sweep --save'; coverage needs no "
+                       "input.", epilog=EXAMPLES, formatter_class=RawDefaultsHelp)
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("table", nargs="?", metavar="TABLE", help="a table saved by qsim sweep/replay (.csv .json .parquet)")
+    p.add_argument("--save", required=True, metavar="FILE", help="output image: .png or .svg")
+    p.add_argument("--metric", default="l2_misses", help="mrc: the y axis (l2_misses, l2_disk_reads, "
+                   "metadata_read_bytes, l2_hit_ratio, l2_writebacks)")
+    p.add_argument("--cache", type=size_arg("--cache"), help="tradeoff: the L2 cache size whose misses to show")
+    p.add_argument("--disk-sizes", default="16G,64G,128G,256G,1T,4T,16T", help="coverage: disk sizes")
+    p.add_argument("--cluster-sizes", default="16k,64k,128k,256k,512k,1M,2M", help="coverage: cluster sizes")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import plot
+
+    if os.path.splitext(args.save)[1].lower() not in (".png", ".svg"):
+        raise UsageError(f"--save {args.save}: plots are written as .png or .svg")
+    if args.kind == "coverage":
+        sizes = [parse_size(s, "--disk-sizes") for s in args.disk_sizes.split(",")]
+        clusters = [parse_size(s, "--cluster-sizes") for s in args.cluster_sizes.split(",")]
+        fig = plot.coverage_map(coverage_table(sizes, clusters))
+    else:
+        if not args.table:
+            raise UsageError(f"plot {args.kind} needs a TABLE saved by 'qsim sweep --save FILE.csv'")
+        frame = load_frame(args.table)
+        missing = NEEDED[args.kind] - set(frame.columns)
+        if missing:
+            raise QsimError(f"{args.table}: not a qsim sweep table (missing {', '.join(sorted(missing))})")
+        if args.kind == "mrc":
+            if args.metric not in frame.columns:
+                raise UsageError(f"--metric {args.metric}: no such column in {args.table}")
+            fig = plot.miss_ratio_curve(frame, args.metric)
+        else:
+            fig = plot.tradeoff(frame, args.cache)
+    try:
+        plot.save_figure(fig, args.save)
+    except OSError as exc:
+        raise QsimError(f"{args.save}: cannot write ({exc.strerror or exc})") from None
+    print(f"wrote {args.save}")
+    return 0

@@ -9,6 +9,7 @@ out where QEMU puts them.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,3 +172,58 @@ def _fill_requests(geometry: ImageGeometry, share: float, seed: int):
     offsets = chosen * geometry.cluster_size
     lengths = np.minimum(geometry.cluster_size, geometry.virtual_size - offsets)
     return Trace(np.full(count, WRITE, np.uint8), offsets, lengths.astype(np.uint32))
+
+
+def image_from_qcow2(img) -> ImageState:
+    """The state of a real image read by ``qsim.qcow2.open_image``: its tables, entries, host layout and refcounts."""
+    from .events import F_COMPRESSED, F_COPIED, F_ZERO
+    from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
+
+    g = img.geometry
+    cb = img.header.cluster_bits
+    n_l1 = g.l1_entries
+    keep = img.l2_tables < n_l1
+    tables = img.l2_tables[keep]
+    d = img.l2_descriptors[keep]
+    compressed = (d & np.uint64(OFLAG_COMPRESSED)) != 0
+    copied = (d & np.uint64(OFLAG_COPIED)) != 0
+    x = 62 - (cb - 8)
+    compressed_host = (d & np.uint64((1 << x) - 1)) >> np.uint64(cb)
+    host = np.where(compressed, np.maximum(compressed_host, 1), (d & np.uint64(L2E_OFFSET_MASK)) >> np.uint64(cb))
+    host = host.astype(np.int64)
+    file_clusters = -(-img.file_bytes // g.cluster_size)
+    beyond = (host >= file_clusters) & ~compressed
+    if beyond.any():
+        row, col = (int(v[0]) for v in np.nonzero(beyond))
+        raise QsimError(f"{img.path}: L2 entry {col} of the table for L1 entry {tables[row]} points at host offset "
+                        f"{int(host[row, col]) << cb:#x}, past the end of the file")
+    flags = np.where(compressed, F_COMPRESSED, 0) | np.where(copied, F_COPIED, 0)
+    if not g.extended_l2:
+        flags |= np.where((d & np.uint64(OFLAG_ZERO)) != 0, F_ZERO, 0)
+    table_slot = np.full(n_l1, SLOT_NONE, dtype=np.int32)
+    table_slot[tables] = np.arange(len(tables), dtype=np.int32)
+    l1_offsets = img.l1[tables] & np.uint64(L2E_OFFSET_MASK)
+    if g.extended_l2:
+        alloc_bits = (img.l2_bitmaps[keep] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        zero_bits = (img.l2_bitmaps[keep] >> np.uint64(32)).astype(np.uint32)
+    else:
+        alloc_bits = zero_bits = np.zeros((1, 1), dtype=np.uint32)
+    alloc = hostalloc.new_alloc_state(g.cluster_size, g.refcount_bits)
+    alloc[hostalloc.REFTABLE_ENTRIES] = img.header.refcount_table_clusters * g.cluster_size // 8
+    used = (img.refcounts > 0).astype(np.uint8)
+    alloc[hostalloc.HIGH_WATER] = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
+    return ImageState(
+        geometry=g,
+        n_tables=len(tables),
+        table_slot=table_slot,
+        table_host=(l1_offsets >> np.uint64(cb)).astype(np.int64),
+        entry_host=np.where(host == 0, 0, host).astype(np.int64),
+        entry_flags=flags.astype(np.uint8),
+        entry_alloc=alloc_bits,
+        entry_zero=zero_bits,
+        host_used=used,
+        refblock_covered=img.refblock_present.copy(),
+        alloc_state=alloc,
+        backing=bool(img.header.backing_file),
+        description=f"image {os.path.basename(img.path)}",
+    )

@@ -32,9 +32,11 @@ def sweep(
     offset_policy: str = "error",
     qemu_version: str = DEFAULT_QEMU_VERSION,
     show_progress: bool = True,
+    image=None,
 ) -> pd.DataFrame:
     """Replay ``trace`` for every cluster size x extended_l2 x L2 cache size; combinations QEMU refuses
-    (extended_l2 below 16 KiB clusters) are skipped with a note on stderr."""
+    (extended_l2 below 16 KiB clusters) are skipped with a note on stderr. With a real ``image`` (an ImageState)
+    only the cache sizes vary."""
     if isinstance(l2_cache_sizes, str) or l2_cache_sizes is None:
         l2_cache_sizes = parse_cache_sizes(l2_cache_sizes)
     size = virtual_size if virtual_size is not None else default_virtual_size(trace)
@@ -45,6 +47,9 @@ def sweep(
                   file=sys.stderr)
             continue
         grid.append(replace(options, cluster_size=cluster_size, extended_l2=ext))
+    if image is not None:
+        return replay(trace, image=image, l2_cache_sizes=l2_cache_sizes, l2_cache_entry_size=l2_cache_entry_size,
+                      cache_mode=cache_mode, offset_policy=offset_policy, qemu_version=qemu_version).to_frame()
     frames = []
     with progress_bar(total=len(grid) * len(trace), unit="req", desc="sweep", enabled=show_progress) as bar:
         for opts in grid:

@@ -37,13 +37,21 @@ class Validation:
 
 def validate(trace: Trace, virtual_size: int, options: ImageOptions = ImageOptions(),
              l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None,
-             cache_mode: str = "writeback", progress=None) -> Validation:
-    """Replay ``trace`` in qemu-io (on a scratch image built with qemu-img) and in qsim, with the same options."""
-    ours = replay(trace, virtual_size, options, l2_cache_sizes=[l2_cache_size],
+             cache_mode: str = "writeback", progress=None, image_path: str | None = None) -> Validation:
+    """Replay ``trace`` in qemu-io (on a scratch image built with qemu-img, or a scratch copy of ``image_path``) and
+    in qsim, with the same options."""
+    state = None
+    if image_path is not None:
+        from .image import image_from_qcow2
+        from .qcow2 import open_image
+
+        state = image_from_qcow2(open_image(image_path))
+        virtual_size = state.geometry.virtual_size
+    ours = replay(trace, virtual_size, options, image=state, l2_cache_sizes=[l2_cache_size],
                   l2_cache_entry_size=l2_cache_entry_size, cache_mode=cache_mode,
                   qemu_version=DEFAULT_QEMU_VERSION).rows[0]
     theirs = replay_in_qemu(trace, virtual_size, options, l2_cache_size, l2_cache_entry_size, cache_mode,
-                            progress=progress).to_dict()
+                            image=image_path, progress=progress).to_dict()
     qsim_counts = {k: ours[k] for k in COMPARED}
     qsim_counts.update(l2_cache_entries=ours["l2_cache_entries"], l2_cache_entry_size=ours["l2_cache_entry_size"])
     return Validation(qsim_counts, theirs, qemu_version())

@@ -29,6 +29,8 @@ def add_replay_options(p: argparse.ArgumentParser, geometry_in_options: bool = T
     add_reader_options(p)
     p.add_argument("--size", type=size_arg("--size"),
                    help="virtual disk size (default: the trace's largest end offset rounded up to a whole GiB)")
+    p.add_argument("--image", metavar="IMG", help="replay against this real qcow2 image's allocation state and host "
+                   "layout (read-only; it decides size and geometry)")
     add_image_options(p, IMAGE_KEYS if geometry_in_options else IMAGE_KEYS.split(", ", 2)[2])
     p.add_argument("--l2-cache-size", default=None, metavar="LIST",
                    help="cache sizes: a list (64k,256k,1M,default), a range of powers of two (64k..64M) or N "
@@ -68,13 +70,29 @@ def emit_frame(frame, args: argparse.Namespace) -> None:
             print(f"(all {len(frame.columns)} columns saved to {args.save})", file=sys.stderr)
 
 
+def load_image_state(args: argparse.Namespace, options_text: str | None):
+    """The real image named by --image, as an ImageState (None without --image)."""
+    if not getattr(args, "image", None):
+        return None
+    if options_text or args.size:
+        raise UsageError("--image decides the size, geometry and allocation state; drop -o and --size")
+    from ..image import image_from_qcow2
+    from ..qcow2 import open_image
+
+    img = open_image(args.image)
+    for warning in img.warnings:
+        print(f"qsim: warning: {args.image}: {warning}", file=sys.stderr)
+    return image_from_qcow2(img)
+
+
 def run(args: argparse.Namespace) -> int:
     options = parse_image_options(args.image_options)
+    image = load_image_state(args, args.image_options)
     trace = load_trace(args)
     if len(trace) == 0:
         raise UsageError(f"{args.trace}: the trace has no requests")
     with progress_bar(total=len(trace), unit="req", desc="replay") as bar:
-        result = replay(trace, args.size, options, l2_cache_sizes=args.l2_cache_size,
+        result = replay(trace, args.size, options, image=image, l2_cache_sizes=args.l2_cache_size,
                         l2_cache_entry_size=args.l2_cache_entry_size, cache_mode=args.cache_mode,
                         offset_policy=args.offset_policy, qemu_version=args.qemu_version, progress=bar.update)
     emit_frame(result.to_frame(), args)

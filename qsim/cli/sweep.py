@@ -42,12 +42,17 @@ def parse_on_off_list(text: str) -> list[bool]:
 def run(args: argparse.Namespace) -> int:
     from .trace import load_trace
 
+    from .replay import load_image_state
+
     options = parse_image_options(args.image_options, ("refcount_bits", "preallocation", "fill", "seed", "backing"))
+    image = load_image_state(args, args.image_options)
+    if image is not None and (args.cluster_size != "64k" or args.extended_l2 != "off"):
+        raise UsageError("--image fixes the cluster size and extended_l2; sweep only cache sizes with it")
     clusters = [parse_size(c, "--cluster-size") for c in args.cluster_size.split(",") if c.strip()]
     trace = load_trace(args)
     if len(trace) == 0:
         raise UsageError(f"{args.trace}: the trace has no requests")
     frame = sweep(trace, clusters, parse_on_off_list(args.extended_l2), args.l2_cache_size, options, args.size,
-                  args.l2_cache_entry_size, args.cache_mode, args.offset_policy, args.qemu_version)
+                  args.l2_cache_entry_size, args.cache_mode, args.offset_policy, args.qemu_version, image=image)
     emit_frame(frame, args)
     return 0

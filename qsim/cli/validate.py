@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("trace", metavar="TRACE")
     add_reader_options(p)
     p.add_argument("--size", type=size_arg("--size"), help="virtual size (default: trace end rounded up to a GiB)")
+    p.add_argument("--image", metavar="IMG", help="replay on a scratch copy of this real image (never on it)")
     add_image_options(p, IMAGE_KEYS)
     p.add_argument("--l2-cache-size", type=size_arg("--l2-cache-size"), metavar="BYTES",
                    help="QEMU's l2-cache-size (default: QEMU's default)")
@@ -48,15 +49,23 @@ def run(args: argparse.Namespace) -> int:
     trace = load_trace(args)
     if len(trace) == 0:
         raise UsageError(f"{args.trace}: the trace has no requests")
-    size = args.size or default_virtual_size(trace)
+    if args.image:
+        from ..qcow2 import open_image
+
+        if args.image_options or args.size:
+            raise UsageError("--image decides the size, geometry and allocation state; drop -o and --size")
+        size = open_image(args.image).header.size
+    else:
+        size = args.size or default_virtual_size(trace)
     trace = apply_offset_policy(trace, size, args.offset_policy)
     with progress_bar(total=len(trace), unit="req", desc="qemu-io") as bar:
         result = validate(trace, size, options, args.l2_cache_size, args.l2_cache_entry_size, args.cache_mode,
-                          progress=bar.update)
+                          progress=bar.update, image_path=args.image)
     if args.output == "json":
         print_json(result.to_dict())
     else:
-        print(f"{args.trace}: {len(trace)} requests on {describe(options, size)}, {args.cache_mode}, "
+        where = args.image if args.image else describe(options, size)
+        print(f"{args.trace}: {len(trace)} requests on {where}, {args.cache_mode}, "
               f"L2 cache {result.qsim['l2_cache_entries']} x {result.qsim['l2_cache_entry_size']} bytes")
         print(f"  {'counter':<24}{'qsim':>16}{'QEMU ' + result.qemu_version.split()[0]:>16}{'difference':>12}")
         for key in COMPARED:

@@ -91,9 +91,6 @@ def run_kernel(state: ImageState, trace: Trace, entry_size: int, writethrough: b
     extra_tables, extra_host = _room_needed(state, trace)
     work = state.with_capacity(extra_tables, extra_host)
     g = geometry_vector(work, entry_size, writethrough)
-    tables = (work.table_slot, work.table_host)
-    ent = (work.entry_host, work.entry_flags, work.entry_alloc, work.entry_zero)
-    alloc = (work.host_used, work.refblock_covered, work.alloc_state)
     st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
     st[ev.S_SLOTS] = work.n_tables
     cnt = np.zeros(ev.COUNTERS_SIZE, dtype=np.int64)
@@ -107,7 +104,10 @@ def run_kernel(state: ImageState, trace: Trace, entry_size: int, writethrough: b
         out = (np.empty(capacity, np.int64), np.empty(capacity, np.uint8), np.empty(capacity, np.int64))
         st[ev.S_EVENTS] = 0
         st[ev.S_FLUSHES] = 0
-        nxt = ev.run_requests(g, tables, ent, alloc, out, st, cnt, trace.op, offset, length, i, n)
+        # arrays one by one, not in tuples: numba unpacking a tuple of arrays costs reference counting per call
+        nxt = ev.run_requests(g, work.table_slot, work.table_host, work.entry_host, work.entry_flags,
+                              work.entry_bitmap, work.host_used, work.refblock_covered, work.alloc_state, *out, st,
+                              cnt, trace.op, offset, length, i, n)
         if nxt == i:  # one request needs more room than a whole buffer: grow it
             capacity *= 4
             continue

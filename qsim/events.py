@@ -76,21 +76,28 @@ def _clz32(v):
     return n
 
 
-@njit(cache=True)
-def _subcluster_type(g, ent, slot, idx, sc):
-    host, flags, abits, zbits = ent
-    f = flags[slot, idx]
-    h = host[slot, idx]
+@njit(cache=True, inline="always")
+def _bitmaps(ebits, slot, idx):
+    """(allocation bits, zero bits) of an extended L2 entry, as int64 (bits 0-31 and 32-63 of the bitmap)."""
+    bitmap = ebits[slot, idx]
+    return np.int64(bitmap & np.uint64(0xFFFFFFFF)), np.int64(bitmap >> np.uint64(32))
+
+
+@njit(cache=True, inline="always")
+def _subcluster_type(g, ehost, eflags, ebits, slot, idx, sc):
+    f = eflags[slot, idx]
+    h = ehost[slot, idx]
     if f & F_COMPRESSED:
         return COMPRESSED
     if g[G_EXTENDED]:
+        abits, zbits = _bitmaps(ebits, slot, idx)
         if h != 0:
-            if (zbits[slot, idx] >> sc) & 1:
+            if (zbits >> sc) & 1:
                 return ZERO_ALLOC
-            if (abits[slot, idx] >> sc) & 1:
+            if (abits >> sc) & 1:
                 return NORMAL
             return UNALLOC_ALLOC
-        if (zbits[slot, idx] >> sc) & 1:
+        if (zbits >> sc) & 1:
             return ZERO_PLAIN
         return UNALLOC_PLAIN
     if f & F_ZERO:
@@ -98,15 +105,14 @@ def _subcluster_type(g, ent, slot, idx, sc):
     return NORMAL if h != 0 else UNALLOC_PLAIN
 
 
-@njit(cache=True)
-def _range_type(g, ent, slot, idx, sc_from):
+@njit(cache=True, inline="always")
+def _range_type(g, ehost, eflags, ebits, slot, idx, sc_from):
     """(type of subcluster sc_from, how many subclusters from it share that type) -- qcow2_get_subcluster_range_type."""
-    t = _subcluster_type(g, ent, slot, idx, sc_from)
+    t = _subcluster_type(g, ehost, eflags, ebits, slot, idx, sc_from)
     spc = g[G_SPC]
     if not g[G_EXTENDED] or t == COMPRESSED:
         return t, spc - sc_from
-    abits = np.int64(ent[2][slot, idx])
-    zbits = np.int64(ent[3][slot, idx])
+    abits, zbits = _bitmaps(ebits, slot, idx)
     below = (np.int64(1) << sc_from) - 1
     if t == NORMAL:
         return t, _ctz32(~(abits | below)) - sc_from
@@ -116,102 +122,99 @@ def _range_type(g, ent, slot, idx, sc_from):
 
 
 @njit(cache=True)
-def _needs_new_alloc(g, ent, slot, idx):
+def _needs_new_alloc(g, ehost, eflags, ebits, slot, idx):
     """cluster_needs_new_alloc: only an allocated (normal or zero-allocated) cluster with COPIED is kept."""
-    f = ent[1][slot, idx]
+    f = eflags[slot, idx]
     if f & F_COMPRESSED:
         return True
-    if ent[0][slot, idx] != 0 and (f & F_COPIED):
+    if ehost[slot, idx] != 0 and (f & F_COPIED):
         return False
     return True
 
 
-@njit(cache=True)
-def _emit(out, st, key, kind):
-    if out[0].shape[0] == 0:  # not recording (building a preallocated image)
+@njit(cache=True, inline="always")
+def _emit(okey, okind, oflush, st, key, kind):
+    if okey.shape[0] == 0:  # not recording (building a preallocated image)
         return
     n = st[S_EVENTS]
-    out[0][n] = key
-    out[1][n] = kind
+    okey[n] = key
+    okind[n] = kind
     st[S_EVENTS] = n + 1
 
 
 @njit(cache=True)
-def _flush(out, st):
-    if out[2].shape[0] == 0:
+def _flush(okey, okind, oflush, st):
+    if oflush.shape[0] == 0:
         return
-    out[2][st[S_FLUSHES]] = st[S_EVENTS]
+    oflush[st[S_FLUSHES]] = st[S_EVENTS]
     st[S_FLUSHES] += 1
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _slice_key(g, slot, idx):
     return slot * g[G_SLICES_PER_TABLE] + (idx >> g[G_SLICE_BITS])
 
 
 @njit(cache=True)
-def _alloc_flushing(out, st, alloc_arrays, at, n):
+def _alloc_flushing(okey, okind, oflush, st, used, covered, alloc, at, n):
     """qcow2_alloc_clusters (at < 0: first host cluster) or qcow2_alloc_clusters_at (how many). Creating a refcount
     block on the way flushes the L2 cache first (alloc_refcount_block), once per block."""
-    used, covered, alloc = alloc_arrays
     before = alloc[REFBLOCKS_MADE]
     if at < 0:
         result = alloc_clusters(used, covered, alloc, n)
     else:
         result = alloc_clusters_at(used, covered, alloc, at, n)
     for _ in range(alloc[REFBLOCKS_MADE] - before):
-        _flush(out, st)
+        _flush(okey, okind, oflush, st)
     return result
 
 
 @njit(cache=True)
-def _l2_allocate(g, tables, alloc_arrays, out, st, cnt, l1):
+def _l2_allocate(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, l1):
     """l2_allocate: a host cluster for the table, get_empty (dirty) for each slice, flush the whole L2 cache."""
-    table_slot, table_host = tables
-    host = _alloc_flushing(out, st, alloc_arrays, -1, 1)
+    host = _alloc_flushing(okey, okind, oflush, st, used, covered, alloc, -1, 1)
     slot = st[S_SLOTS]
     st[S_SLOTS] = slot + 1
-    table_slot[l1] = slot
-    table_host[slot] = host
+    tslot[l1] = slot
+    thost[slot] = host
     for s in range(g[G_SLICES_PER_TABLE]):
-        _emit(out, st, slot * g[G_SLICES_PER_TABLE] + s, GET_EMPTY)
-    _flush(out, st)
+        _emit(okey, okind, oflush, st, slot * g[G_SLICES_PER_TABLE] + s, GET_EMPTY)
+    _flush(okey, okind, oflush, st)
     cnt[C_TABLES_ALLOCATED] += 1
     return slot
 
 
 @njit(cache=True)
-def _get_cluster_table(g, tables, alloc_arrays, out, st, cnt, gc, kind):
+def _get_cluster_table(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, gc, kind):
     """get_cluster_table: the slice holding guest cluster gc, allocating the L2 table first if there is none."""
     l1 = gc >> g[G_TABLE_BITS]
-    slot = tables[0][l1]
+    slot = tslot[l1]
     if slot < 0:
-        slot = _l2_allocate(g, tables, alloc_arrays, out, st, cnt, l1)
-    _emit(out, st, _slice_key(g, slot, gc & ((1 << g[G_TABLE_BITS]) - 1)), kind)
+        slot = _l2_allocate(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, l1)
+    _emit(okey, okind, oflush, st, _slice_key(g, slot, gc & ((1 << g[G_TABLE_BITS]) - 1)), kind)
     return slot
 
 
-@njit(cache=True)
-def _count_contiguous_subclusters(g, ent, slot, idx, nb_clusters, sc_index):
+@njit(cache=True, inline="always")
+def _count_contiguous_subclusters(g, ehost, eflags, ebits, slot, idx, nb_clusters, sc_index):
     count = 0
     expected_type = NORMAL
     expected_host = 0
     check_offset = False
-    host = ent[0]
     for i in range(nb_clusters):
         first_sc = sc_index if i == 0 else 0
-        t, ret = _range_type(g, ent, slot, idx + i, first_sc)
+        t, ret = _range_type(g, ehost, eflags, ebits, slot, idx + i, first_sc)
         if i == 0:
             if t == COMPRESSED:
                 return ret
             expected_type = t
-            expected_host = host[slot, idx]
+            expected_host = ehost[slot, idx]
             check_offset = t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC
         elif t != expected_type:
             break
         elif check_offset:
             expected_host += 1
-            if expected_host != host[slot, idx + i]:
+            if expected_host != ehost[slot, idx + i]:
                 break
         count += ret
         if first_sc + ret < g[G_SPC]:
@@ -219,8 +222,8 @@ def _count_contiguous_subclusters(g, ent, slot, idx, nb_clusters, sc_index):
     return count
 
 
-@njit(cache=True)
-def _host_extent(g, tables, ent, out, st, pos, end):
+@njit(cache=True, inline="always")
+def _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, end):
     """qcow2_get_host_offset: one lookup (none without an L2 table) -> (bytes of this extent, its subcluster type,
     or -1 when no L2 table exists)."""
     cb = g[G_CLUSTER_BITS]
@@ -231,29 +234,29 @@ def _host_extent(g, tables, ent, out, st, pos, end):
     in_slice = idx & ((1 << g[G_SLICE_BITS]) - 1)
     bytes_needed = min(end - pos + oic, ((1 << g[G_SLICE_BITS]) - in_slice) << cb)
     l1 = gc >> tb
-    slot = tables[0][l1] if l1 < g[G_L1_SIZE] else -1
+    slot = tslot[l1] if l1 < g[G_L1_SIZE] else -1
     if slot < 0:
         return bytes_needed - oic, -1
-    _emit(out, st, _slice_key(g, slot, idx), GET)
+    _emit(okey, okind, oflush, st, _slice_key(g, slot, idx), GET)
     nb = (bytes_needed + (1 << cb) - 1) >> cb
     sc_index = oic >> g[G_SC_BITS]
-    count = _count_contiguous_subclusters(g, ent, slot, idx, nb, sc_index)
+    count = _count_contiguous_subclusters(g, ehost, eflags, ebits, slot, idx, nb, sc_index)
     avail = (count + sc_index) << g[G_SC_BITS]
-    t = _subcluster_type(g, ent, slot, idx, sc_index)
+    t = _subcluster_type(g, ehost, eflags, ebits, slot, idx, sc_index)
     return min(avail, bytes_needed) - oic, t
 
 
 @njit(cache=True)
-def _read(g, tables, ent, out, st, pos, length):
+def _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, length):
     """The lookups of qcow2_co_preadv_part: one per extent."""
     end = pos + length
     while pos < end:
-        n, _ = _host_extent(g, tables, ent, out, st, pos, end)
+        n, _ = _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, end)
         pos += n
 
 
 @njit(cache=True)
-def _calculate_l2_meta(g, ent, metas, nmeta, host_cluster, guest, nbytes, slot, idx, keep_old):
+def _calculate_l2_meta(g, ehost, eflags, ebits, metas, nmeta, host_cluster, guest, nbytes, slot, idx, keep_old):
     """calculate_l2_meta: append a QCowL2Meta with its COW regions, unless nothing needs doing (keep_old, all
     written subclusters already normal). Returns the new meta count."""
     cb = g[G_CLUSTER_BITS]
@@ -271,20 +274,20 @@ def _calculate_l2_meta(g, ent, metas, nmeta, host_cluster, guest, nbytes, slot, 
             write_to = min(cow_end_from, (i + 1) << cb)
             first_sc = (write_from >> scb) & (spc - 1)
             last_sc = ((write_to - 1) >> scb) & (spc - 1)
-            t, cnt = _range_type(g, ent, slot, idx + i, first_sc)
+            t, cnt = _range_type(g, ehost, eflags, ebits, slot, idx + i, first_sc)
             if t != NORMAL or first_sc + cnt <= last_sc:
                 skip_cow = False
                 break
     if skip_cow:
         return nmeta
     sc_index = (guest >> scb) & (spc - 1)
-    t = _subcluster_type(g, ent, slot, idx, sc_index)
+    t = _subcluster_type(g, ehost, eflags, ebits, slot, idx, sc_index)
     if not keep_old:
         if t == COMPRESSED:
             cow_start_from = 0
         elif t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC:
             if g[G_EXTENDED]:
-                cow_start_from = min(sc_index, _ctz32(np.int64(ent[2][slot, idx]))) << scb
+                cow_start_from = min(sc_index, _ctz32(_bitmaps(ebits, slot, idx)[0])) << scb
             else:
                 cow_start_from = 0
         else:
@@ -293,14 +296,14 @@ def _calculate_l2_meta(g, ent, metas, nmeta, host_cluster, guest, nbytes, slot, 
         cow_start_from = cow_start_to if t == NORMAL else sc_index << scb
     last = idx + nb_clusters - 1
     sc_index = ((guest + nbytes - 1) >> scb) & (spc - 1)
-    t = _subcluster_type(g, ent, slot, last, sc_index)
+    t = _subcluster_type(g, ehost, eflags, ebits, slot, last, sc_index)
     if not keep_old:
         if t == COMPRESSED:
             cow_end_to = (cow_end_from + cs - 1) & ~(cs - 1)
         elif t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC:
             cow_end_to = (cow_end_from + cs - 1) & ~(cs - 1)
             if g[G_EXTENDED]:
-                cow_end_to -= min(spc - sc_index - 1, _clz32(np.int64(ent[2][slot, last]))) << scb
+                cow_end_to -= min(spc - sc_index - 1, _clz32(_bitmaps(ebits, slot, last)[0])) << scb
         else:
             cow_end_to = (cow_end_from + sc_size - 1) & ~(sc_size - 1)
     else:
@@ -319,14 +322,14 @@ def _calculate_l2_meta(g, ent, metas, nmeta, host_cluster, guest, nbytes, slot, 
 
 
 @njit(cache=True)
-def _count_single_write_clusters(g, ent, slot, idx, nb, new_alloc):
-    expected = ent[0][slot, idx]
+def _count_single_write_clusters(g, ehost, eflags, ebits, slot, idx, nb, new_alloc):
+    expected = ehost[slot, idx]
     i = 0
     while i < nb:
-        if _needs_new_alloc(g, ent, slot, idx + i) != new_alloc:
+        if _needs_new_alloc(g, ehost, eflags, ebits, slot, idx + i) != new_alloc:
             break
         if not new_alloc:
-            if expected != ent[0][slot, idx + i]:
+            if expected != ehost[slot, idx + i]:
                 break
             expected += 1
         i += 1
@@ -343,7 +346,7 @@ def _clusters_to_slice_end(g, guest, nbytes):
 
 
 @njit(cache=True)
-def _alloc_host_offset(g, tables, ent, alloc_arrays, out, st, cnt, metas, nmeta, offset, nbytes):
+def _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas, nmeta, offset, nbytes):
     """qcow2_alloc_host_offset: handle_copied / handle_alloc over as many clusters as stay host-contiguous.
     Returns (bytes covered, meta count)."""
     cb = g[G_CLUSTER_BITS]
@@ -366,46 +369,46 @@ def _alloc_host_offset(g, tables, ent, alloc_arrays, out, st, cnt, metas, nmeta,
         idx = gc & ((1 << tb) - 1)
         # handle_copied
         nb = _clusters_to_slice_end(g, start, cur)
-        slot = _get_cluster_table(g, tables, alloc_arrays, out, st, cnt, gc, GET)
-        if not _needs_new_alloc(g, ent, slot, idx):
-            host = ent[0][slot, idx]
+        slot = _get_cluster_table(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, gc, GET)
+        if not _needs_new_alloc(g, ehost, eflags, ebits, slot, idx):
+            host = ehost[slot, idx]
             if cluster_offset != INV and (host << cb) != cluster_offset - oic:
                 break
-            keep = _count_single_write_clusters(g, ent, slot, idx, nb, False)
+            keep = _count_single_write_clusters(g, ehost, eflags, ebits, slot, idx, nb, False)
             cur = min(cur, keep * cs - oic)
-            nmeta = _calculate_l2_meta(g, ent, metas, nmeta, host, start, cur, slot, idx, True)
+            nmeta = _calculate_l2_meta(g, ehost, eflags, ebits, metas, nmeta, host, start, cur, slot, idx, True)
             cluster_offset = (host << cb) + oic
             continue
         # handle_alloc
-        slot = _get_cluster_table(g, tables, alloc_arrays, out, st, cnt, gc, GET)
-        nb = _count_single_write_clusters(g, ent, slot, idx, nb, True)
+        slot = _get_cluster_table(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, gc, GET)
+        nb = _count_single_write_clusters(g, ehost, eflags, ebits, slot, idx, nb, True)
         if cluster_offset == INV:
-            host = _alloc_flushing(out, st, alloc_arrays, -1, nb)
+            host = _alloc_flushing(okey, okind, oflush, st, used, covered, alloc, -1, nb)
         else:
             host = (cluster_offset - oic) >> cb
-            nb = _alloc_flushing(out, st, alloc_arrays, host, nb)
+            nb = _alloc_flushing(okey, okind, oflush, st, used, covered, alloc, host, nb)
             if nb == 0:
                 break
         cnt[C_CLUSTERS_ALLOCATED] += nb
         cur = min(cur, min(cur + oic, nb * cs) - oic)
-        nmeta = _calculate_l2_meta(g, ent, metas, nmeta, host, start, cur, slot, idx, False)
+        nmeta = _calculate_l2_meta(g, ehost, eflags, ebits, metas, nmeta, host, start, cur, slot, idx, False)
         cluster_offset = (host << cb) + oic
     return nbytes - remaining, nmeta
 
 
 @njit(cache=True)
-def _is_unallocated(g, tables, ent, out, st, pos, nbytes):
+def _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, nbytes):
     """is_unallocated via bdrv_is_allocated_above: one lookup in this image; a backing file is taken to hold data."""
     if nbytes == 0:
         return True
-    n, t = _host_extent(g, tables, ent, out, st, pos, pos + nbytes)
+    n, t = _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, pos + nbytes)
     if t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1:
         return n >= nbytes and not g[G_BACKING]
     return False
 
 
 @njit(cache=True)
-def _handle_alloc_space(g, tables, ent, out, st, cnt, metas, first, last):
+def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, cnt, metas, first, last):
     """handle_alloc_space for metas[first:last] (newest first): zero-checks; zero-fill instead of COW when both COW
     regions read as zeroes (host with fast write-zeroes, no backing data)."""
     cs = np.int64(1) << g[G_CLUSTER_BITS]
@@ -415,9 +418,9 @@ def _handle_alloc_space(g, tables, ent, out, st, cnt, metas, first, last):
             continue
         base = m[M_GUEST_CLUSTER] * cs
         before = st[S_EVENTS]
-        zero = _is_unallocated(g, tables, ent, out, st, base + m[M_START_OFF], m[M_START_N])
+        zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_START_OFF], m[M_START_N])
         if zero:
-            zero = _is_unallocated(g, tables, ent, out, st, base + m[M_END_OFF], m[M_END_N])
+            zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_END_OFF], m[M_END_N])
         cnt[C_ZERO_CHECKS] += st[S_EVENTS] - before
         if zero:
             m[M_SKIP] = 1
@@ -425,7 +428,7 @@ def _handle_alloc_space(g, tables, ent, out, st, cnt, metas, first, last):
 
 
 @njit(cache=True)
-def _link_l2(g, tables, ent, alloc_arrays, out, st, cnt, m, prealloc):
+def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, m, prealloc):
     """perform_cow (reads through this image when COW is not skipped) then qcow2_alloc_cluster_link_l2."""
     cb = g[G_CLUSTER_BITS]
     cs = np.int64(1) << cb
@@ -436,39 +439,37 @@ def _link_l2(g, tables, ent, alloc_arrays, out, st, cnt, m, prealloc):
         data_bytes = m[M_END_OFF] - (m[M_START_OFF] + m[M_START_N])
         if m[M_START_N] and m[M_END_N] and data_bytes <= 16384:
             span = m[M_END_OFF] + m[M_END_N] - m[M_START_OFF]
-            _read(g, tables, ent, out, st, base + m[M_START_OFF], span)
+            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_START_OFF], span)
             cnt[C_COW_READ_BYTES] += span
         else:
             if m[M_START_N]:
-                _read(g, tables, ent, out, st, base + m[M_START_OFF], m[M_START_N])
+                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_START_OFF], m[M_START_N])
             if m[M_END_N]:
-                _read(g, tables, ent, out, st, base + m[M_END_OFF], m[M_END_N])
+                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_END_OFF], m[M_END_N])
             cnt[C_COW_READ_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_READ_LOOKUPS] += st[S_EVENTS] - before
     gc = m[M_GUEST_CLUSTER]
-    slot = _get_cluster_table(g, tables, alloc_arrays, out, st, cnt, gc, GET_DIRTY)
+    slot = _get_cluster_table(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, gc, GET_DIRTY)
     idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
-    host, flags, abits, zbits = ent
     written_to_all = m[M_END_OFF] + m[M_END_N]
     for i in range(m[M_NB]):
-        old = host[slot, idx + i]
-        if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i and not (flags[slot, idx + i] & F_COMPRESSED):
-            free_cluster(alloc_arrays[0], alloc_arrays[1], alloc_arrays[2], old)
-        host[slot, idx + i] = m[M_ALLOC] + i
-        flags[slot, idx + i] = F_COPIED
+        old = ehost[slot, idx + i]
+        if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i and not (eflags[slot, idx + i] & F_COMPRESSED):
+            free_cluster(used, covered, alloc, old)
+        ehost[slot, idx + i] = m[M_ALLOC] + i
+        eflags[slot, idx + i] = F_COPIED
         if g[G_EXTENDED] and not prealloc:
             written_from = max(m[M_START_OFF], i << cb)
             written_to = min(written_to_all, (i + 1) << cb)
             first_sc = (written_from >> scb) & (g[G_SPC] - 1)
             last_sc = ((written_to - 1) >> scb) & (g[G_SPC] - 1)
-            bits = ((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1)
-            abits[slot, idx + i] = np.uint32((np.int64(abits[slot, idx + i]) | bits) & 0xFFFFFFFF)
-            zbits[slot, idx + i] = np.uint32(np.int64(zbits[slot, idx + i]) & ~bits & 0xFFFFFFFF)
+            bits = np.uint64(((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1))
+            ebits[slot, idx + i] = (ebits[slot, idx + i] | bits) & ~(bits << np.uint64(32))
 
 
 @njit(cache=True)
-def _write(g, tables, ent, alloc_arrays, out, st, cnt, metas, part_first, part_last, offset, length, prealloc):
+def _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas, part_first, part_last, offset, length, prealloc):
     """qcow2_co_pwritev_part: each part's lookups and zero-checks in order; the parts' L2 links come after all
     parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part."""
     nmeta = 0
@@ -478,33 +479,33 @@ def _write(g, tables, ent, alloc_arrays, out, st, cnt, metas, part_first, part_l
     parts = 0
     while remaining > 0:
         first = nmeta
-        done, nmeta = _alloc_host_offset(g, tables, ent, alloc_arrays, out, st, cnt, metas, nmeta, pos,
+        done, nmeta = _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas, nmeta, pos,
                                          min(remaining, max_part))
         pos += done
         remaining -= done
         if prealloc:
             for j in range(nmeta - 1, first - 1, -1):
-                _link_l2(g, tables, ent, alloc_arrays, out, st, cnt, metas[j], True)
+                _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas[j], True)
             nmeta = 0
             continue
-        _handle_alloc_space(g, tables, ent, out, st, cnt, metas, first, nmeta)
+        _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, cnt, metas, first, nmeta)
         part_first[parts] = first
         part_last[parts] = nmeta
         parts += 1
     for p in range(parts):
         for j in range(part_last[p] - 1, part_first[p] - 1, -1):
-            _link_l2(g, tables, ent, alloc_arrays, out, st, cnt, metas[j], False)
+            _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas[j], False)
 
 
 @njit(cache=True)
-def run_requests(g, tables, ent, alloc_arrays, out, st, cnt, op, offset, length, first, last):
+def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, op, offset, length, first, last):
     """Process requests [first, last) until done or the event buffers might overflow; returns the next request.
 
     Room is checked before each request against a bound on the events it can make.
     """
     cb = g[G_CLUSTER_BITS]
-    ev_capacity = out[0].shape[0]
-    fl_capacity = out[2].shape[0]
+    ev_capacity = okey.shape[0]
+    fl_capacity = oflush.shape[0]
     recording = ev_capacity > 0
     max_clusters = 1
     for i in range(first, last):
@@ -512,6 +513,12 @@ def run_requests(g, tables, ent, alloc_arrays, out, st, cnt, op, offset, length,
             n = ((offset[i] & ((1 << cb) - 1)) + length[i] + (1 << cb) - 1) >> cb
             max_clusters = max(max_clusters, n)
     rows = max(2 * max_clusters, 2 * g[G_SLICES_PER_TABLE]) + 8
+    sc_mask = (np.int64(1) << g[G_SC_BITS]) - 1
+    tb = g[G_TABLE_BITS]
+    table_mask = (np.int64(1) << tb) - 1
+    sb = g[G_SLICE_BITS]
+    spt = g[G_SLICES_PER_TABLE]
+    l1_size = g[G_L1_SIZE]
     metas = np.zeros((rows, META_WIDTH), dtype=np.int64)
     part_first = np.empty(rows, dtype=np.int64)
     part_last = np.empty(rows, dtype=np.int64)
@@ -527,17 +534,27 @@ def run_requests(g, tables, ent, alloc_arrays, out, st, cnt, op, offset, length,
         if o == OP_READ:
             cnt[C_READS] += 1
             cnt[C_READ_BYTES] += length[i]
-            _read(g, tables, ent, out, st, offset[i], length[i])
+            # Fast path: a read inside one subcluster (one cluster without extended_l2) is exactly one extent.
+            if (offset[i] & sc_mask) + length[i] <= sc_mask + 1:
+                gc = offset[i] >> cb
+                l1 = gc >> tb
+                if l1 < l1_size and tslot[l1] >= 0 and recording:
+                    n = st[S_EVENTS]
+                    okey[n] = tslot[l1] * spt + ((gc & table_mask) >> sb)
+                    okind[n] = GET
+                    st[S_EVENTS] = n + 1
+                continue
+            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, offset[i], length[i])
         elif o == OP_WRITE or o == OP_PREALLOC:
             cnt[C_WRITES] += 1
             cnt[C_WRITE_BYTES] += length[i]
-            _write(g, tables, ent, alloc_arrays, out, st, cnt, metas, part_first, part_last, offset[i], length[i],
+            _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas, part_first, part_last, offset[i], length[i],
                    o == OP_PREALLOC)
             if g[G_WRITETHROUGH] and o == OP_WRITE:
-                _flush(out, st)
+                _flush(okey, okind, oflush, st)
         elif o == OP_FLUSH:
             cnt[C_FLUSHES] += 1
-            _flush(out, st)
+            _flush(okey, okind, oflush, st)
         else:
             cnt[C_DISCARDS] += 1  # QEMU ignores discards unless opened with discard=unmap
     return last

@@ -31,7 +31,8 @@ class ImageState:
     - ``table_host`` int64 [slots]: host cluster index of each L2 table
     - ``entry_host`` int64 [slots, entries per table]: host cluster index of each guest cluster, 0 = none
     - ``entry_flags`` uint8 [slots, entries]: events.F_ZERO / F_COMPRESSED / F_COPIED
-    - ``entry_alloc`` / ``entry_zero`` uint32 [slots, entries]: extended_l2 subcluster bitmaps ([1, 1] otherwise)
+    - ``entry_bitmap`` uint64 [slots, entries]: extended_l2 subcluster bitmap, QEMU's layout (bits 0-31 allocated,
+      32-63 reads as zero); a [1, 1] placeholder without extended_l2
     - ``host_used`` uint8 [host clusters]: refcount > 0; ``refblock_covered`` uint8 [refcount blocks]
     - ``alloc_state`` int64: hostalloc state (free index, refcount block size, ...)
     """
@@ -42,8 +43,7 @@ class ImageState:
     table_host: np.ndarray
     entry_host: np.ndarray
     entry_flags: np.ndarray
-    entry_alloc: np.ndarray
-    entry_zero: np.ndarray
+    entry_bitmap: np.ndarray
     host_used: np.ndarray
     refblock_covered: np.ndarray
     alloc_state: np.ndarray
@@ -82,8 +82,7 @@ class ImageState:
             table_host=grow(self.table_host, (rows,), np.int64),
             entry_host=grow(self.entry_host, (rows, entries), np.int64),
             entry_flags=grow(self.entry_flags, (rows, entries), np.uint8),
-            entry_alloc=grow(self.entry_alloc, ext_shape, np.uint32),
-            entry_zero=grow(self.entry_zero, ext_shape, np.uint32),
+            entry_bitmap=grow(self.entry_bitmap, ext_shape, np.uint64),
             host_used=grow(self.host_used, (max(host_clusters, len(self.host_used)),), np.uint8),
             refblock_covered=grow(self.refblock_covered, ((host_clusters >> refblock_bits) + 2,), np.uint8),
             alloc_state=self.alloc_state.copy(),
@@ -114,8 +113,7 @@ def fresh_image(geometry: ImageGeometry, backing: bool = False) -> ImageState:
         table_host=np.zeros(0, dtype=np.int64),
         entry_host=np.zeros((0, entries), dtype=np.int64),
         entry_flags=np.zeros((0, entries), dtype=np.uint8),
-        entry_alloc=np.zeros((1, 1), dtype=np.uint32),
-        entry_zero=np.zeros((1, 1), dtype=np.uint32),
+        entry_bitmap=np.zeros((1, 1), dtype=np.uint64),
         host_used=used,
         refblock_covered=covered,
         alloc_state=alloc,
@@ -203,11 +201,7 @@ def image_from_qcow2(img) -> ImageState:
     table_slot = np.full(n_l1, SLOT_NONE, dtype=np.int32)
     table_slot[tables] = np.arange(len(tables), dtype=np.int32)
     l1_offsets = img.l1[tables] & np.uint64(L2E_OFFSET_MASK)
-    if g.extended_l2:
-        alloc_bits = (img.l2_bitmaps[keep] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        zero_bits = (img.l2_bitmaps[keep] >> np.uint64(32)).astype(np.uint32)
-    else:
-        alloc_bits = zero_bits = np.zeros((1, 1), dtype=np.uint32)
+    bitmap = img.l2_bitmaps[keep].copy() if g.extended_l2 else np.zeros((1, 1), dtype=np.uint64)
     alloc = hostalloc.new_alloc_state(g.cluster_size, g.refcount_bits)
     alloc[hostalloc.REFTABLE_ENTRIES] = img.header.refcount_table_clusters * g.cluster_size // 8
     used = (img.refcounts > 0).astype(np.uint8)
@@ -219,8 +213,7 @@ def image_from_qcow2(img) -> ImageState:
         table_host=(l1_offsets >> np.uint64(cb)).astype(np.int64),
         entry_host=np.where(host == 0, 0, host).astype(np.int64),
         entry_flags=flags.astype(np.uint8),
-        entry_alloc=alloc_bits,
-        entry_zero=zero_bits,
+        entry_bitmap=bitmap,
         host_used=used,
         refblock_covered=img.refblock_present.copy(),
         alloc_state=alloc,

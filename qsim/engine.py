@@ -88,8 +88,12 @@ def run_kernel(state: ImageState, trace: Trace, entry_size: int, writethrough: b
                reopen: bool = False, progress=None) -> KernelResult:
     """Replay ``trace`` on a copy of ``state`` (the original is never changed). ``record`` keeps the events;
     ``reopen`` leaves the result as a freshly opened image (free cluster index 0), as QEMU's next open sees it."""
-    extra_tables, extra_host = _room_needed(state, trace)
-    work = state.with_capacity(extra_tables, extra_host)
+    changes = bool(((trace.op == WRITE) | (trace.op == ev.OP_PREALLOC)).any())
+    if changes:
+        extra_tables, extra_host = _room_needed(state, trace)
+        work = state.with_capacity(extra_tables, extra_host)
+    else:  # reads never change the image: work on it directly, no copy
+        work = state
     g = geometry_vector(work, entry_size, writethrough)
     st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
     st[ev.S_SLOTS] = work.n_tables
@@ -121,7 +125,7 @@ def run_kernel(state: ImageState, trace: Trace, entry_size: int, writethrough: b
         i = nxt
     if work.alloc_state[hostalloc.OVERFLOW]:
         raise QsimError("internal error: the host cluster map was sized too small (please report this trace)")
-    if reopen:
+    if reopen and changes:
         work.alloc_state[hostalloc.FREE_INDEX] = 0
     image = replace(work, n_tables=int(st[ev.S_SLOTS]))
     counters = {name: int(cnt[k]) for k, name in enumerate(ev.COUNTER_NAMES)}

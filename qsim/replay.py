@@ -18,7 +18,7 @@ from .errors import QsimError, UsageError
 from .geometry import ImageGeometry, measure
 from .image import ImageState, build_image
 from .imageopts import ImageOptions
-from .lru import analyse, counts_for
+from .lru import counts_for_sizes
 from .trace import Trace, apply_offset_policy
 from .units import parse_size
 
@@ -115,12 +115,12 @@ def replay(
         result = run_kernel(image, trace, entry_size, cache_mode == "writethrough", progress=progress)
         image_after = result.image
         stream = result.events
-        d = analyse(stream.key, stream.kind, stream.flush_at, stream.n_keys)
-        for k, config in enumerate(configs):
-            if config.l2_cache_entry_size == entry_size:
-                counts = counts_for(d, stream.key, stream.kind, stream.n_keys, config.l2_cache_entries)
-                rows[k] = _row(trace, image, image_after, config, stream.counters, counts, cache_mode,
-                               l2_cache_sizes[k])
+        chosen = [k for k, config in enumerate(configs) if config.l2_cache_entry_size == entry_size]
+        all_counts = counts_for_sizes(stream.key, stream.kind, stream.flush_at, stream.n_keys,
+                                      [configs[k].l2_cache_entries for k in chosen])
+        for k, counts in zip(chosen, all_counts):
+            rows[k] = _row(trace, image, image_after, configs[k], stream.counters, counts, cache_mode,
+                           l2_cache_sizes[k])
     return ReplayResult([r for r in rows if r is not None], image_after)
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qsim.events import GET, GET_DIRTY, GET_EMPTY
-from qsim.lru import analyse, counts_for, stack_distances
+from qsim.lru import analyse, counts_for, counts_for_sizes, simulate, stack_distances
 
 
 def reference_lru(keys, kinds, flush_at, entries):
@@ -81,6 +81,22 @@ def test_stack_distances_survive_tree_compaction(keys, tree_size):
     for entries in (1, 2, 5):
         ref = reference_lru(keys.tolist(), [GET] * len(keys), [], entries)
         assert int((small > entries).sum()) == ref["misses"]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_direct_simulation_equals_the_reference(seed):
+    rng = np.random.default_rng(100 + seed)
+    n_keys = int(rng.integers(1, 50))
+    keys, kinds, flush_at = random_stream(rng, int(rng.integers(1, 2000)), n_keys)
+    flush_count = np.searchsorted(flush_at, np.arange(len(keys) + 1), side="right")
+    for entries in (1, 2, 5, 13, 64):
+        hits, reads, written, left = simulate(keys, kinds, flush_count, n_keys, entries)
+        ref = reference_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), entries)
+        assert (hits, reads, written, left) == (ref["hits"], ref["disk_reads"], ref["writebacks"],
+                                                ref["writebacks_at_close"])
+    few = counts_for_sizes(keys, kinds, flush_at, n_keys, [2, 5])
+    many = counts_for_sizes(keys, kinds, flush_at, n_keys, [2, 5, 7, 9])
+    assert few == many[:2]
 
 
 def test_empty_stream():

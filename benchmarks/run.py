@@ -38,7 +38,7 @@ from qsim.engine import run_kernel  # noqa: E402
 from qsim.geometry import ImageGeometry  # noqa: E402
 from qsim.image import build_image  # noqa: E402
 from qsim.imageopts import ImageOptions  # noqa: E402
-from qsim.lru import analyse, counts_for  # noqa: E402
+from qsim.lru import counts_for_sizes  # noqa: E402
 from qsim.replay import parse_cache_sizes, replay  # noqa: E402
 from qsim.synth import synthesize  # noqa: E402
 from qsim.trace import Trace, concat  # noqa: E402
@@ -223,8 +223,7 @@ def main() -> int:
             n_keys = stream.n_keys
             entries_one = replay(trace.select(np.arange(1)), size, options, image=image,
                                  l2_cache_sizes=one).rows[0]["l2_cache_entries"]
-            expected = counts_for(analyse(keys, stream.kind, stream.flush_at, n_keys), keys, stream.kind, n_keys,
-                                  entries_one).misses
+            expected = counts_for_sizes(keys, stream.kind, stream.flush_at, n_keys, [entries_one])[0].misses
             with tempfile.TemporaryDirectory() as d:
                 lcs_path = os.path.join(d, "keys.oracleGeneral")
                 if have_lcs:

@@ -84,61 +84,103 @@ def _room_needed(state: ImageState, trace: Trace) -> tuple[int, int]:
     return new_tables, host + 2 * (host // refcounts_per_block + 1)
 
 
+class KernelRun:
+    """Stage 1 over a trace fed in chunks: the image state and allocator carry across chunks, so chunking never
+    changes the result. The given image is never modified: the first chunk with writes works on a copy, grown as
+    later chunks need room."""
+
+    def __init__(self, state: ImageState, entry_size: int, writethrough: bool = False, record: bool = True):
+        self.original = state
+        self.work: ImageState | None = None
+        self.g = geometry_vector(state, entry_size, writethrough)
+        self.entry_size = entry_size
+        self.record = record
+        self.st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
+        self.st[ev.S_SLOTS] = state.n_tables
+        self.cnt = np.zeros(ev.COUNTERS_SIZE, dtype=np.int64)
+        self.capacity = CHUNK_EVENTS if record else 0
+        self.n_keys = int(self.g[ev.G_SLICES_PER_TABLE]) * max(state.geometry.l1_entries, 1)
+
+    @property
+    def image(self) -> ImageState:
+        current = self.work if self.work is not None else self.original
+        return replace(current, n_tables=int(self.st[ev.S_SLOTS]))
+
+    def _make_room(self, trace: Trace) -> ImageState:
+        if not ((trace.op == WRITE) | (trace.op == ev.OP_PREALLOC)).any():
+            return self.work if self.work is not None else self.original  # reads never change the image
+        current = self.image
+        extra_tables, extra_host = _room_needed(current, trace)
+        if self.work is None:
+            self.work = current.with_capacity(extra_tables, extra_host)
+        else:
+            rows_free = self.work.entry_host.shape[0] - current.n_tables
+            host_free = len(self.work.host_used) - int(self.work.alloc_state[hostalloc.HIGH_WATER])
+            if rows_free < extra_tables or host_free < extra_host + 1024:
+                grow_tables = max(extra_tables, current.n_tables)
+                grow_host = max(extra_host, int(self.work.alloc_state[hostalloc.HIGH_WATER]) // 2)
+                self.work = current.with_capacity(grow_tables, grow_host)
+        return self.work
+
+    def feed(self, trace: Trace, progress=None):
+        """Run the kernel over ``trace``; yields (key, kind, flush_at) event chunks, flush positions local to each."""
+        work = self._make_room(trace)
+        i, n = 0, len(trace)
+        offset = trace.offset
+        length = trace.length.astype(np.int64)
+        while i < n:
+            out = (np.empty(self.capacity, np.int64), np.empty(self.capacity, np.uint8),
+                   np.empty(self.capacity, np.int64))
+            self.st[ev.S_EVENTS] = 0
+            self.st[ev.S_FLUSHES] = 0
+            # arrays one by one, not in tuples: numba unpacking a tuple of arrays costs reference counting per call
+            nxt = ev.run_requests(self.g, work.table_slot, work.table_host, work.entry_host, work.entry_flags,
+                                  work.entry_bitmap, work.host_used, work.refblock_covered, work.alloc_state, *out,
+                                  self.st, self.cnt, trace.op, offset, length, i, n)
+            if nxt == i:  # one request needs more room than a whole buffer: grow it
+                self.capacity *= 4
+                continue
+            if work.alloc_state[hostalloc.OVERFLOW]:
+                raise QsimError("internal error: the host cluster map was sized too small (please report this trace)")
+            if progress is not None:
+                progress(nxt - i)
+            i = nxt
+            if self.record:
+                yield (out[0][: self.st[ev.S_EVENTS]], out[1][: self.st[ev.S_EVENTS]],
+                       out[2][: self.st[ev.S_FLUSHES]])
+
+    @property
+    def counters(self) -> dict[str, int]:
+        counters = {name: int(self.cnt[k]) for k, name in enumerate(ev.COUNTER_NAMES)}
+        alloc = self.image.alloc_state
+        counters["unmodelled_refcount_growth"] = int(alloc[hostalloc.UNMODELLED])
+        counters["refcount_blocks_allocated"] = int(alloc[hostalloc.REFBLOCKS_MADE] -
+                                                    self.original.alloc_state[hostalloc.REFBLOCKS_MADE])
+        return counters
+
+
 def run_kernel(state: ImageState, trace: Trace, entry_size: int, writethrough: bool = False, record: bool = True,
                reopen: bool = False, progress=None) -> KernelResult:
-    """Replay ``trace`` on a copy of ``state`` (the original is never changed). ``record`` keeps the events;
-    ``reopen`` leaves the result as a freshly opened image (free cluster index 0), as QEMU's next open sees it."""
-    changes = bool(((trace.op == WRITE) | (trace.op == ev.OP_PREALLOC)).any())
-    if changes:
-        extra_tables, extra_host = _room_needed(state, trace)
-        work = state.with_capacity(extra_tables, extra_host)
-    else:  # reads never change the image: work on it directly, no copy
-        work = state
-    g = geometry_vector(work, entry_size, writethrough)
-    st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
-    st[ev.S_SLOTS] = work.n_tables
-    cnt = np.zeros(ev.COUNTERS_SIZE, dtype=np.int64)
-    capacity = CHUNK_EVENTS if record else 0
+    """Replay ``trace`` on a copy of ``state`` (the original is never changed) and keep every event. ``record``
+    keeps the events; ``reopen`` leaves the result as a freshly opened image (free cluster index 0), as QEMU's next
+    open sees it."""
+    run = KernelRun(state, entry_size, writethrough, record)
     keys, kinds, flushes = [], [], []
-    events_before = 0
-    i, n = 0, len(trace)
-    offset = trace.offset
-    length = trace.length.astype(np.int64)
-    while i < n:
-        out = (np.empty(capacity, np.int64), np.empty(capacity, np.uint8), np.empty(capacity, np.int64))
-        st[ev.S_EVENTS] = 0
-        st[ev.S_FLUSHES] = 0
-        # arrays one by one, not in tuples: numba unpacking a tuple of arrays costs reference counting per call
-        nxt = ev.run_requests(g, work.table_slot, work.table_host, work.entry_host, work.entry_flags,
-                              work.entry_bitmap, work.host_used, work.refblock_covered, work.alloc_state, *out, st,
-                              cnt, trace.op, offset, length, i, n)
-        if nxt == i:  # one request needs more room than a whole buffer: grow it
-            capacity *= 4
-            continue
-        if record:
-            keys.append(out[0][: st[ev.S_EVENTS]].copy())
-            kinds.append(out[1][: st[ev.S_EVENTS]].copy())
-            flushes.append(out[2][: st[ev.S_FLUSHES]] + events_before)
-            events_before += int(st[ev.S_EVENTS])
-        if progress is not None:
-            progress(nxt - i)
-        i = nxt
-    if work.alloc_state[hostalloc.OVERFLOW]:
-        raise QsimError("internal error: the host cluster map was sized too small (please report this trace)")
-    if reopen and changes:
-        work.alloc_state[hostalloc.FREE_INDEX] = 0
-    image = replace(work, n_tables=int(st[ev.S_SLOTS]))
-    counters = {name: int(cnt[k]) for k, name in enumerate(ev.COUNTER_NAMES)}
-    counters["unmodelled_refcount_growth"] = int(work.alloc_state[hostalloc.UNMODELLED])
-    counters["refcount_blocks_allocated"] = int(work.alloc_state[hostalloc.REFBLOCKS_MADE] -
-                                                state.alloc_state[hostalloc.REFBLOCKS_MADE])
-    n_keys = int(g[ev.G_SLICES_PER_TABLE]) * max(image.n_tables, 1)
+    before = 0
+    for key, kind, flush_at in run.feed(trace, progress):
+        keys.append(key.copy())
+        kinds.append(kind.copy())
+        flushes.append(flush_at + before)
+        before += len(key)
+    image = run.image
+    if reopen and run.work is not None:
+        image.alloc_state[hostalloc.FREE_INDEX] = 0
     stream = EventStream(
         key=np.concatenate(keys) if keys else np.zeros(0, np.int64),
         kind=np.concatenate(kinds) if kinds else np.zeros(0, np.uint8),
         flush_at=np.concatenate(flushes) if flushes else np.zeros(0, np.int64),
-        n_keys=n_keys,
+        n_keys=run.n_keys,
         entry_size=entry_size,
-        counters=counters,
+        counters=run.counters,
     )
     return KernelResult(image, stream)

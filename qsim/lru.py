@@ -5,10 +5,13 @@ pass computes every access's reuse (stack) distance -- the number of distinct sl
 access of the same slice, plus one -- and an access hits in a cache of C entries exactly when its distance is at
 most C. Misses for every size then come from one histogram. Evictions follow (a cache never shrinks, so every miss
 after the first C evicts). Write-backs depend on dirtiness and flushes, so they get one short compiled pass per size.
+For a handful of sizes, simulating each cache directly (O(1) per access) is faster still.
 
-The two passes are the sequential kernels here: ``stack_distances`` (a Fenwick tree over access times, compacted
-whenever it fills, so it stays about twice the number of distinct slices and in cache) and ``writebacks``. The
-tests hold plain-Python reference implementations beside them.
+All kernels carry their state in arrays, so a trace can be fed in chunks (``CacheModel.feed``) with results equal
+to one whole pass: that is how traces larger than memory stream. The sequential kernels are ``_distances_step``
+(a Fenwick tree over access times, compacted whenever it fills, so it stays about four times the number of distinct
+slices and in cache), ``_writebacks_step`` and ``_simulate_step``; the tests hold plain-Python references beside
+them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,11 @@ from numba import njit
 from .events import GET_DIRTY, GET_EMPTY
 
 COLD = np.iinfo(np.int64).max  # distance of a first access: a miss in every cache
+DIRECT_SIMULATION_MAX_SIZES = 3
+# scalar state of the distance kernel
+D_MARKS, D_TIME, D_EVENTS = range(3)
+# scalar state of a direct simulation
+S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN, S_FLUSHES = range(7)
 
 
 @njit(cache=True)
@@ -41,27 +49,21 @@ def _fenwick_prefix(tree, i):
 
 
 @njit(cache=True)
-def stack_distances(keys, n_keys, tree_size=0):
-    """LRU stack distance of every access (COLD for first accesses), and the index of each key's last access.
-
-    ``tree_size`` (tests only) forces a small tree so compaction runs often."""
-    n = keys.shape[0]
-    # About four times the distinct keys: small enough to stay in cache, large enough that compaction is rare.
-    size = tree_size if tree_size > n_keys + 1 else max(4 * n_keys, 1 << 16) + 1
-    tree = np.zeros(size, dtype=np.int32)
-    key_at = np.zeros(size, dtype=np.int64)  # which key a tree position was stamped for
-    mark_of_key = np.zeros(n_keys, dtype=np.int64)  # position of the key's live mark (0: never seen)
-    last_access = np.full(n_keys, -1, dtype=np.int64)
-    dist = np.empty(n, dtype=np.int64)
-    marks = 0  # live marks = distinct keys seen so far
-    t = 0  # last position stamped
-    for i in range(n):
+def _distances_step(keys, tree, key_at, mark_of_key, last_access, scalars, dist):
+    """Stack distances of ``keys`` (written to ``dist``), continuing from the state left by earlier chunks.
+    ``last_access`` holds global event indices; ``scalars``: live marks, last tree position, events so far."""
+    size = tree.shape[0]
+    marks = scalars[D_MARKS]
+    t = scalars[D_TIME]
+    base = scalars[D_EVENTS]
+    n_keys = mark_of_key.shape[0]
+    for i in range(keys.shape[0]):
         k = keys[i]
         if t + 1 >= size:  # compact: renumber live marks 1..marks keeping their order, rebuild the tree
             pos = 0
             for old in range(1, t + 1):
                 key = key_at[old]
-                if mark_of_key[key] == old:
+                if key < n_keys and mark_of_key[key] == old:
                     pos += 1
                     mark_of_key[key] = pos
                     key_at[pos] = key
@@ -83,27 +85,47 @@ def stack_distances(keys, n_keys, tree_size=0):
         _fenwick_add(tree, t, 1)
         mark_of_key[k] = t
         key_at[t] = k
-        last_access[k] = i
-    return dist, last_access
+        last_access[k] = base + i
+    scalars[D_MARKS] = marks
+    scalars[D_TIME] = t
+    scalars[D_EVENTS] = base + keys.shape[0]
+
+
+def stack_distances(keys: np.ndarray, n_keys: int, tree_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Stack distance of every access (COLD for first accesses) and each key's last access, in one pass.
+    ``tree_size`` (tests only) forces a small tree so compaction runs often."""
+    state = _DistanceState(n_keys, tree_size)
+    return state.step(keys), state.last_access
+
+
+class _DistanceState:
+    def __init__(self, n_keys: int, tree_size: int = 0):
+        # About four times the distinct keys: small enough to stay in cache, large enough that compaction is rare.
+        size = tree_size if tree_size > n_keys + 1 else max(4 * n_keys, 1 << 16) + 1
+        self.tree = np.zeros(size, dtype=np.int32)
+        self.key_at = np.full(size, n_keys, dtype=np.int64)
+        self.mark_of_key = np.zeros(n_keys, dtype=np.int64)
+        self.last_access = np.full(n_keys, -1, dtype=np.int64)
+        self.scalars = np.zeros(3, dtype=np.int64)
+
+    def step(self, keys: np.ndarray) -> np.ndarray:
+        dist = np.empty(len(keys), dtype=np.int64)
+        _distances_step(keys, self.tree, self.key_at, self.mark_of_key, self.last_access, self.scalars, dist)
+        return dist
 
 
 @njit(cache=True)
-def writebacks(keys, kinds, dist, flush_count, n_keys, entries, evicted_after_last):
-    """Dirty entries written back, for a cache of ``entries`` entries: (during the trace, still dirty at the end).
+def _writebacks_step(keys, kinds, dist, flush_count, entries, dirty, last_flushes, seen, written):
+    """Dirty entries written back in a cache of ``entries`` entries, continuing earlier chunks' state.
 
-    ``flush_count[i]``: whole-cache flushes before access i. An entry is cleaned between two accesses if a flush
-    falls between them or it was evicted (distance > entries); dirtied by GET_DIRTY and GET_EMPTY accesses.
-    ``evicted_after_last[k]``: the key is evicted after its last access (forward distinct count >= entries).
-    """
-    dirty = np.zeros(n_keys, dtype=np.uint8)
-    last_flushes = np.zeros(n_keys, dtype=np.int64)
-    seen = np.zeros(n_keys, dtype=np.uint8)
-    written = 0
+    ``flush_count[i]``: whole-cache flushes before access i (counted from the start of the trace). An entry is
+    cleaned between two accesses if a flush falls between them or it was evicted (distance > entries); GET_DIRTY
+    and GET_EMPTY accesses dirty it."""
     for i in range(keys.shape[0]):
         k = keys[i]
         if seen[k]:
             if dirty[k] and (dist[i] > entries or flush_count[i] > last_flushes[k]):
-                written += 1
+                written[0] += 1
                 dirty[k] = 0
             elif dist[i] > entries:
                 dirty[k] = 0
@@ -111,45 +133,46 @@ def writebacks(keys, kinds, dist, flush_count, n_keys, entries, evicted_after_la
         last_flushes[k] = flush_count[i]
         if kinds[i] == GET_DIRTY or kinds[i] == GET_EMPTY:
             dirty[k] = 1
-    total_flushes = flush_count[keys.shape[0]] if keys.shape[0] < flush_count.shape[0] else 0
-    left_dirty = 0
-    for k in range(n_keys):
-        if seen[k] and dirty[k]:
-            if evicted_after_last[k] or total_flushes > last_flushes[k]:
-                written += 1
-            else:
-                left_dirty += 1
-    return written, left_dirty
 
 
 @njit(cache=True)
-def simulate(keys, kinds, flush_count, n_keys, entries):
-    """One LRU cache of ``entries`` entries, simulated directly (keys are dense ints: the LRU list is two arrays).
-    Returns (hits, disk reads, write-backs during the trace, dirty entries left at the end). O(1) per access: the
-    fastest way for a handful of sizes; stack distances win for many."""
-    prev = np.full(n_keys, -1, dtype=np.int64)
-    nxt = np.full(n_keys, -1, dtype=np.int64)
-    resident = np.zeros(n_keys, dtype=np.uint8)
-    dirty = np.zeros(n_keys, dtype=np.uint8)
-    head = -1  # most recently used
-    tail = -1  # least recently used
-    size = 0
-    hits = 0
-    reads = 0
+def _writebacks_finish(entries, dirty, last_flushes, seen, forward_distinct, total_flushes):
+    """(write-backs after each key's last access, entries still dirty at the end of the trace)."""
     written = 0
-    flushes_seen = 0
+    left = 0
+    for k in range(dirty.shape[0]):
+        if seen[k] and dirty[k]:
+            if forward_distinct[k] >= entries or total_flushes > last_flushes[k]:
+                written += 1
+            else:
+                left += 1
+    return written, left
+
+
+@njit(cache=True)
+def _flush_all(nxt, dirty, head):
+    written = 0
+    k = head
+    while k >= 0:
+        if dirty[k]:
+            written += 1
+            dirty[k] = 0
+        k = nxt[k]
+    return written
+
+
+@njit(cache=True)
+def _simulate_step(keys, kinds, flush_count, entries, prev, nxt, resident, dirty, s):
+    """One LRU cache of ``entries`` entries, simulated directly (keys are dense ints: the LRU list is two arrays),
+    continuing from state ``s`` (head, tail, size, hits, disk reads, write-backs, flushes seen)."""
+    head, tail, size = s[S_HEAD], s[S_TAIL], s[S_SIZE]
     for i in range(keys.shape[0]):
-        if flush_count[i] > flushes_seen:  # a whole-cache flush writes every dirty resident entry
-            flushes_seen = flush_count[i]
-            k = head
-            while k >= 0:
-                if dirty[k]:
-                    written += 1
-                    dirty[k] = 0
-                k = nxt[k]
+        if flush_count[i] > s[S_FLUSHES]:  # a whole-cache flush writes every dirty resident entry
+            s[S_FLUSHES] = flush_count[i]
+            s[S_WRITTEN] += _flush_all(nxt, dirty, head)
         k = keys[i]
         if resident[k]:
-            hits += 1
+            s[S_HITS] += 1
             if k != head:  # unlink, then push to the front
                 p = prev[k]
                 q = nxt[k]
@@ -164,8 +187,8 @@ def simulate(keys, kinds, flush_count, n_keys, entries):
                 head = k
         else:
             if kinds[i] != GET_EMPTY:
-                reads += 1
-            if size >= entries:  # evict the tail
+                s[S_READS] += 1
+            if size >= entries:  # evict the least recently used
                 victim = tail
                 tail = prev[victim]
                 if tail >= 0:
@@ -174,7 +197,7 @@ def simulate(keys, kinds, flush_count, n_keys, entries):
                     head = -1
                 resident[victim] = 0
                 if dirty[victim]:
-                    written += 1
+                    s[S_WRITTEN] += 1
                     dirty[victim] = 0
                 size -= 1
             resident[k] = 1
@@ -188,47 +211,15 @@ def simulate(keys, kinds, flush_count, n_keys, entries):
                 tail = k
         if kinds[i] == GET_DIRTY or kinds[i] == GET_EMPTY:
             dirty[k] = 1
-    if flush_count[keys.shape[0]] > flushes_seen:
-        k = head
-        while k >= 0:
-            if dirty[k]:
-                written += 1
-                dirty[k] = 0
-            k = nxt[k]
-    left = 0
-    for k in range(n_keys):
-        left += dirty[k]
-    return hits, reads, written, left
+    s[S_HEAD], s[S_TAIL], s[S_SIZE] = head, tail, size
 
 
-@dataclass(frozen=True, eq=False)
-class Distances:
-    """Everything stage 2 needs from one event stream, computed once for all cache sizes."""
-
-    dist: np.ndarray
-    miss_hist: np.ndarray  # accesses by distance, clipped: index n_keys+1 = cold
-    read_hist: np.ndarray  # the same for accesses that read the disk on a miss (not get_empty)
-    forward_distinct: np.ndarray  # per key: distinct keys accessed after its last access (-1: never accessed)
-    flush_count: np.ndarray  # per access (and one past the end): flushes before it
-    has_dirty: bool
-
-
-def analyse(key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray, n_keys: int) -> Distances:
-    dist, last_access = stack_distances(key, n_keys)
-    cap = n_keys + 1
-    clipped = np.minimum(dist, cap)
-    miss_hist = np.bincount(clipped, minlength=cap + 1)
-    read_hist = np.bincount(clipped[kind != GET_EMPTY], minlength=cap + 1)
-    forward = np.full(n_keys, -1, dtype=np.int64)
-    seen = last_access >= 0
-    lasts = last_access[seen]
-    order = np.argsort(lasts)
-    rank = np.empty(len(lasts), dtype=np.int64)
-    rank[order] = np.arange(len(lasts))
-    forward[seen] = len(lasts) - 1 - rank
-    flush_count = np.searchsorted(flush_at, np.arange(len(key) + 1), side="right")
-    has_dirty = bool(((kind == GET_DIRTY) | (kind == GET_EMPTY)).any())
-    return Distances(dist, miss_hist, read_hist, forward, flush_count, has_dirty)
+def simulate(keys, kinds, flush_count, n_keys, entries):
+    """A whole stream through one cache: (hits, disk reads, write-backs during the trace, dirty left at the end)."""
+    model = CacheModel(n_keys, [entries], direct=True)
+    model.feed(keys, kinds, np.zeros(0, np.int64), flush_count)
+    c = model.finish()[0]
+    return c.hits, c.disk_reads, c.writebacks, c.writebacks_at_close
 
 
 @dataclass(frozen=True)
@@ -243,36 +234,86 @@ class CacheCounts:
     writebacks_at_close: int
 
 
-def counts_for(d: Distances, key: np.ndarray, kind: np.ndarray, n_keys: int, entries: int) -> CacheCounts:
-    """Counters of a cache of ``entries`` entries (at least 1)."""
-    lookups = int(d.miss_hist.sum())
-    hits = int(d.miss_hist[1: min(entries, n_keys) + 1].sum())
-    reads_hit = int(d.read_hist[1: min(entries, n_keys) + 1].sum())
-    misses = lookups - hits
-    disk_reads = int(d.read_hist.sum()) - reads_hit
-    if d.has_dirty:
-        evicted_after = (d.forward_distinct >= entries).astype(np.uint8)
-        written, left = writebacks(key, kind, d.dist, d.flush_count, n_keys, entries, evicted_after)
-    else:
-        written, left = 0, 0
-    return CacheCounts(entries, lookups, hits, misses, disk_reads, max(misses - entries, 0), int(written), int(left))
+class CacheModel:
+    """Caches of several sizes (entry counts) fed one event stream, in one or many chunks.
 
+    ``direct`` simulates each size (best for a few sizes); otherwise one stack-distance pass serves all sizes and
+    write-backs get a pass per size only once dirty entries exist."""
 
-DIRECT_SIMULATION_MAX_SIZES = 3
+    def __init__(self, n_keys: int, entries: list[int], direct: bool | None = None):
+        self.n_keys = max(n_keys, 1)
+        self.entries = list(entries)
+        self.direct = len(set(entries)) <= DIRECT_SIMULATION_MAX_SIZES if direct is None else direct
+        self.lookups = 0
+        self.flushes = 0
+        if self.direct:
+            self.sims = [(np.full(self.n_keys, -1, np.int64), np.full(self.n_keys, -1, np.int64),
+                          np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.uint8),
+                          np.array([-1, -1, 0, 0, 0, 0, 0], np.int64)) for _ in self.entries]
+        else:
+            self.distances = _DistanceState(self.n_keys)
+            self.hist = np.zeros(self.n_keys + 2, np.int64)  # by distance, clipped: n_keys + 1 = cold
+            self.read_hist = np.zeros(self.n_keys + 2, np.int64)
+            self.dirty_state = None  # per size: dirty, last_flushes, seen, written -- created at the first dirt
+
+    def feed(self, key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray, flush_count: np.ndarray | None = None):
+        """Add a chunk of events; ``flush_at`` are this chunk's flush positions (a flush before event j)."""
+        if flush_count is None:
+            flush_count = self.flushes + np.searchsorted(flush_at, np.arange(len(key) + 1), side="right")
+        self.lookups += len(key)
+        if self.direct:
+            for e, (prev, nxt, resident, dirty, s) in zip(self.entries, self.sims):
+                _simulate_step(key, kind, flush_count, e, prev, nxt, resident, dirty, s)
+        else:
+            dist = self.distances.step(key)
+            clipped = np.minimum(dist, self.n_keys + 1)
+            self.hist += np.bincount(clipped, minlength=self.n_keys + 2)
+            self.read_hist += np.bincount(clipped[kind != GET_EMPTY], minlength=self.n_keys + 2)
+            if self.dirty_state is None and ((kind == GET_DIRTY) | (kind == GET_EMPTY)).any():
+                # Nothing was dirty before this chunk, so no earlier access owes a write-back: start from zeros.
+                self.dirty_state = [(np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.int64),
+                                     np.zeros(self.n_keys, np.uint8), np.zeros(1, np.int64)) for _ in self.entries]
+            if self.dirty_state is not None:
+                for e, (dirty, last_flushes, seen, written) in zip(self.entries, self.dirty_state):
+                    _writebacks_step(key, kind, dist, flush_count, e, dirty, last_flushes, seen, written)
+        self.flushes = int(flush_count[-1])
+
+    def finish(self) -> list[CacheCounts]:
+        out = []
+        if self.direct:
+            for e, (_, nxt, _, dirty, s) in zip(self.entries, self.sims):
+                written = int(s[S_WRITTEN])
+                if self.flushes > s[S_FLUSHES]:
+                    written += _flush_all(nxt, dirty, s[S_HEAD])
+                hits = int(s[S_HITS])
+                misses = self.lookups - hits
+                out.append(CacheCounts(e, self.lookups, hits, misses, int(s[S_READS]), max(misses - e, 0), written,
+                                       int(dirty.sum())))
+            return out
+        last = self.distances.last_access
+        seen = last >= 0
+        order = np.argsort(last[seen])
+        rank = np.empty(int(seen.sum()), np.int64)
+        rank[order] = np.arange(len(rank))
+        forward = np.full(self.n_keys, -1, np.int64)
+        forward[seen] = len(rank) - 1 - rank
+        for k, e in enumerate(self.entries):
+            hits = int(self.hist[1: min(e, self.n_keys) + 1].sum())
+            reads_hit = int(self.read_hist[1: min(e, self.n_keys) + 1].sum())
+            misses = self.lookups - hits
+            written = left = 0
+            if self.dirty_state is not None:
+                dirty, last_flushes, seen_k, w = self.dirty_state[k]
+                tail, left = _writebacks_finish(e, dirty, last_flushes, seen_k, forward, self.flushes)
+                written = int(w[0]) + int(tail)
+            out.append(CacheCounts(e, self.lookups, hits, misses, int(self.read_hist.sum()) - reads_hit,
+                                   max(misses - e, 0), written, int(left)))
+        return out
 
 
 def counts_for_sizes(key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray, n_keys: int,
-                     entries: list[int]) -> list[CacheCounts]:
-    """Counters for each cache size: direct simulation for a few sizes, one stack-distance pass for many."""
-    lookups = len(key)
-    if len(set(entries)) <= DIRECT_SIMULATION_MAX_SIZES:
-        flush_count = np.searchsorted(flush_at, np.arange(len(key) + 1), side="right")
-        out = []
-        for e in entries:
-            hits, reads, written, left = simulate(key, kind, flush_count, n_keys, e)
-            misses = lookups - hits
-            out.append(CacheCounts(e, lookups, int(hits), misses, int(reads), max(misses - e, 0), int(written),
-                                   int(left)))
-        return out
-    d = analyse(key, kind, flush_at, n_keys)
-    return [counts_for(d, key, kind, n_keys, e) for e in entries]
+                     entries: list[int], direct: bool | None = None) -> list[CacheCounts]:
+    """Counters for each cache size from one whole event stream."""
+    model = CacheModel(n_keys, entries, direct)
+    model.feed(key, kind, flush_at)
+    return model.finish()

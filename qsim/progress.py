@@ -12,7 +12,7 @@ class _Silent:
 
 
 @contextmanager
-def progress_bar(total: int, unit: str = "it", desc: str = "", enabled: bool = True):
+def progress_bar(total: int | None, unit: str = "it", desc: str = "", enabled: bool = True):
     """A context manager yielding an object with ``update(n)``."""
     if not enabled or not sys.stderr.isatty():
         yield _Silent()

@@ -8,17 +8,18 @@ size at once. Cache configurations follow QEMU's rules (``qsim.cachecfg``).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from .cachecfg import DEFAULT_QEMU_VERSION, CacheConfig, CacheSettings, resolve_cache
-from .engine import run_kernel
+from .engine import KernelRun
 from .errors import QsimError, UsageError
 from .geometry import ImageGeometry, measure
 from .image import ImageState, build_image
 from .imageopts import ImageOptions
-from .lru import counts_for_sizes
+from .lru import CacheModel
 from .trace import Trace, apply_offset_policy
 from .units import parse_size
 
@@ -95,40 +96,66 @@ def replay(
 ) -> ReplayResult:
     """Replay ``trace`` against ``image`` (or a synthetic image built from ``options``) for each L2 cache size.
 
-    ``l2_cache_sizes``: list of bytes (None = QEMU's default) or a spec string for parse_cache_sizes.
+    ``l2_cache_sizes``: list of bytes (None = QEMU's default) or a spec string for parse_cache_sizes. Without
+    ``virtual_size`` the disk is the trace's largest end offset rounded up to a whole GiB.
     """
+    if image is None and virtual_size is None:
+        virtual_size = default_virtual_size(trace)
+    return replay_chunks([trace], virtual_size, options, image, l2_cache_sizes, l2_cache_entry_size, cache_mode,
+                         offset_policy, qemu_version, progress)
+
+
+def replay_chunks(
+    chunks: Iterable[Trace],
+    virtual_size: int | None = None,
+    options: ImageOptions = ImageOptions(),
+    image: ImageState | None = None,
+    l2_cache_sizes: list[int | None] | str | None = None,
+    l2_cache_entry_size: int | None = None,
+    cache_mode: str = "writeback",
+    offset_policy: str = "error",
+    qemu_version: str = DEFAULT_QEMU_VERSION,
+    progress=None,
+) -> ReplayResult:
+    """``replay`` for a trace that arrives in chunks (a file larger than memory): allocation state and every cache
+    carry across chunks, so the rows equal those of one whole-trace replay. Memory stays bounded by the chunk size,
+    the image state and the caches (one small array per L2 slice of the disk)."""
     if cache_mode not in CACHE_MODES:
         raise UsageError(f"--cache-mode {cache_mode!r}: expected writeback or writethrough")
     if isinstance(l2_cache_sizes, str) or l2_cache_sizes is None:
         l2_cache_sizes = parse_cache_sizes(l2_cache_sizes)
     if image is None:
-        size = virtual_size if virtual_size is not None else default_virtual_size(trace)
-        geometry = ImageGeometry(size, options.cluster_size, options.extended_l2, options.refcount_bits)
+        if virtual_size is None:
+            raise UsageError("give the virtual size (--size) when the trace streams from a file")
+        geometry = ImageGeometry(virtual_size, options.cluster_size, options.extended_l2, options.refcount_bits)
         image = build_image(geometry, options)
     geometry = image.geometry
-    trace = apply_offset_policy(trace, geometry.virtual_size, offset_policy)
     configs = [resolve_cache(geometry, CacheSettings(l2_cache_size=s, l2_cache_entry_size=l2_cache_entry_size),
                              qemu_version) for s in l2_cache_sizes]
-    rows: list[dict | None] = [None] * len(configs)
-    image_after = image
+    groups = []
     for entry_size in sorted({c.l2_cache_entry_size for c in configs}):
-        result = run_kernel(image, trace, entry_size, cache_mode == "writethrough", progress=progress)
-        image_after = result.image
-        stream = result.events
-        chosen = [k for k, config in enumerate(configs) if config.l2_cache_entry_size == entry_size]
-        all_counts = counts_for_sizes(stream.key, stream.kind, stream.flush_at, stream.n_keys,
-                                      [configs[k].l2_cache_entries for k in chosen])
-        for k, counts in zip(chosen, all_counts):
-            rows[k] = _row(trace, image, image_after, configs[k], stream.counters, counts, cache_mode,
-                           l2_cache_sizes[k])
-    return ReplayResult([r for r in rows if r is not None], image_after)
+        chosen = [k for k, c in enumerate(configs) if c.l2_cache_entry_size == entry_size]
+        run = KernelRun(image, entry_size, cache_mode == "writethrough")
+        groups.append((run, CacheModel(run.n_keys, [configs[k].l2_cache_entries for k in chosen]), chosen))
+    source = "<memory>"
+    for chunk in chunks:
+        source = chunk.source
+        chunk = apply_offset_policy(chunk, geometry.virtual_size, offset_policy)
+        for g, (run, model, _) in enumerate(groups):
+            for key, kind, flush_at in run.feed(chunk, progress if g == 0 else None):
+                model.feed(key, kind, flush_at)
+    rows: list[dict | None] = [None] * len(configs)
+    for run, model, chosen in groups:
+        for k, counts in zip(chosen, model.finish()):
+            rows[k] = _row(source, image, run.image, configs[k], run.counters, counts, cache_mode, l2_cache_sizes[k])
+    return ReplayResult([r for r in rows if r is not None], groups[-1][0].image)
 
 
-def _row(trace, image, image_after, config: CacheConfig, counters, counts, cache_mode, asked) -> dict:
+def _row(source, image, image_after, config: CacheConfig, counters, counts, cache_mode, asked) -> dict:
     g = image.geometry
     entry = config.l2_cache_entry_size
     return {
-        "trace": trace.source,
+        "trace": source,
         "virtual_size": g.virtual_size,
         "cluster_size": g.cluster_size,
         "extended_l2": g.extended_l2,
@@ -166,4 +193,4 @@ def _row(trace, image, image_after, config: CacheConfig, counters, counts, cache
     }
 
 
-__all__ = ["replay", "parse_cache_sizes", "default_virtual_size", "ReplayResult", "QsimError"]
+__all__ = ["replay", "replay_chunks", "parse_cache_sizes", "default_virtual_size", "ReplayResult", "QsimError"]

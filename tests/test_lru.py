@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qsim.events import GET, GET_DIRTY, GET_EMPTY
-from qsim.lru import analyse, counts_for, counts_for_sizes, simulate, stack_distances
+from qsim.lru import CacheModel, counts_for_sizes, simulate, stack_distances
 
 
 def reference_lru(keys, kinds, flush_at, entries):
@@ -61,13 +61,13 @@ def test_all_sizes_at_once_equal_one_simulation_per_size(seed):
     rng = np.random.default_rng(seed)
     n_keys = int(rng.integers(1, 60))
     keys, kinds, flush_at = random_stream(rng, int(rng.integers(1, 2500)), n_keys)
-    d = analyse(keys, kinds, flush_at, n_keys)
-    for entries in (1, 2, 3, 4, 7, 16, 59, 100):
-        ours = counts_for(d, keys, kinds, n_keys, entries)
-        ref = reference_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), entries)
-        assert (ours.lookups, ours.hits, ours.misses, ours.disk_reads, ours.evictions, ours.writebacks,
-                ours.writebacks_at_close) == (ref["lookups"], ref["hits"], ref["misses"], ref["disk_reads"],
-                                              ref["evictions"], ref["writebacks"], ref["writebacks_at_close"]), entries
+    sizes = [1, 2, 3, 4, 7, 16, 59, 100]
+    for direct in (False, True):
+        for entries, ours in zip(sizes, counts_for_sizes(keys, kinds, flush_at, n_keys, sizes, direct)):
+            ref = reference_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), entries)
+            assert (ours.lookups, ours.hits, ours.misses, ours.disk_reads, ours.evictions, ours.writebacks,
+                    ours.writebacks_at_close) == (ref["lookups"], ref["hits"], ref["misses"], ref["disk_reads"],
+                                                  ref["evictions"], ref["writebacks"], ref["writebacks_at_close"])
 
 
 @settings(max_examples=60, deadline=None)
@@ -99,7 +99,26 @@ def test_direct_simulation_equals_the_reference(seed):
     assert few == many[:2]
 
 
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_feeding_chunks_equals_one_pass(seed, direct):
+    """Streaming: any split of the stream into chunks gives the same counters."""
+    rng = np.random.default_rng(200 + seed)
+    n_keys = int(rng.integers(1, 40))
+    keys, kinds, flush_at = random_stream(rng, int(rng.integers(50, 3000)), n_keys)
+    kinds[: len(kinds) // 3] = GET  # dirt appears only in a later chunk
+    sizes = [1, 3, 8, 50]
+    whole = counts_for_sizes(keys, kinds, flush_at, n_keys, sizes, direct)
+    model = CacheModel(n_keys, sizes, direct)
+    cuts = np.sort(rng.choice(np.arange(1, len(keys)), size=min(5, len(keys) - 1), replace=False))
+    for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(keys)]):
+        local = flush_at[(flush_at >= a) & (flush_at < b)] - a
+        if b == len(keys):
+            local = flush_at[flush_at >= a] - a
+        model.feed(keys[a:b], kinds[a:b], local)
+    assert model.finish() == whole
+
+
 def test_empty_stream():
-    d = analyse(np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64), 1)
-    c = counts_for(d, np.zeros(0, np.int64), np.zeros(0, np.uint8), 1, 2)
+    c = counts_for_sizes(np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64), 1, [2])[0]
     assert (c.lookups, c.misses, c.writebacks) == (0, 0, 0)

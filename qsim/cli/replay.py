@@ -12,7 +12,7 @@ from ..replay import CACHE_MODES, replay
 from ..tables import human_table, save_frame
 from ..trace import OFFSET_POLICIES
 from .common import RawDefaultsHelp, add_image_options, print_json, size_arg
-from .trace import add_reader_options, load_trace
+from .trace import add_reader_options
 
 EXAMPLES = """examples:
   qsim replay traces/fio-randread-4k.iolog.gz -o preallocation=metadata --l2-cache-size 64k,256k,1M,default
@@ -86,14 +86,32 @@ def load_image_state(args: argparse.Namespace, options_text: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..replay import replay_chunks
+    from ..traceio import iter_trace
+
     options = parse_image_options(args.image_options)
     image = load_image_state(args, args.image_options)
-    trace = load_trace(args)
-    if len(trace) == 0:
-        raise UsageError(f"{args.trace}: the trace has no requests")
-    with progress_bar(total=len(trace), unit="req", desc="replay") as bar:
-        result = replay(trace, args.size, options, image=image, l2_cache_sizes=args.l2_cache_size,
-                        l2_cache_entry_size=args.l2_cache_entry_size, cache_mode=args.cache_mode,
-                        offset_policy=args.offset_policy, qemu_version=args.qemu_version, progress=bar.update)
+    size = args.size
+    if image is None and size is None:  # one streaming pass for the largest end offset, then the replay
+        from ..replay import GIB
+
+        ends = [c.max_end_offset for c in iter_trace(args.trace, args.format, args.file, args.action)]
+        size = max(-(-max(ends, default=0) // GIB), 1) * GIB
+    chunks = iter_trace(args.trace, args.format, args.file, args.action)
+    with progress_bar(total=None, unit="req", desc="replay") as bar:
+        result = replay_chunks(_non_empty(chunks, args.trace), size, options, image=image,
+                               l2_cache_sizes=args.l2_cache_size, l2_cache_entry_size=args.l2_cache_entry_size,
+                               cache_mode=args.cache_mode, offset_policy=args.offset_policy,
+                               qemu_version=args.qemu_version, progress=bar.update)
     emit_frame(result.to_frame(), args)
     return 0
+
+
+def _non_empty(chunks, path: str):
+    """Pass the chunks through; a trace with no request at all is a usage error, said once it is known."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        yield chunk
+    if total == 0:
+        raise UsageError(f"{path}: the trace has no requests")

@@ -6,7 +6,7 @@ from ..errors import QsimError
 from ..trace import Trace
 from .blkparse import looks_like_blkparse, read_blkparse
 from .csvfmt import read_csv_trace, write_csv_trace
-from .iolog import HEADERS, read_iolog, write_iolog
+from .iolog import HEADERS, iter_iolog, read_iolog, write_iolog
 from .npz import read_npz_trace, write_npz_trace
 from .textfile import check_readable, head_lines
 
@@ -49,6 +49,19 @@ def read_trace(path: str, format: str | None = None, file: str | None = None, ac
     raise QsimError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}", 2)
 
 
+def iter_trace(path: str, format: str | None = None, file: str | None = None, action: str = "Q",
+               chunk_requests: int = 1 << 21):
+    """The trace in chunks of Trace: fio iologs stream from disk (bounded memory whatever the file's size); other
+    formats are read whole and handed out in slices."""
+    fmt = format or detect_format(path)
+    if fmt == "iolog":
+        yield from iter_iolog(path, file, chunk_requests)
+        return
+    whole = read_trace(path, fmt, file, action)
+    for start in range(0, max(len(whole), 1), chunk_requests):
+        yield whole.select(slice(start, start + chunk_requests))
+
+
 def format_for_output(path: str) -> str:
     """The format a file name asks for: .iolog[.gz] -> iolog v3, .csv -> CSV, .npz -> binary."""
     name = path.lower()
@@ -73,4 +86,4 @@ def write_trace(trace: Trace, path: str, fio_file: str = "/dev/vda") -> None:
         raise QsimError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
-__all__ = ["FORMATS", "detect_format", "read_trace", "write_trace", "format_for_output", "Trace"]
+__all__ = ["FORMATS", "detect_format", "iter_trace", "read_trace", "write_trace", "format_for_output", "Trace"]

@@ -33,6 +33,29 @@ def iolog_version(path: str) -> int | None:
 
 def read_iolog(path: str, file: str | None = None) -> Trace:
     """Requests of one file of a fio iolog. ``file`` picks one when the log names several (required then)."""
+    chunks: list[_Chunk] = []
+    files: set[str] = set()
+    for chunk in _chunks(path):
+        chunks.append(chunk)
+        files |= chunk.files
+    return _pick_file(path, chunks, files, file)
+
+
+def iter_iolog(path: str, file: str | None = None, chunk_lines: int = CHUNK_LINES):
+    """The log's requests in chunks of about ``chunk_lines`` lines, never holding the whole text or trace: for traces
+    larger than memory. A second file showing up without ``file`` is an error at that point."""
+    seen: set[str] = set()
+    for chunk in _chunks(path, chunk_lines):
+        seen |= chunk.files
+        if file is None and len(seen) > 1:
+            raise QsimError(f"{path}: the log names several files ({', '.join(sorted(seen))}); choose one with --file")
+        if file is None or file in chunk.files:
+            yield _pick_file(path, [chunk], chunk.files, file)
+    if file is not None and file not in seen:
+        raise QsimError(f"{path}: --file {file!r} is not in the log (it names: {', '.join(sorted(seen)) or 'none'})")
+
+
+def _chunks(path: str, chunk_lines: int = CHUNK_LINES):
     version = iolog_version(path)
     if version is None:
         raise QsimError(f"{path}: line 1: expected 'fio version 2 iolog' or 'fio version 3 iolog'")
@@ -40,21 +63,17 @@ def read_iolog(path: str, file: str | None = None) -> Trace:
     dtypes = {"file": "category", "action": "category", "offset": "float64", "length": "float64"}
     if version == 3:
         dtypes["time"] = "float64"
-    parts: list[_Chunk] = []
-    files: set[str] = set()
     first_line = 2
     try:
         with open_binary(path) as stream:
             reader = pd.read_csv(stream, sep=" ", header=None, skiprows=1, names=names, dtype=dtypes, engine="c",
-                                 chunksize=CHUNK_LINES, skip_blank_lines=False, na_filter=True)
-            for chunk in reader:
-                part, chunk_files = _convert_chunk(chunk, path, first_line, version)
-                files |= chunk_files
-                parts.append(part)
-                first_line += len(chunk)
+                                 chunksize=chunk_lines, skip_blank_lines=False, na_filter=True)
+            for frame in reader:
+                chunk, _ = _convert_chunk(frame, path, first_line, version)
+                first_line += len(frame)
+                yield chunk
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
         _explain_bad_line(path, version, exc)
-    return _pick_file(path, parts, files, file)
 
 
 def _convert_chunk(chunk: pd.DataFrame, path: str, first_line: int, version: int) -> tuple[_Chunk, set[str]]:

@@ -23,9 +23,13 @@ IMAGE_KEYS = "cluster_size=64k, extended_l2=on|off, refcount_bits=16, preallocat
              "seed=0, backing=on|off"
 
 
-def add_replay_options(p: argparse.ArgumentParser, geometry_in_options: bool = True) -> None:
+def add_replay_options(p: argparse.ArgumentParser, geometry_in_options: bool = True, many: bool = False) -> None:
     """Options replay and sweep share: the trace, the disk, the cache, the output."""
-    p.add_argument("trace", metavar="TRACE", help="fio iolog (v2/v3), blkparse text, CSV or .npz; gzip is fine")
+    if many:
+        p.add_argument("trace", metavar="TRACE", nargs="+", help="trace files, globs ('corpus/*.iolog.gz'), "
+                       "directories or @list files; fio iolog (v2/v3), blkparse text, CSV or .npz; gzip is fine")
+    else:
+        p.add_argument("trace", metavar="TRACE", help="fio iolog (v2/v3), blkparse text, CSV or .npz; gzip is fine")
     add_reader_options(p)
     p.add_argument("--size", type=size_arg("--size"),
                    help="virtual disk size (default: the trace's largest end offset rounded up to a whole GiB)")
@@ -43,7 +47,8 @@ def add_replay_options(p: argparse.ArgumentParser, geometry_in_options: bool = T
                    help="requests ending beyond --size: error (default), skip or wrap")
     p.add_argument("--qemu-version", default="7.2", metavar="X.Y", help="cache defaults of that QEMU (default 7.2)")
     p.add_argument("--output", choices=("human", "json", "csv"), default="human", help="printed format")
-    p.add_argument("--save", metavar="FILE", help="also write the table: .csv, .json or .parquet")
+    p.add_argument("--save", metavar="FILE", help="also write the table: .csv, .json or .parquet" +
+                   ("; a folder (ending in /) for a fleet sweep's Parquet result set" if many else ""))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

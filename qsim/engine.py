@@ -8,6 +8,7 @@ follow long runs; the kernel carries allocation state across chunks, so the resu
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -42,7 +43,8 @@ class KernelResult:
     events: EventStream
 
 
-def geometry_vector(state: ImageState, entry_size: int, writethrough: bool) -> np.ndarray:
+def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
+                    backing: ImageState | None = None) -> np.ndarray:
     g = state.geometry
     if entry_size % g.l2_entry_bytes or entry_size > g.cluster_size:
         raise QsimError(f"l2-cache-entry-size={entry_size} does not fit cluster_size={g.cluster_size}")
@@ -58,7 +60,25 @@ def geometry_vector(state: ImageState, entry_size: int, writethrough: bool) -> n
     vec[ev.G_L1_SIZE] = g.l1_entries
     vec[ev.G_BACKING] = int(state.backing)
     vec[ev.G_WRITETHROUGH] = int(writethrough)
+    vec[ev.G_BACKING_MODEL] = int(backing is not None)
+    vec[ev.G_BACKING_SIZE] = backing.geometry.virtual_size if backing is not None else 0
     return vec
+
+
+class EventChunk(NamedTuple):
+    """A piece of stage 1's output: L2 cache events (flush positions local to the chunk) and what was asked of the
+    backing image (offsets, lengths, events.BACKING_READ / BACKING_STATUS), when one is modelled."""
+
+    key: np.ndarray
+    kind: np.ndarray
+    flush_at: np.ndarray
+    backing_offset: np.ndarray
+    backing_length: np.ndarray
+    backing_kind: np.ndarray
+
+    def backing_trace(self) -> Trace:
+        op = np.where(self.backing_kind == ev.BACKING_READ, ev.OP_READ, ev.OP_STATUS).astype(np.uint8)
+        return Trace(op, self.backing_offset, self.backing_length.astype(np.uint32), None, "<backing requests>")
 
 
 def _room_needed(state: ImageState, trace: Trace) -> tuple[int, int]:
@@ -89,10 +109,20 @@ class KernelRun:
     changes the result. The given image is never modified: the first chunk with writes works on a copy, grown as
     later chunks need room."""
 
-    def __init__(self, state: ImageState, entry_size: int, writethrough: bool = False, record: bool = True):
+    def __init__(self, state: ImageState, entry_size: int, writethrough: bool = False, record: bool = True,
+                 backing: ImageState | None = None):
         self.original = state
         self.work: ImageState | None = None
-        self.g = geometry_vector(state, entry_size, writethrough)
+        self.backing = backing
+        self.g = geometry_vector(state, entry_size, writethrough, backing)
+        if backing is not None:  # the backing image's allocation answers block-status queries
+            self.bg = geometry_vector(backing, backing.geometry.cluster_size, False)
+            self.b_arrays = (backing.table_slot, backing.table_host, backing.entry_host, backing.entry_flags,
+                             backing.entry_bitmap)
+        else:
+            self.bg = np.zeros(ev.GEOMETRY_SIZE, np.int64)
+            self.b_arrays = (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((1, 1), np.int64),
+                             np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint64))
         self.entry_size = entry_size
         self.record = record
         self.st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
@@ -131,12 +161,15 @@ class KernelRun:
         while i < n:
             out = (np.empty(self.capacity, np.int64), np.empty(self.capacity, np.uint8),
                    np.empty(self.capacity, np.int64))
+            queue_size = self.capacity if self.backing is not None else 0
+            queue = (np.empty(queue_size, np.int64), np.empty(queue_size, np.int64), np.empty(queue_size, np.uint8))
             self.st[ev.S_EVENTS] = 0
             self.st[ev.S_FLUSHES] = 0
+            self.st[ev.S_BACKING] = 0
             # arrays one by one, not in tuples: numba unpacking a tuple of arrays costs reference counting per call
             nxt = ev.run_requests(self.g, work.table_slot, work.table_host, work.entry_host, work.entry_flags,
                                   work.entry_bitmap, work.host_used, work.refblock_covered, work.alloc_state, *out,
-                                  self.st, self.cnt, trace.op, offset, length, i, n)
+                                  self.st, self.bg, *self.b_arrays, *queue, self.cnt, trace.op, offset, length, i, n)
             if nxt == i:  # one request needs more room than a whole buffer: grow it
                 self.capacity *= 4
                 continue
@@ -146,8 +179,9 @@ class KernelRun:
                 progress(nxt - i)
             i = nxt
             if self.record:
-                yield (out[0][: self.st[ev.S_EVENTS]], out[1][: self.st[ev.S_EVENTS]],
-                       out[2][: self.st[ev.S_FLUSHES]])
+                events, flushes, asked = self.st[ev.S_EVENTS], self.st[ev.S_FLUSHES], self.st[ev.S_BACKING]
+                yield EventChunk(out[0][:events], out[1][:events], out[2][:flushes], queue[0][:asked],
+                                 queue[1][:asked], queue[2][:asked])
 
     @property
     def counters(self) -> dict[str, int]:
@@ -167,7 +201,7 @@ def run_kernel(state: ImageState, trace: Trace, entry_size: int, writethrough: b
     run = KernelRun(state, entry_size, writethrough, record)
     keys, kinds, flushes = [], [], []
     before = 0
-    for key, kind, flush_at in run.feed(trace, progress):
+    for key, kind, flush_at, *_ in run.feed(trace, progress):
         keys.append(key.copy())
         kinds.append(kind.copy())
         flushes.append(flush_at + before)

@@ -21,8 +21,10 @@ from .hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_c
 
 # Event kinds
 GET, GET_DIRTY, GET_EMPTY = 0, 1, 2  # a lookup; a lookup whose slice is then dirtied; a new slice (dirty, no read)
+# What the image asks of its backing image (when one is modelled): a read, or a block-status query
+BACKING_READ, BACKING_STATUS = 0, 1
 # Request ops handled by the kernel (qsim.trace ops plus one internal)
-OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH, OP_PREALLOC = 0, 1, 2, 3, 4
+OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH, OP_PREALLOC, OP_STATUS = 0, 1, 2, 3, 4, 5
 # L2 entry flags
 F_ZERO, F_COMPRESSED, F_COPIED = 1, 2, 4
 # Subcluster types (QCow2SubclusterType)
@@ -30,11 +32,11 @@ NORMAL, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, COMPRESSED = range
 
 # geometry/options vector (int64) indices
 (G_CLUSTER_BITS, G_TABLE_BITS, G_SLICE_BITS, G_SC_BITS, G_EXTENDED, G_SPC, G_SLICES_PER_TABLE, G_L1_SIZE,
- G_BACKING, G_WRITETHROUGH, G_EMIT) = range(11)
-GEOMETRY_SIZE = 11
+ G_BACKING, G_WRITETHROUGH, G_EMIT, G_BACKING_MODEL, G_BACKING_SIZE) = range(13)
+GEOMETRY_SIZE = 13
 # run state (int64) indices
-S_EVENTS, S_FLUSHES, S_SLOTS, S_STOP = range(4)
-STATE_SIZE = 4
+S_EVENTS, S_FLUSHES, S_SLOTS, S_STOP, S_BACKING = range(5)
+STATE_SIZE = 5
 # counters (int64) indices
 (C_REQUESTS, C_READS, C_WRITES, C_FLUSHES, C_DISCARDS, C_READ_BYTES, C_WRITE_BYTES, C_COW_READ_BYTES,
  C_COW_WRITE_BYTES, C_ZERO_FILL_BYTES, C_TABLES_ALLOCATED, C_CLUSTERS_ALLOCATED, C_ZERO_CHECKS,
@@ -247,12 +249,27 @@ def _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st,
 
 
 @njit(cache=True)
-def _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, length):
-    """The lookups of qcow2_co_preadv_part: one per extent."""
+def _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, pos, length):
+    """The lookups of qcow2_co_preadv_part: one per extent; unallocated extents read the backing image (queued for
+    its own cache model when one is given)."""
     end = pos + length
     while pos < end:
-        n, _ = _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, end)
+        n, t = _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, end)
+        if g[G_BACKING_MODEL] and (t == -1 or t == UNALLOC_PLAIN or t == UNALLOC_ALLOC):
+            _queue_backing(g, bqoff, bqlen, bqkind, st, pos, n, BACKING_READ)
         pos += n
+
+
+@njit(cache=True)
+def _queue_backing(g, bqoff, bqlen, bqkind, st, pos, n, kind):
+    """Ask the backing image for [pos, pos+n), as far as it reaches (beyond its end reads as zeroes)."""
+    if pos >= g[G_BACKING_SIZE]:
+        return
+    k = st[S_BACKING]
+    bqoff[k] = pos
+    bqlen[k] = min(n, g[G_BACKING_SIZE] - pos)
+    bqkind[k] = kind
+    st[S_BACKING] = k + 1
 
 
 @njit(cache=True)
@@ -397,18 +414,33 @@ def _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, all
 
 
 @njit(cache=True)
-def _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, nbytes):
-    """is_unallocated via bdrv_is_allocated_above: one lookup in this image; a backing file is taken to hold data."""
+def _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, pos, nbytes):
+    """is_unallocated via bdrv_is_allocated_above: one lookup in this image; where this image has nothing, the
+    backing image answers (a block-status query in its own cache when it is modelled; taken to hold data when a
+    backing file exists but is not modelled)."""
     if nbytes == 0:
         return True
     n, t = _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, pos + nbytes)
-    if t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1:
-        return n >= nbytes and not g[G_BACKING]
-    return False
+    if not (t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1):
+        return False
+    if not g[G_BACKING]:
+        return n >= nbytes
+    if not g[G_BACKING_MODEL]:
+        return False
+    _queue_backing(g, bqoff, bqlen, bqkind, st, pos, n, BACKING_STATUS)
+    if pos >= g[G_BACKING_SIZE]:
+        return n >= nbytes
+    none_i = np.empty(0, np.int64)
+    none_u = np.empty(0, np.uint8)
+    scratch = np.zeros(STATE_SIZE, np.int64)
+    bn, bt = _host_extent(bg, btslot, bthost, behost, beflags, bebits, none_i, none_u, none_i, scratch, pos,
+                          pos + min(n, g[G_BACKING_SIZE] - pos))
+    unallocated = bt == UNALLOC_PLAIN or bt == UNALLOC_ALLOC or bt == -1
+    return unallocated and min(n, bn) >= nbytes
 
 
 @njit(cache=True)
-def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, cnt, metas, first, last):
+def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, first, last):
     """handle_alloc_space for metas[first:last] (newest first): zero-checks; zero-fill instead of COW when both COW
     regions read as zeroes (host with fast write-zeroes, no backing data)."""
     cs = np.int64(1) << g[G_CLUSTER_BITS]
@@ -418,9 +450,9 @@ def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflu
             continue
         base = m[M_GUEST_CLUSTER] * cs
         before = st[S_EVENTS]
-        zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_START_OFF], m[M_START_N])
+        zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], m[M_START_N])
         if zero:
-            zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_END_OFF], m[M_END_N])
+            zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_END_OFF], m[M_END_N])
         cnt[C_ZERO_CHECKS] += st[S_EVENTS] - before
         if zero:
             m[M_SKIP] = 1
@@ -428,7 +460,7 @@ def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflu
 
 
 @njit(cache=True)
-def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, m, prealloc):
+def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, m, prealloc):
     """perform_cow (reads through this image when COW is not skipped) then qcow2_alloc_cluster_link_l2."""
     cb = g[G_CLUSTER_BITS]
     cs = np.int64(1) << cb
@@ -439,13 +471,13 @@ def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, 
         data_bytes = m[M_END_OFF] - (m[M_START_OFF] + m[M_START_N])
         if m[M_START_N] and m[M_END_N] and data_bytes <= 16384:
             span = m[M_END_OFF] + m[M_END_N] - m[M_START_OFF]
-            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_START_OFF], span)
+            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], span)
             cnt[C_COW_READ_BYTES] += span
         else:
             if m[M_START_N]:
-                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_START_OFF], m[M_START_N])
+                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], m[M_START_N])
             if m[M_END_N]:
-                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, base + m[M_END_OFF], m[M_END_N])
+                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_END_OFF], m[M_END_N])
             cnt[C_COW_READ_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_READ_LOOKUPS] += st[S_EVENTS] - before
@@ -469,7 +501,7 @@ def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, 
 
 
 @njit(cache=True)
-def _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas, part_first, part_last, offset, length, prealloc):
+def _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, part_first, part_last, offset, length, prealloc):
     """qcow2_co_pwritev_part: each part's lookups and zero-checks in order; the parts' L2 links come after all
     parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part."""
     nmeta = 0
@@ -485,20 +517,20 @@ def _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, ok
         remaining -= done
         if prealloc:
             for j in range(nmeta - 1, first - 1, -1):
-                _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas[j], True)
+                _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas[j], True)
             nmeta = 0
             continue
-        _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, cnt, metas, first, nmeta)
+        _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, first, nmeta)
         part_first[parts] = first
         part_last[parts] = nmeta
         parts += 1
     for p in range(parts):
         for j in range(part_last[p] - 1, part_first[p] - 1, -1):
-            _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas[j], False)
+            _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas[j], False)
 
 
 @njit(cache=True)
-def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, op, offset, length, first, last):
+def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, op, offset, length, first, last):
     """Process requests [first, last) until done or the event buffers might overflow; returns the next request.
 
     Room is checked before each request against a bound on the events it can make.
@@ -527,7 +559,7 @@ def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, ok
         n_tables = (n_clusters >> g[G_TABLE_BITS]) + 2
         bound = n_clusters * (2 * g[G_SPC] + 8) + n_tables * (g[G_SLICES_PER_TABLE] + 8) + 16
         if recording and (st[S_EVENTS] + bound > ev_capacity or st[S_FLUSHES] + n_clusters + n_tables + 2
-                          > fl_capacity):
+                          > fl_capacity or (g[G_BACKING_MODEL] and st[S_BACKING] + bound > bqoff.shape[0])):
             return i
         o = op[i]
         cnt[C_REQUESTS] += 1
@@ -535,7 +567,7 @@ def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, ok
             cnt[C_READS] += 1
             cnt[C_READ_BYTES] += length[i]
             # Fast path: a read inside one subcluster (one cluster without extended_l2) is exactly one extent.
-            if (offset[i] & sc_mask) + length[i] <= sc_mask + 1:
+            if (offset[i] & sc_mask) + length[i] <= sc_mask + 1 and not g[G_BACKING_MODEL]:
                 gc = offset[i] >> cb
                 l1 = gc >> tb
                 if l1 < l1_size and tslot[l1] >= 0 and recording:
@@ -544,14 +576,17 @@ def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, ok
                     okind[n] = GET
                     st[S_EVENTS] = n + 1
                 continue
-            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, offset[i], length[i])
+            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, offset[i], length[i])
         elif o == OP_WRITE or o == OP_PREALLOC:
             cnt[C_WRITES] += 1
             cnt[C_WRITE_BYTES] += length[i]
-            _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas, part_first, part_last, offset[i], length[i],
+            _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, part_first, part_last, offset[i], length[i],
                    o == OP_PREALLOC)
             if g[G_WRITETHROUGH] and o == OP_WRITE:
                 _flush(okey, okind, oflush, st)
+        elif o == OP_STATUS:  # a block-status query from the image above: one extent's lookup
+            _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, offset[i],
+                         offset[i] + length[i])
         elif o == OP_FLUSH:
             cnt[C_FLUSHES] += 1
             _flush(okey, okind, oflush, st)

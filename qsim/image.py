@@ -220,3 +220,21 @@ def image_from_qcow2(img) -> ImageState:
         backing=bool(img.header.backing_file),
         description=f"image {os.path.basename(img.path)}",
     )
+
+
+def backing_state(img) -> ImageState | None:
+    """The state of a real image's backing file, when it is a readable qcow2 image (None when there is none).
+
+    QsimError when the backing file is named but cannot be modelled (unreadable, or not qcow2)."""
+    from .qcow2 import open_image
+
+    name = img.header.backing_file
+    if not name:
+        return None
+    path = name if os.path.isabs(name) else os.path.join(os.path.dirname(img.path), name)
+    if img.header.backing_format not in (None, "qcow2"):
+        raise QsimError(f"{img.path}: backing file {name} is {img.header.backing_format}, not qcow2: its cache is "
+                        "not modelled (replay without --backing-chain)")
+    if not os.access(path, os.R_OK):
+        raise QsimError(f"{img.path}: backing file {path} is not readable")
+    return image_from_qcow2(open_image(path))

@@ -162,11 +162,28 @@ def replay_in_qemu(trace: Trace, virtual_size: int, options: ImageOptions, l2_ca
         path = os.path.join(workdir, "image.qcow2")
         if image is not None:
             shutil.copyfile(image, path)
+            _copy_relative_backing(image, workdir)
         else:
             create_image(path, virtual_size, options, workdir)
         return run_qemu_io(path, trace, l2_cache_size, l2_cache_entry_size, cache_mode, workdir, progress)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _copy_relative_backing(image: str, workdir: str) -> None:
+    """A backing file named relative to the image must sit beside the scratch copy too (QEMU opens backing files
+    read-only, so one named by an absolute path is used where it is)."""
+    from .qcow2 import open_image
+
+    name = open_image(image).header.backing_file
+    if name and not os.path.isabs(name):
+        source = os.path.join(os.path.dirname(os.path.abspath(image)), name)
+        target = os.path.normpath(os.path.join(workdir, name))
+        if not target.startswith(os.path.abspath(workdir) + os.sep):
+            raise QsimError(f"{image}: backing file {name} lies outside the image's folder; use an absolute name")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(source, target)
+        _copy_relative_backing(source, os.path.dirname(target))
 
 
 def describe(options: ImageOptions, virtual_size: int) -> str:

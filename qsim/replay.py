@@ -93,6 +93,7 @@ def replay(
     offset_policy: str = "error",
     qemu_version: str = DEFAULT_QEMU_VERSION,
     progress=None,
+    backing: ImageState | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` against ``image`` (or a synthetic image built from ``options``) for each L2 cache size.
 
@@ -102,7 +103,7 @@ def replay(
     if image is None and virtual_size is None:
         virtual_size = default_virtual_size(trace)
     return replay_chunks([trace], virtual_size, options, image, l2_cache_sizes, l2_cache_entry_size, cache_mode,
-                         offset_policy, qemu_version, progress)
+                         offset_policy, qemu_version, progress, backing)
 
 
 def replay_chunks(
@@ -116,10 +117,14 @@ def replay_chunks(
     offset_policy: str = "error",
     qemu_version: str = DEFAULT_QEMU_VERSION,
     progress=None,
+    backing: ImageState | None = None,
 ) -> ReplayResult:
     """``replay`` for a trace that arrives in chunks (a file larger than memory): allocation state and every cache
     carry across chunks, so the rows equal those of one whole-trace replay. Memory stays bounded by the chunk size,
-    the image state and the caches (one small array per L2 slice of the disk)."""
+    the image state and the caches (one small array per L2 slice of the disk).
+
+    ``backing`` (the state of the image's backing file) models the backing image's own L2 cache, opened with QEMU's
+    default cache options as a backing node is: what is unallocated in the image is read, or queried, there."""
     if cache_mode not in CACHE_MODES:
         raise UsageError(f"--cache-mode {cache_mode!r}: expected writeback or writethrough")
     if isinstance(l2_cache_sizes, str) or l2_cache_sizes is None:
@@ -135,19 +140,32 @@ def replay_chunks(
     groups = []
     for entry_size in sorted({c.l2_cache_entry_size for c in configs}):
         chosen = [k for k, c in enumerate(configs) if c.l2_cache_entry_size == entry_size]
-        run = KernelRun(image, entry_size, cache_mode == "writethrough")
-        groups.append((run, CacheModel(run.n_keys, [configs[k].l2_cache_entries for k in chosen]), chosen))
+        run = KernelRun(image, entry_size, cache_mode == "writethrough", backing=backing)
+        below = None
+        if backing is not None:
+            backing_cache = resolve_cache(backing.geometry, CacheSettings(), qemu_version)
+            backing_run = KernelRun(backing, backing_cache.l2_cache_entry_size)
+            below = (backing_run, CacheModel(backing_run.n_keys, [backing_cache.l2_cache_entries]))
+        groups.append((run, CacheModel(run.n_keys, [configs[k].l2_cache_entries for k in chosen]), chosen, below))
     source = "<memory>"
     for chunk in chunks:
         source = chunk.source
         chunk = apply_offset_policy(chunk, geometry.virtual_size, offset_policy)
-        for g, (run, model, _) in enumerate(groups):
-            for key, kind, flush_at in run.feed(chunk, progress if g == 0 else None):
-                model.feed(key, kind, flush_at)
+        for g, (run, model, _, below) in enumerate(groups):
+            for events in run.feed(chunk, progress if g == 0 else None):
+                model.feed(events.key, events.kind, events.flush_at)
+                if below is not None and len(events.backing_offset):
+                    for backing_events in below[0].feed(events.backing_trace()):
+                        below[1].feed(backing_events.key, backing_events.kind, backing_events.flush_at)
     rows: list[dict | None] = [None] * len(configs)
-    for run, model, chosen in groups:
+    for run, model, chosen, below in groups:
+        backing_counts = below[1].finish()[0] if below is not None else None
         for k, counts in zip(chosen, model.finish()):
             rows[k] = _row(source, image, run.image, configs[k], run.counters, counts, cache_mode, l2_cache_sizes[k])
+            if backing_counts is not None:
+                rows[k].update(backing_l2_lookups=backing_counts.lookups, backing_l2_misses=backing_counts.misses,
+                               backing_l2_disk_reads=backing_counts.disk_reads,
+                               backing_l2_evictions=backing_counts.evictions)
     return ReplayResult([r for r in rows if r is not None], groups[-1][0].image)
 
 

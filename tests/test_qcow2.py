@@ -212,3 +212,24 @@ def test_mutation_fuzz_never_crashes(tmp_path):
         except QsimError:
             outcomes["error"] += 1
     assert outcomes["ok"] > 0 and outcomes["error"] > 0
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("name, l2, mode", [("fio-randrw-mixed-fsync", 64 * K, "writeback"),
+                                            ("fio-randwrite-4k", 256 * K, "writethrough")])
+def test_backing_chain_replay_matches_qemu(tmp_path, qemu_img, qemu_io, name, l2, mode):
+    """With --backing-chain, what the top image lacks goes to the backing image's own cache: the sum over both
+    caches equals what QEMU's trace counts."""
+    base, top = str(tmp_path / "base.qcow2"), str(tmp_path / "top.qcow2")
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", base, "8G"], check=True)
+    rng = np.random.default_rng(8)
+    cmds = "".join(f"write -q -P 0x7 {o * 4096} 65536\n" for o in rng.integers(0, (8 * G - 64 * K) // 4096, 2000))
+    subprocess.run([qemu_io, base], input=cmds, text=True, check=True, capture_output=True)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top], check=True)
+    trace = read_trace(str(TRACES / f"{name}.iolog.gz"))
+    trace = trace.select(trace.end <= 8 * G)
+    v = validate(trace, 8 * G, l2_cache_size=l2, cache_mode=mode, image_path=top)
+    assert "l2_evictions" not in v.compared
+    assert {k: v.qsim[k] for k in v.compared} == {k: v.qemu[k] for k in v.compared}
+    assert v.qsim["l2_lookups"] > replay(trace, image=image_from_qcow2(open_image(top)),
+                                         l2_cache_sizes=[l2], cache_mode=mode).rows[0]["l2_lookups"]

@@ -35,6 +35,9 @@ def add_replay_options(p: argparse.ArgumentParser, geometry_in_options: bool = T
                    help="virtual disk size (default: the trace's largest end offset rounded up to a whole GiB)")
     p.add_argument("--image", metavar="IMG", help="replay against this real qcow2 image's allocation state and host "
                    "layout (read-only; it decides size and geometry)")
+    p.add_argument("--backing-chain", action="store_true",
+                   help="with --image: model the backing image's own L2 cache too (its default cache, as QEMU opens a "
+                        "backing node); adds backing_l2_* columns")
     add_image_options(p, IMAGE_KEYS if geometry_in_options else IMAGE_KEYS.split(", ", 2)[2])
     p.add_argument("--l2-cache-size", default=None, metavar="LIST",
                    help="cache sizes: a list (64k,256k,1M,default), a range of powers of two (64k..64M) or N "
@@ -76,8 +79,12 @@ def emit_frame(frame, args: argparse.Namespace) -> None:
 
 
 def load_image_state(args: argparse.Namespace, options_text: str | None):
-    """The real image named by --image, as an ImageState (None without --image)."""
+    """The real image named by --image, as an ImageState (None without --image); with --backing-chain, also
+    sets ``args.backing_state``."""
+    args.backing_state = None
     if not getattr(args, "image", None):
+        if getattr(args, "backing_chain", False):
+            raise UsageError("--backing-chain goes with --image")
         return None
     if options_text or args.size:
         raise UsageError("--image decides the size, geometry and allocation state; drop -o and --size")
@@ -87,6 +94,10 @@ def load_image_state(args: argparse.Namespace, options_text: str | None):
     img = open_image(args.image)
     for warning in img.warnings:
         print(f"qsim: warning: {args.image}: {warning}", file=sys.stderr)
+    if getattr(args, "backing_chain", False):
+        from ..image import backing_state
+
+        args.backing_state = backing_state(img)
     return image_from_qcow2(img)
 
 
@@ -107,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         result = replay_chunks(_non_empty(chunks, args.trace), size, options, image=image,
                                l2_cache_sizes=args.l2_cache_size, l2_cache_entry_size=args.l2_cache_entry_size,
                                cache_mode=args.cache_mode, offset_policy=args.offset_policy,
-                               qemu_version=args.qemu_version, progress=bar.update)
+                               qemu_version=args.qemu_version, progress=bar.update, backing=args.backing_state)
     emit_frame(result.to_frame(), args)
     return 0
 

@@ -67,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
         where = args.image if args.image else describe(options, size)
         print(f"{args.trace}: {len(trace)} requests on {where}, {args.cache_mode}, "
               f"L2 cache {result.qsim['l2_cache_entries']} x {result.qsim['l2_cache_entry_size']} bytes")
-        print(f"  {'counter':<24}{'qsim':>16}{'QEMU ' + result.qemu_version.split()[0]:>16}{'difference':>12}")
+        print(f"  {'counter':<24}{'qsim':>16}{'QEMU ' + result.qemu_version.split()[0]:>16}  {'difference':>10}")
         for key in COMPARED:
             diff = result.qsim[key] - result.qemu[key]
-            print(f"  {key:<24}{result.qsim[key]:>16}{result.qemu[key]:>16}{diff if diff else '':>12}")
+            note = "" if key in result.compared else "n/a: two caches"
+            print(f"  {key:<24}{result.qsim[key]:>16}{result.qemu[key]:>16}  {note or (diff if diff else ''):>10}")
         print("match: misses and disk reads agree" if result.match else "MISMATCH: misses or disk reads differ")
     return 0 if result.match else 1

@@ -83,7 +83,7 @@ class ReplayResult:
 
 
 def replay(
-    trace: Trace,
+    trace: Trace | Iterable[Trace],
     virtual_size: int | None = None,
     options: ImageOptions = ImageOptions(),
     image: ImageState | None = None,
@@ -97,34 +97,20 @@ def replay(
 ) -> ReplayResult:
     """Replay ``trace`` against ``image`` (or a synthetic image built from ``options``) for each L2 cache size.
 
+    ``trace`` is a Trace, or an iterable of Trace chunks for a file larger than memory (``qsim.traceio.iter_trace``):
+    allocation state and every cache carry across chunks, so the rows equal those of one whole-trace replay, and
+    memory stays bounded by the chunk size, the image state and the caches (one small array per L2 slice).
     ``l2_cache_sizes``: list of bytes (None = QEMU's default) or a spec string for parse_cache_sizes. Without
-    ``virtual_size`` the disk is the trace's largest end offset rounded up to a whole GiB.
-    """
-    if image is None and virtual_size is None:
-        virtual_size = default_virtual_size(trace)
-    return replay_chunks([trace], virtual_size, options, image, l2_cache_sizes, l2_cache_entry_size, cache_mode,
-                         offset_policy, qemu_version, progress, backing)
-
-
-def replay_chunks(
-    chunks: Iterable[Trace],
-    virtual_size: int | None = None,
-    options: ImageOptions = ImageOptions(),
-    image: ImageState | None = None,
-    l2_cache_sizes: list[int | None] | str | None = None,
-    l2_cache_entry_size: int | None = None,
-    cache_mode: str = "writeback",
-    offset_policy: str = "error",
-    qemu_version: str = DEFAULT_QEMU_VERSION,
-    progress=None,
-    backing: ImageState | None = None,
-) -> ReplayResult:
-    """``replay`` for a trace that arrives in chunks (a file larger than memory): allocation state and every cache
-    carry across chunks, so the rows equal those of one whole-trace replay. Memory stays bounded by the chunk size,
-    the image state and the caches (one small array per L2 slice of the disk).
-
+    ``virtual_size`` the disk is a whole trace's largest end offset rounded up to a whole GiB (chunks need it given).
     ``backing`` (the state of the image's backing file) models the backing image's own L2 cache, opened with QEMU's
-    default cache options as a backing node is: what is unallocated in the image is read, or queried, there."""
+    default cache options as a backing node is: what is unallocated in the image is read, or queried, there.
+    """
+    if isinstance(trace, Trace):
+        if image is None and virtual_size is None:
+            virtual_size = default_virtual_size(trace)
+        chunks: Iterable[Trace] = [trace]
+    else:
+        chunks = trace
     if cache_mode not in CACHE_MODES:
         raise UsageError(f"--cache-mode {cache_mode!r}: expected writeback or writethrough")
     if isinstance(l2_cache_sizes, str) or l2_cache_sizes is None:
@@ -211,4 +197,4 @@ def _row(source, image, image_after, config: CacheConfig, counters, counts, cach
     }
 
 
-__all__ = ["replay", "replay_chunks", "parse_cache_sizes", "default_virtual_size", "ReplayResult", "QsimError"]
+__all__ = ["replay", "parse_cache_sizes", "default_virtual_size", "ReplayResult", "QsimError"]

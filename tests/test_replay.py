@@ -238,7 +238,6 @@ def test_cli_replay_errors(argv, message):
 
 def test_streaming_from_a_file_equals_the_whole_trace(tmp_path):
     """A trace replayed from disk in small chunks gives exactly the rows of the in-memory replay."""
-    from qsim.replay import replay_chunks
     from qsim.synth import synthesize
     from qsim.traceio import iter_trace, write_trace
 
@@ -249,5 +248,5 @@ def test_streaming_from_a_file_equals_the_whole_trace(tmp_path):
     for options, sizes in ((ImageOptions(), "16k,1M,default"), (ImageOptions(extended_l2=True), "8k..2M"),
                            (ImageOptions(preallocation="metadata"), "64k")):
         whole = replay(read_trace(path), 8 * G, options, l2_cache_sizes=sizes).rows
-        streamed = replay_chunks(iter_trace(path, chunk_requests=4321), 8 * G, options, l2_cache_sizes=sizes).rows
+        streamed = replay(iter_trace(path, chunk_requests=4321), 8 * G, options, l2_cache_sizes=sizes).rows
         assert streamed == whole

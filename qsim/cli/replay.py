@@ -102,7 +102,6 @@ def load_image_state(args: argparse.Namespace, options_text: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..replay import replay_chunks
     from ..traceio import iter_trace
 
     options = parse_image_options(args.image_options)
@@ -115,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         size = max(-(-max(ends, default=0) // GIB), 1) * GIB
     chunks = iter_trace(args.trace, args.format, args.file, args.action)
     with progress_bar(total=None, unit="req", desc="replay") as bar:
-        result = replay_chunks(_non_empty(chunks, args.trace), size, options, image=image,
+        result = replay(_non_empty(chunks, args.trace), size, options, image=image,
                                l2_cache_sizes=args.l2_cache_size, l2_cache_entry_size=args.l2_cache_entry_size,
                                cache_mode=args.cache_mode, offset_policy=args.offset_policy,
                                qemu_version=args.qemu_version, progress=bar.update, backing=args.backing_state)

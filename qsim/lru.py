@@ -26,7 +26,7 @@ from .events import GET_DIRTY, GET_EMPTY
 COLD = np.iinfo(np.int64).max  # distance of a first access: a miss in every cache
 DIRECT_SIMULATION_MAX_SIZES = 3
 # scalar state of the distance kernel
-D_MARKS, D_TIME, D_EVENTS = range(3)
+D_MARKS, D_TIME, D_EVENTS, D_LAST_KEY = range(4)
 # scalar state of a direct simulation
 S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN, S_FLUSHES = range(7)
 
@@ -56,9 +56,15 @@ def _distances_step(keys, tree, key_at, mark_of_key, last_access, scalars, dist)
     marks = scalars[D_MARKS]
     t = scalars[D_TIME]
     base = scalars[D_EVENTS]
+    last_key = scalars[D_LAST_KEY]
     n_keys = mark_of_key.shape[0]
     for i in range(keys.shape[0]):
         k = keys[i]
+        if k == last_key:  # the same slice again: distance 1, and its mark is already the newest
+            dist[i] = 1
+            last_access[k] = base + i
+            continue
+        last_key = k
         if t + 1 >= size:  # compact: renumber live marks 1..marks keeping their order, rebuild the tree
             pos = 0
             for old in range(1, t + 1):
@@ -89,6 +95,7 @@ def _distances_step(keys, tree, key_at, mark_of_key, last_access, scalars, dist)
     scalars[D_MARKS] = marks
     scalars[D_TIME] = t
     scalars[D_EVENTS] = base + keys.shape[0]
+    scalars[D_LAST_KEY] = last_key
 
 
 def stack_distances(keys: np.ndarray, n_keys: int, tree_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +113,7 @@ class _DistanceState:
         self.key_at = np.full(size, n_keys, dtype=np.int64)
         self.mark_of_key = np.zeros(n_keys, dtype=np.int64)
         self.last_access = np.full(n_keys, -1, dtype=np.int64)
-        self.scalars = np.zeros(3, dtype=np.int64)
+        self.scalars = np.array([0, 0, 0, -1], dtype=np.int64)
 
     def step(self, keys: np.ndarray) -> np.ndarray:
         dist = np.empty(len(keys), dtype=np.int64)
@@ -267,8 +274,10 @@ class CacheModel:
         else:
             dist = self.distances.step(key)
             clipped = np.minimum(dist, self.n_keys + 1)
-            self.hist += np.bincount(clipped, minlength=self.n_keys + 2)
-            self.read_hist += np.bincount(clipped[kind != GET_EMPTY], minlength=self.n_keys + 2)
+            counts = np.bincount(clipped, minlength=self.n_keys + 2)
+            self.hist += counts
+            empties = kind == GET_EMPTY
+            self.read_hist += np.bincount(clipped[~empties], minlength=self.n_keys + 2) if empties.any() else counts
             if self.dirty_state is None and ((kind == GET_DIRTY) | (kind == GET_EMPTY)).any():
                 # Nothing was dirty before this chunk, so no earlier access owes a write-back: start from zeros.
                 self.dirty_state = [(np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.int64),

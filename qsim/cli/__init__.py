@@ -29,13 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    name = " ".join(filter(None, (args.command, getattr(args, "trace_command", None))))
     try:
         return int(args.run(args) or 0)
     except QsimError as exc:
-        print(f"qsim {args.command}: error: {exc}", file=sys.stderr)
+        print(f"qsim {name}: error: {exc}", file=sys.stderr)
         return exc.status
     except KeyboardInterrupt:
-        print(f"qsim {args.command}: interrupted", file=sys.stderr)
+        print(f"qsim {name}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0

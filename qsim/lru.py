@@ -49,8 +49,9 @@ def _fenwick_prefix(tree, i):
 
 
 @njit(cache=True)
-def _distances_step(keys, tree, key_at, mark_of_key, last_access, scalars, dist):
-    """Stack distances of ``keys`` (written to ``dist``), continuing from the state left by earlier chunks.
+def _distances_step(keys, kinds, tree, key_at, mark_of_key, last_access, scalars, dist, hist, read_hist):
+    """Stack distances of ``keys`` (written to ``dist``; counted into ``hist`` and, for accesses that read the disk
+    on a miss, ``read_hist``, clipped at n_keys + 1 = cold), continuing from the state left by earlier chunks.
     ``last_access`` holds global event indices; ``scalars``: live marks, last tree position, events so far."""
     size = tree.shape[0]
     marks = scalars[D_MARKS]
@@ -58,11 +59,16 @@ def _distances_step(keys, tree, key_at, mark_of_key, last_access, scalars, dist)
     base = scalars[D_EVENTS]
     last_key = scalars[D_LAST_KEY]
     n_keys = mark_of_key.shape[0]
+    keep = dist.shape[0] > 0  # distances are kept only when write-backs need them
     for i in range(keys.shape[0]):
         k = keys[i]
         if k == last_key:  # the same slice again: distance 1, and its mark is already the newest
-            dist[i] = 1
+            if keep:
+                dist[i] = 1
             last_access[k] = base + i
+            hist[1] += 1
+            if kinds[i] != GET_EMPTY:
+                read_hist[1] += 1
             continue
         last_key = k
         if t + 1 >= size:  # compact: renumber live marks 1..marks keeping their order, rebuild the tree
@@ -82,11 +88,19 @@ def _distances_step(keys, tree, key_at, mark_of_key, last_access, scalars, dist)
             t = pos
         p = mark_of_key[k]
         if p == 0:
-            dist[i] = COLD
+            if keep:
+                dist[i] = COLD
             marks += 1
+            bucket = n_keys + 1
         else:
-            dist[i] = marks - _fenwick_prefix(tree, p) + 1
+            d = marks - _fenwick_prefix(tree, p) + 1
+            if keep:
+                dist[i] = d
+            bucket = min(d, n_keys + 1)
             _fenwick_add(tree, p, -1)
+        hist[bucket] += 1
+        if kinds[i] != GET_EMPTY:
+            read_hist[bucket] += 1
         t += 1
         _fenwick_add(tree, t, 1)
         mark_of_key[k] = t
@@ -102,7 +116,7 @@ def stack_distances(keys: np.ndarray, n_keys: int, tree_size: int = 0) -> tuple[
     """Stack distance of every access (COLD for first accesses) and each key's last access, in one pass.
     ``tree_size`` (tests only) forces a small tree so compaction runs often."""
     state = _DistanceState(n_keys, tree_size)
-    return state.step(keys), state.last_access
+    return state.step(keys, np.zeros(len(keys), np.uint8)), state.last_access
 
 
 class _DistanceState:
@@ -114,10 +128,13 @@ class _DistanceState:
         self.mark_of_key = np.zeros(n_keys, dtype=np.int64)
         self.last_access = np.full(n_keys, -1, dtype=np.int64)
         self.scalars = np.array([0, 0, 0, -1], dtype=np.int64)
+        self.hist = np.zeros(n_keys + 2, np.int64)  # accesses by distance, clipped: n_keys + 1 = cold
+        self.read_hist = np.zeros(n_keys + 2, np.int64)  # the same for accesses that read the disk on a miss
 
-    def step(self, keys: np.ndarray) -> np.ndarray:
-        dist = np.empty(len(keys), dtype=np.int64)
-        _distances_step(keys, self.tree, self.key_at, self.mark_of_key, self.last_access, self.scalars, dist)
+    def step(self, keys: np.ndarray, kinds: np.ndarray, keep: bool = True) -> np.ndarray:
+        dist = np.empty(len(keys) if keep else 0, dtype=np.int64)
+        _distances_step(keys, kinds, self.tree, self.key_at, self.mark_of_key, self.last_access, self.scalars, dist,
+                        self.hist, self.read_hist)
         return dist
 
 
@@ -259,8 +276,6 @@ class CacheModel:
                           np.array([-1, -1, 0, 0, 0, 0, 0], np.int64)) for _ in self.entries]
         else:
             self.distances = _DistanceState(self.n_keys)
-            self.hist = np.zeros(self.n_keys + 2, np.int64)  # by distance, clipped: n_keys + 1 = cold
-            self.read_hist = np.zeros(self.n_keys + 2, np.int64)
             self.dirty_state = None  # per size: dirty, last_flushes, seen, written -- created at the first dirt
 
     def feed(self, key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray, flush_count: np.ndarray | None = None):
@@ -272,12 +287,8 @@ class CacheModel:
             for e, (prev, nxt, resident, dirty, s) in zip(self.entries, self.sims):
                 _simulate_step(key, kind, flush_count, e, prev, nxt, resident, dirty, s)
         else:
-            dist = self.distances.step(key)
-            clipped = np.minimum(dist, self.n_keys + 1)
-            counts = np.bincount(clipped, minlength=self.n_keys + 2)
-            self.hist += counts
-            empties = kind == GET_EMPTY
-            self.read_hist += np.bincount(clipped[~empties], minlength=self.n_keys + 2) if empties.any() else counts
+            dirt = self.dirty_state is not None or bool(((kind == GET_DIRTY) | (kind == GET_EMPTY)).any())
+            dist = self.distances.step(key, kind, keep=dirt)
             if self.dirty_state is None and ((kind == GET_DIRTY) | (kind == GET_EMPTY)).any():
                 # Nothing was dirty before this chunk, so no earlier access owes a write-back: start from zeros.
                 self.dirty_state = [(np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.int64),
@@ -306,16 +317,17 @@ class CacheModel:
         rank[order] = np.arange(len(rank))
         forward = np.full(self.n_keys, -1, np.int64)
         forward[seen] = len(rank) - 1 - rank
+        hist, read_hist = self.distances.hist, self.distances.read_hist
         for k, e in enumerate(self.entries):
-            hits = int(self.hist[1: min(e, self.n_keys) + 1].sum())
-            reads_hit = int(self.read_hist[1: min(e, self.n_keys) + 1].sum())
+            hits = int(hist[1: min(e, self.n_keys) + 1].sum())
+            reads_hit = int(read_hist[1: min(e, self.n_keys) + 1].sum())
             misses = self.lookups - hits
             written = left = 0
             if self.dirty_state is not None:
                 dirty, last_flushes, seen_k, w = self.dirty_state[k]
                 tail, left = _writebacks_finish(e, dirty, last_flushes, seen_k, forward, self.flushes)
                 written = int(w[0]) + int(tail)
-            out.append(CacheCounts(e, self.lookups, hits, misses, int(self.read_hist.sum()) - reads_hit,
+            out.append(CacheCounts(e, self.lookups, hits, misses, int(read_hist.sum()) - reads_hit,
                                    max(misses - e, 0), written, int(left)))
         return out
 

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -277,7 +276,8 @@ def main() -> int:
 
 def _format_row(row: dict) -> str:
     parts = [f"{row['workload']:<38} {row['requests'] / 1e6:>5.2f}M req",
-             f"qsim 1 size {row['qsim_1_size_req_s'] / 1e6:6.2f}M/s", f"20 sizes {row['qsim_20_sizes_req_s'] / 1e6:6.2f}M/s"]
+             f"qsim 1 size {row['qsim_1_size_req_s'] / 1e6:6.2f}M/s",
+             f"20 sizes {row['qsim_20_sizes_req_s'] / 1e6:6.2f}M/s"]
     if "libcachesim_1_size_req_s" in row:
         parts.append(f"libCacheSim 1 size {row['libcachesim_1_size_req_s'] / 1e6:5.2f}M/s "
                      f"(qsim 20 sizes {row['qsim20_vs_libcachesim1']:.1f}x faster)")

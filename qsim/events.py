@@ -249,7 +249,8 @@ def _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st,
 
 
 @njit(cache=True)
-def _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, pos, length):
+def _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits,
+          bqoff, bqlen, bqkind, pos, length):
     """The lookups of qcow2_co_preadv_part: one per extent; unallocated extents read the backing image (queued for
     its own cache model when one is given)."""
     end = pos + length
@@ -363,7 +364,8 @@ def _clusters_to_slice_end(g, guest, nbytes):
 
 
 @njit(cache=True)
-def _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas, nmeta, offset, nbytes):
+def _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas,
+                       nmeta, offset, nbytes):
     """qcow2_alloc_host_offset: handle_copied / handle_alloc over as many clusters as stay host-contiguous.
     Returns (bytes covered, meta count)."""
     cb = g[G_CLUSTER_BITS]
@@ -414,7 +416,8 @@ def _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, all
 
 
 @njit(cache=True)
-def _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, pos, nbytes):
+def _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags,
+                    bebits, bqoff, bqlen, bqkind, pos, nbytes):
     """is_unallocated via bdrv_is_allocated_above: one lookup in this image; where this image has nothing, the
     backing image answers (a block-status query in its own cache when it is modelled; taken to hold data when a
     backing file exists but is not modelled)."""
@@ -440,7 +443,8 @@ def _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, 
 
 
 @njit(cache=True)
-def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, first, last):
+def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost,
+                        beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, first, last):
     """handle_alloc_space for metas[first:last] (newest first): zero-checks; zero-fill instead of COW when both COW
     regions read as zeroes (host with fast write-zeroes, no backing data)."""
     cs = np.int64(1) << g[G_CLUSTER_BITS]
@@ -450,9 +454,11 @@ def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflu
             continue
         base = m[M_GUEST_CLUSTER] * cs
         before = st[S_EVENTS]
-        zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], m[M_START_N])
+        zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost,
+                               behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], m[M_START_N])
         if zero:
-            zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_END_OFF], m[M_END_N])
+            zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost,
+                                   behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_END_OFF], m[M_END_N])
         cnt[C_ZERO_CHECKS] += st[S_EVENTS] - before
         if zero:
             m[M_SKIP] = 1
@@ -460,7 +466,8 @@ def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflu
 
 
 @njit(cache=True)
-def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, m, prealloc):
+def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost,
+             behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, m, prealloc):
     """perform_cow (reads through this image when COW is not skipped) then qcow2_alloc_cluster_link_l2."""
     cb = g[G_CLUSTER_BITS]
     cs = np.int64(1) << cb
@@ -471,13 +478,16 @@ def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, 
         data_bytes = m[M_END_OFF] - (m[M_START_OFF] + m[M_START_N])
         if m[M_START_N] and m[M_END_N] and data_bytes <= 16384:
             span = m[M_END_OFF] + m[M_END_N] - m[M_START_OFF]
-            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], span)
+            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags,
+                  bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], span)
             cnt[C_COW_READ_BYTES] += span
         else:
             if m[M_START_N]:
-                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], m[M_START_N])
+                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost,
+                      beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], m[M_START_N])
             if m[M_END_N]:
-                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_END_OFF], m[M_END_N])
+                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost,
+                      beflags, bebits, bqoff, bqlen, bqkind, base + m[M_END_OFF], m[M_END_N])
             cnt[C_COW_READ_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_READ_LOOKUPS] += st[S_EVENTS] - before
@@ -501,7 +511,8 @@ def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, 
 
 
 @njit(cache=True)
-def _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, part_first, part_last, offset, length, prealloc):
+def _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost,
+           behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, part_first, part_last, offset, length, prealloc):
     """qcow2_co_pwritev_part: each part's lookups and zero-checks in order; the parts' L2 links come after all
     parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part."""
     nmeta = 0
@@ -511,26 +522,31 @@ def _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, ok
     parts = 0
     while remaining > 0:
         first = nmeta
-        done, nmeta = _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas, nmeta, pos,
+        done, nmeta = _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind,
+                                         oflush, st, cnt, metas, nmeta, pos,
                                          min(remaining, max_part))
         pos += done
         remaining -= done
         if prealloc:
             for j in range(nmeta - 1, first - 1, -1):
-                _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas[j], True)
+                _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg,
+                         btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas[j], True)
             nmeta = 0
             continue
-        _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, first, nmeta)
+        _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost,
+                            beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, first, nmeta)
         part_first[parts] = first
         part_last[parts] = nmeta
         parts += 1
     for p in range(parts):
         for j in range(part_last[p] - 1, part_first[p] - 1, -1):
-            _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas[j], False)
+            _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot,
+                     bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas[j], False)
 
 
 @njit(cache=True)
-def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, op, offset, length, first, last):
+def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot,
+                 bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, op, offset, length, first, last):
     """Process requests [first, last) until done or the event buffers might overflow; returns the next request.
 
     Room is checked before each request against a bound on the events it can make.
@@ -576,11 +592,14 @@ def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, ok
                     okind[n] = GET
                     st[S_EVENTS] = n + 1
                 continue
-            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, offset[i], length[i])
+            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags,
+                  bebits, bqoff, bqlen, bqkind, offset[i], length[i])
         elif o == OP_WRITE or o == OP_PREALLOC:
             cnt[C_WRITES] += 1
             cnt[C_WRITE_BYTES] += length[i]
-            _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, part_first, part_last, offset[i], length[i],
+            _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot,
+                   bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, part_first, part_last, offset[i],
+                   length[i],
                    o == OP_PREALLOC)
             if g[G_WRITETHROUGH] and o == OP_WRITE:
                 _flush(okey, okind, oflush, st)

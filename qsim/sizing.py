@@ -35,7 +35,9 @@ def pasteable_settings(geometry: ImageGeometry, l2_cache_size: int, refcount_cac
     QEMU gives the L2 cache all of it up to the whole-disk size once the refcount cache has its 4-cluster minimum, so
     the libvirt value is the L2 size plus that minimum (or the refcount size asked for).
     """
-    refcount = refcount_cache_size if refcount_cache_size is not None else MIN_REFCOUNT_CACHE_ENTRIES * geometry.cluster_size
+    refcount = refcount_cache_size
+    if refcount is None:
+        refcount = MIN_REFCOUNT_CACHE_ENTRIES * geometry.cluster_size
     drive_opts = [f"file={filename}", "format=qcow2", f"l2-cache-size={format_size(l2_cache_size)}"]
     blockdev: dict[str, object] = {
         "driver": "qcow2",

@@ -38,7 +38,8 @@ class BlockSizes:
                 try:
                     weights.append(float(weight) if weight else math.nan)
                 except ValueError:
-                    raise UsageError(f"--bs {text}: weight {weight!r} is not a number (bssplit: 4k/50:64k/50)") from None
+                    raise UsageError(f"--bs {text}: weight {weight!r} is not a number (bssplit: 4k/50:64k/50)") \
+                        from None
             given = sum(w for w in weights if not math.isnan(w))
             missing = sum(1 for w in weights if math.isnan(w))
             rest = max(100.0 - given, 0.0) / missing if missing else 0.0

@@ -9,7 +9,8 @@ import pandas as pd
 from .errors import QsimError, UsageError
 from .units import format_size, human_size
 
-SUMMARY_COLUMNS = ["cluster_size", "extended_l2", "l2_cache_size_asked", "l2_cache_bytes", "l2_cache_entry_size", "l2_cache_entries",
+SUMMARY_COLUMNS = ["cluster_size", "extended_l2", "l2_cache_size_asked", "l2_cache_bytes", "l2_cache_entry_size",
+                   "l2_cache_entries",
                    "l2_lookups", "l2_misses", "l2_disk_reads", "l2_writebacks", "l2_hit_ratio",
                    "metadata_read_bytes", "cow_write_bytes", "zero_fill_bytes", "image_file_bytes"]
 SETTING_COLUMNS = {"cluster_size", "l2_cache_bytes", "l2_cache_entry_size", "virtual_size", "l2_cache_ram_bytes"}

@@ -12,7 +12,7 @@ import pytest
 from qsim.errors import QsimError
 from qsim.synth import BlockSizes, synthesize
 from qsim.trace import DISCARD, FLUSH, READ, WRITE, Trace, apply_offset_policy, trace_stats
-from qsim.traceio import detect_format, read_trace, write_trace
+from qsim.traceio import read_trace, write_trace
 
 TRACES = Path(__file__).resolve().parent.parent / "traces"
 
@@ -206,7 +206,8 @@ def test_cli_trace_info_json():
     [
         (["trace", "info", "/nonexistent.iolog"], "/nonexistent.iolog: no such file"),
         (["trace", "synth", "x.iolog", "--size", "1G", "--requests", "lots"], "--requests 'lots'"),
-        (["trace", "synth", "x.iolog", "--size", "1G", "--requests", "10", "--pattern", "fractal"], "--pattern fractal"),
+        (["trace", "synth", "x.iolog", "--size", "1G", "--requests", "10", "--pattern", "fractal"],
+         "--pattern fractal"),
         (["trace", "synth", "x.txt", "--size", "1G", "--requests", "10"], "cannot tell the format"),
     ],
 )

@@ -128,11 +128,11 @@ def fleet_sweep(tasks: list[Task], out_dir: str, scheduler: str | None = None, w
     result as a Parquet part, and return (all rows, run statistics)."""
     _need_parquet()
     todo = [t for t in tasks if not os.path.exists(part_path(out_dir, t))]
+    by_key = {(t.trace_id, t.config_id): t for t in todo}
     started = time.perf_counter()
     requests = 0
     for frame in (_run_dask(todo, scheduler) if scheduler else _run_local(todo, workers)):
-        task_id = (frame["trace_id"].iloc[0], frame["config_id"].iloc[0])
-        task = next(t for t in todo if (t.trace_id, t.config_id) == task_id)
+        task = by_key[(frame["trace_id"].iloc[0], frame["config_id"].iloc[0])]
         path = part_path(out_dir, task)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         frame.to_parquet(path + ".tmp", index=False)

@@ -278,7 +278,8 @@ def open_image(path: str) -> Qcow2Image:
             raise QsimError(f"{path}: L1 table of {h.l1_size} entries (offset 0x24) exceeds QEMU's 32 MiB limit")
         if h.l1_size < geometry_l1:
             raise QsimError(f"{path}: L1 table has {h.l1_size} entries, a {h.size}-byte disk needs {geometry_l1}")
-        _check_offset(r, h.l1_table_offset, cs, "L1 table") if h.l1_size else None
+        if h.l1_size:
+            _check_offset(r, h.l1_table_offset, cs, "L1 table")
         l1 = np.frombuffer(r.read(h.l1_table_offset, h.l1_size * 8, "L1 table"), ">u8").astype(np.uint64)
         l2_offsets = l1 & np.uint64(L1E_OFFSET_MASK)
         tables = np.flatnonzero(l2_offsets)

@@ -7,7 +7,6 @@ size at once. Cache configurations follow QEMU's rules (``qsim.cachecfg``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -66,7 +65,12 @@ def parse_cache_sizes(text: str | None) -> list[int | None]:
 
 def default_virtual_size(trace: Trace) -> int:
     """The trace's largest end offset rounded up to a whole GiB (at least 1 GiB)."""
-    return max(math.ceil(trace.max_end_offset / GIB), 1) * GIB
+    return virtual_size_for(trace.max_end_offset)
+
+
+def virtual_size_for(max_end_offset: int) -> int:
+    """A disk holding offsets up to ``max_end_offset``: rounded up to a whole GiB, at least 1 GiB."""
+    return max(-(-max_end_offset // GIB), 1) * GIB
 
 
 @dataclass(frozen=True)

@@ -108,10 +108,10 @@ def run(args: argparse.Namespace) -> int:
     image = load_image_state(args, args.image_options)
     size = args.size
     if image is None and size is None:  # one streaming pass for the largest end offset, then the replay
-        from ..replay import GIB
+        from ..replay import virtual_size_for
 
         ends = [c.max_end_offset for c in iter_trace(args.trace, args.format, args.file, args.action)]
-        size = max(-(-max(ends, default=0) // GIB), 1) * GIB
+        size = virtual_size_for(max(ends, default=0))
     chunks = iter_trace(args.trace, args.format, args.file, args.action)
     with progress_bar(total=None, unit="req", desc="replay") as bar:
         result = replay(_non_empty(chunks, args.trace), size, options, image=image,

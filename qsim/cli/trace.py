@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
+from ..replay import virtual_size_for
 from ..synth import synthesize
 from ..trace import apply_offset_policy, trace_stats, OFFSET_POLICIES
 from ..traceio import FORMATS, read_trace, write_trace
@@ -100,7 +101,7 @@ def run_info(args: argparse.Namespace) -> int:
         ("discards", f"{stats['discards']}  ({human_size(stats['discard_bytes'])})"),
         ("flushes", f"{stats['flushes']}"),
         ("offsets", f"{stats['min_offset']} .. {stats['max_end_offset']}  "
-                    f"(ends below {format_size(_round_up_gib(stats['max_end_offset']))})"),
+                    f"(ends below {format_size(virtual_size_for(stats['max_end_offset']))})"),
         ("footprint", f"{stats['footprint_4k_blocks']} distinct 4k blocks "
                       f"({human_size(stats['footprint_4k_blocks'] * 4096)}), "
                       f"{stats['footprint_64k_clusters']} distinct 64k clusters"),
@@ -113,10 +114,6 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"    {format_size(size):>6}  {count:>10}  {100 * count / total:5.1f}%")
     return 0
 
-
-def _round_up_gib(n: int) -> int:
-    gib = 1 << 30
-    return max(-(-n // gib) * gib, gib)
 
 
 def run_synth(args: argparse.Namespace) -> int:

@@ -9,9 +9,9 @@ For a handful of sizes, simulating each cache directly (O(1) per access) is fast
 
 All kernels carry their state in arrays, so a trace can be fed in chunks (``CacheModel.feed``) with results equal
 to one whole pass: that is how traces larger than memory stream. The sequential kernels are ``_distances_step``
-(a Fenwick tree over access times, compacted whenever it fills, so it stays about four times the number of distinct
-slices and in cache), ``_writebacks_step`` and ``_simulate_step``; the tests hold plain-Python references beside
-them.
+(a bitmap of live access times with a Fenwick tree over its 64-bit words, compacted whenever it fills, so for 32768
+slices the two take 24 KiB and stay in L1; a distance costs one short tree walk and one popcount),
+``_writebacks_step`` and ``_simulate_step``; the tests hold plain-Python references beside them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit
 
+from .bitops import popcount64, trailing_zeros64
 from .events import GET_DIRTY, GET_EMPTY
 
 COLD = np.iinfo(np.int64).max  # distance of a first access: a miss in every cache
@@ -28,7 +29,7 @@ DIRECT_SIMULATION_MAX_SIZES = 3
 # scalar state of the distance kernel
 D_MARKS, D_TIME, D_EVENTS, D_LAST_KEY = range(4)
 # scalar state of a direct simulation
-S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN, S_FLUSHES = range(7)
+S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN = range(6)
 
 
 @njit(cache=True)
@@ -49,11 +50,42 @@ def _fenwick_prefix(tree, i):
 
 
 @njit(cache=True)
-def _distances_step(keys, kinds, tree, key_at, mark_of_key, last_access, scalars, dist, hist, read_hist):
+def _compact(tree, bits, key_at, mark_of_key, t):
+    """Renumber the live marks (positions 1..t) as 1..marks, keeping their order; rebuild bits and tree.
+    Returns the new newest position (= live marks)."""
+    pos = 0
+    for w in range((t >> 6) + 1):
+        word = bits[w]
+        while word != 0:
+            old = (w << 6) + trailing_zeros64(word)
+            word &= word - 1
+            pos += 1
+            key = key_at[old]
+            mark_of_key[key] = pos
+            key_at[pos] = key  # pos <= old: an entry not yet read is never overwritten
+    bits[:] = 0
+    for p in range(1, pos + 1):
+        bits[p >> 6] |= np.int64(1) << (p & 63)
+    tree[:] = 0
+    for w in range(pos >> 6):  # complete words only: the newest word stays out of the tree
+        tree[w + 1] = popcount64(bits[w])
+    for j in range(1, tree.shape[0]):  # linear Fenwick build
+        parent = j + (j & -j)
+        if parent < tree.shape[0]:
+            tree[parent] += tree[j]
+    return pos
+
+
+@njit(cache=True)
+def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, last_access, scalars, dist, hist, read_hist):
     """Stack distances of ``keys`` (written to ``dist``; counted into ``hist`` and, for accesses that read the disk
     on a miss, ``read_hist``, clipped at n_keys + 1 = cold), continuing from the state left by earlier chunks.
-    ``last_access`` holds global event indices; ``scalars``: live marks, last tree position, events so far."""
-    size = tree.shape[0]
+
+    Every key's latest access holds a mark at its position in time (1, 2, ...): ``bits`` is the set of live marks,
+    ``tree`` a Fenwick tree of the marks per 64-position word, for every word before the newest (which is counted
+    with one popcount, so a step mostly touches one word). A distance is the live marks from the key's own mark on.
+    ``last_access`` holds global event indices; ``scalars``: live marks, newest position, events so far, last key."""
+    size = key_at.shape[0]
     marks = scalars[D_MARKS]
     t = scalars[D_TIME]
     base = scalars[D_EVENTS]
@@ -71,21 +103,8 @@ def _distances_step(keys, kinds, tree, key_at, mark_of_key, last_access, scalars
                 read_hist[1] += 1
             continue
         last_key = k
-        if t + 1 >= size:  # compact: renumber live marks 1..marks keeping their order, rebuild the tree
-            pos = 0
-            for old in range(1, t + 1):
-                key = key_at[old]
-                if key < n_keys and mark_of_key[key] == old:
-                    pos += 1
-                    mark_of_key[key] = pos
-                    key_at[pos] = key
-            tree[:] = 0
-            tree[1: pos + 1] = 1
-            for j in range(1, size):  # linear Fenwick build
-                parent = j + (j & -j)
-                if parent < size:
-                    tree[parent] += tree[j]
-            t = pos
+        if t + 1 >= size:
+            t = _compact(tree, bits, key_at, mark_of_key, t)
         p = mark_of_key[k]
         if p == 0:
             if keep:
@@ -93,16 +112,23 @@ def _distances_step(keys, kinds, tree, key_at, mark_of_key, last_access, scalars
             marks += 1
             bucket = n_keys + 1
         else:
-            d = marks - _fenwick_prefix(tree, p) + 1
+            w = p >> 6
+            at_or_before = _fenwick_prefix(tree, w) + popcount64(bits[w] & ~(np.int64(-2) << (p & 63)))
+            d = marks - at_or_before + 1
             if keep:
                 dist[i] = d
             bucket = min(d, n_keys + 1)
-            _fenwick_add(tree, p, -1)
+            bits[w] &= ~(np.int64(1) << (p & 63))
+            if w != t >> 6:  # a complete word: its count is in the tree
+                _fenwick_add(tree, w + 1, -1)
         hist[bucket] += 1
         if kinds[i] != GET_EMPTY:
             read_hist[bucket] += 1
         t += 1
-        _fenwick_add(tree, t, 1)
+        w = t >> 6
+        if (t & 63) == 0:  # the previous word is complete: into the tree with it
+            _fenwick_add(tree, w, popcount64(bits[w - 1]))
+        bits[w] |= np.int64(1) << (t & 63)
         mark_of_key[k] = t
         key_at[t] = k
         last_access[k] = base + i
@@ -121,10 +147,12 @@ def stack_distances(keys: np.ndarray, n_keys: int, tree_size: int = 0) -> tuple[
 
 class _DistanceState:
     def __init__(self, n_keys: int, tree_size: int = 0):
-        # About four times the distinct keys: small enough to stay in cache, large enough that compaction is rare.
+        # About four times the distinct keys, so compaction is rare; bits and tree stay small enough for L1.
         size = tree_size if tree_size > n_keys + 1 else max(4 * n_keys, 1 << 16) + 1
-        self.tree = np.zeros(size, dtype=np.int32)
-        self.key_at = np.full(size, n_keys, dtype=np.int64)
+        words = (size >> 6) + 1
+        self.bits = np.zeros(words, dtype=np.int64)
+        self.tree = np.zeros(words + 1, dtype=np.int32)
+        self.key_at = np.zeros(size, dtype=np.int64)
         self.mark_of_key = np.zeros(n_keys, dtype=np.int64)
         self.last_access = np.full(n_keys, -1, dtype=np.int64)
         self.scalars = np.array([0, 0, 0, -1], dtype=np.int64)
@@ -133,28 +161,32 @@ class _DistanceState:
 
     def step(self, keys: np.ndarray, kinds: np.ndarray, keep: bool = True) -> np.ndarray:
         dist = np.empty(len(keys) if keep else 0, dtype=np.int64)
-        _distances_step(keys, kinds, self.tree, self.key_at, self.mark_of_key, self.last_access, self.scalars, dist,
-                        self.hist, self.read_hist)
+        _distances_step(keys, kinds, self.tree, self.bits, self.key_at, self.mark_of_key, self.last_access,
+                        self.scalars, dist, self.hist, self.read_hist)
         return dist
 
 
 @njit(cache=True)
-def _writebacks_step(keys, kinds, dist, flush_count, entries, dirty, last_flushes, seen, written):
+def _writebacks_step(keys, kinds, dist, flush_at, flushes, entries, dirty, last_flushes, seen, written):
     """Dirty entries written back in a cache of ``entries`` entries, continuing earlier chunks' state.
 
-    ``flush_count[i]``: whole-cache flushes before access i (counted from the start of the trace). An entry is
-    cleaned between two accesses if a flush falls between them or it was evicted (distance > entries); GET_DIRTY
-    and GET_EMPTY accesses dirty it."""
+    ``flush_at``: this chunk's whole-cache flushes (one before event ``flush_at[j]``), ``flushes`` the count before
+    the chunk. An entry is cleaned between two accesses if a flush falls between them or it was evicted
+    (distance > entries); GET_DIRTY and GET_EMPTY accesses dirty it."""
+    f = 0
     for i in range(keys.shape[0]):
+        while f < flush_at.shape[0] and flush_at[f] <= i:
+            f += 1
+        flush_count = flushes + f
         k = keys[i]
         if seen[k]:
-            if dirty[k] and (dist[i] > entries or flush_count[i] > last_flushes[k]):
+            if dirty[k] and (dist[i] > entries or flush_count > last_flushes[k]):
                 written[0] += 1
                 dirty[k] = 0
             elif dist[i] > entries:
                 dirty[k] = 0
         seen[k] = 1
-        last_flushes[k] = flush_count[i]
+        last_flushes[k] = flush_count
         if kinds[i] == GET_DIRTY or kinds[i] == GET_EMPTY:
             dirty[k] = 1
 
@@ -186,13 +218,16 @@ def _flush_all(nxt, dirty, head):
 
 
 @njit(cache=True)
-def _simulate_step(keys, kinds, flush_count, entries, prev, nxt, resident, dirty, s):
+def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, s):
     """One LRU cache of ``entries`` entries, simulated directly (keys are dense ints: the LRU list is two arrays),
-    continuing from state ``s`` (head, tail, size, hits, disk reads, write-backs, flushes seen)."""
+    continuing from state ``s`` (head, tail, size, hits, disk reads, write-backs). ``flush_at``: this
+    chunk's whole-cache flushes, one before event ``flush_at[j]`` (or after the last event)."""
     head, tail, size = s[S_HEAD], s[S_TAIL], s[S_SIZE]
+    f = 0
     for i in range(keys.shape[0]):
-        if flush_count[i] > s[S_FLUSHES]:  # a whole-cache flush writes every dirty resident entry
-            s[S_FLUSHES] = flush_count[i]
+        if f < flush_at.shape[0] and flush_at[f] <= i:  # a whole-cache flush writes every dirty resident entry
+            while f < flush_at.shape[0] and flush_at[f] <= i:
+                f += 1
             s[S_WRITTEN] += _flush_all(nxt, dirty, head)
         k = keys[i]
         if resident[k]:
@@ -235,13 +270,15 @@ def _simulate_step(keys, kinds, flush_count, entries, prev, nxt, resident, dirty
                 tail = k
         if kinds[i] == GET_DIRTY or kinds[i] == GET_EMPTY:
             dirty[k] = 1
+    if f < flush_at.shape[0]:  # flushes after the chunk's last event
+        s[S_WRITTEN] += _flush_all(nxt, dirty, head)
     s[S_HEAD], s[S_TAIL], s[S_SIZE] = head, tail, size
 
 
-def simulate(keys, kinds, flush_count, n_keys, entries):
+def simulate(keys, kinds, flush_at, n_keys, entries):
     """A whole stream through one cache: (hits, disk reads, write-backs during the trace, dirty left at the end)."""
     model = CacheModel(n_keys, [entries], direct=True)
-    model.feed(keys, kinds, np.zeros(0, np.int64), flush_count)
+    model.feed(keys, kinds, flush_at)
     c = model.finish()[0]
     return c.hits, c.disk_reads, c.writebacks, c.writebacks_at_close
 
@@ -273,19 +310,18 @@ class CacheModel:
         if self.direct:
             self.sims = [(np.full(self.n_keys, -1, np.int64), np.full(self.n_keys, -1, np.int64),
                           np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.uint8),
-                          np.array([-1, -1, 0, 0, 0, 0, 0], np.int64)) for _ in self.entries]
+                          np.array([-1, -1, 0, 0, 0, 0], np.int64)) for _ in self.entries]
         else:
             self.distances = _DistanceState(self.n_keys)
             self.dirty_state = None  # per size: dirty, last_flushes, seen, written -- created at the first dirt
 
-    def feed(self, key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray, flush_count: np.ndarray | None = None):
-        """Add a chunk of events; ``flush_at`` are this chunk's flush positions (a flush before event j)."""
-        if flush_count is None:
-            flush_count = self.flushes + np.searchsorted(flush_at, np.arange(len(key) + 1), side="right")
+    def feed(self, key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray):
+        """Add a chunk of events; ``flush_at`` are this chunk's flush positions, ascending (a flush before event j;
+        j = len(key) is a flush after the chunk's last event)."""
         self.lookups += len(key)
         if self.direct:
             for e, (prev, nxt, resident, dirty, s) in zip(self.entries, self.sims):
-                _simulate_step(key, kind, flush_count, e, prev, nxt, resident, dirty, s)
+                _simulate_step(key, kind, flush_at, e, prev, nxt, resident, dirty, s)
         else:
             dirt = self.dirty_state is not None or bool(((kind == GET_DIRTY) | (kind == GET_EMPTY)).any())
             dist = self.distances.step(key, kind, keep=dirt)
@@ -295,16 +331,14 @@ class CacheModel:
                                      np.zeros(self.n_keys, np.uint8), np.zeros(1, np.int64)) for _ in self.entries]
             if self.dirty_state is not None:
                 for e, (dirty, last_flushes, seen, written) in zip(self.entries, self.dirty_state):
-                    _writebacks_step(key, kind, dist, flush_count, e, dirty, last_flushes, seen, written)
-        self.flushes = int(flush_count[-1])
+                    _writebacks_step(key, kind, dist, flush_at, self.flushes, e, dirty, last_flushes, seen, written)
+        self.flushes += len(flush_at)
 
     def finish(self) -> list[CacheCounts]:
         out = []
         if self.direct:
-            for e, (_, nxt, _, dirty, s) in zip(self.entries, self.sims):
+            for e, (_, _, _, dirty, s) in zip(self.entries, self.sims):
                 written = int(s[S_WRITTEN])
-                if self.flushes > s[S_FLUSHES]:
-                    written += _flush_all(nxt, dirty, s[S_HEAD])
                 hits = int(s[S_HITS])
                 misses = self.lookups - hits
                 out.append(CacheCounts(e, self.lookups, hits, misses, int(s[S_READS]), max(misses - e, 0), written,

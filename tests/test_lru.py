@@ -88,9 +88,8 @@ def test_direct_simulation_equals_the_reference(seed):
     rng = np.random.default_rng(100 + seed)
     n_keys = int(rng.integers(1, 50))
     keys, kinds, flush_at = random_stream(rng, int(rng.integers(1, 2000)), n_keys)
-    flush_count = np.searchsorted(flush_at, np.arange(len(keys) + 1), side="right")
     for entries in (1, 2, 5, 13, 64):
-        hits, reads, written, left = simulate(keys, kinds, flush_count, n_keys, entries)
+        hits, reads, written, left = simulate(keys, kinds, flush_at, n_keys, entries)
         ref = reference_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), entries)
         assert (hits, reads, written, left) == (ref["hits"], ref["disk_reads"], ref["writebacks"],
                                                 ref["writebacks_at_close"])

@@ -106,6 +106,8 @@ def apply_offset_policy(trace: Trace, virtual_size: int, policy: str = "error") 
     """
     if policy not in OFFSET_POLICIES:
         raise QsimError(f"--offset-policy: {policy!r} is not one of {', '.join(OFFSET_POLICIES)}", 2)
+    if not len(trace) or int(trace.offset.max()) + int(trace.length.max()) <= virtual_size:
+        return trace  # the common case, decided without a temporary per request
     io = trace.op != FLUSH
     beyond = io & (trace.end > virtual_size)
     if not beyond.any():

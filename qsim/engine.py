@@ -19,6 +19,7 @@ from .image import ImageState
 from .trace import WRITE, Trace
 
 CHUNK_EVENTS = 1 << 22
+FAST_PATHS = True  # the kernel's shortcuts for one-extent reads and in-place overwrites (tests compare both ways)
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,7 +63,13 @@ def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
     vec[ev.G_WRITETHROUGH] = int(writethrough)
     vec[ev.G_BACKING_MODEL] = int(backing is not None)
     vec[ev.G_BACKING_SIZE] = backing.geometry.virtual_size if backing is not None else 0
+    vec[ev.G_FAST_PATHS] = int(FAST_PATHS)
     return vec
+
+
+def _l2_view(state: ImageState, g: np.ndarray):
+    return ev.new_l2_view(g, state.table_slot, state.table_host, state.entry_host, state.entry_flags,
+                          state.entry_bitmap)
 
 
 class EventChunk(NamedTuple):
@@ -116,13 +123,11 @@ class KernelRun:
         self.backing = backing
         self.g = geometry_vector(state, entry_size, writethrough, backing)
         if backing is not None:  # the backing image's allocation answers block-status queries
-            self.bg = geometry_vector(backing, backing.geometry.cluster_size, False)
-            self.b_arrays = (backing.table_slot, backing.table_host, backing.entry_host, backing.entry_flags,
-                             backing.entry_bitmap)
+            self.backing_view = _l2_view(backing, geometry_vector(backing, backing.geometry.cluster_size, False))
         else:
-            self.bg = np.zeros(ev.GEOMETRY_SIZE, np.int64)
-            self.b_arrays = (np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((1, 1), np.int64),
-                             np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint64))
+            self.backing_view = ev.new_l2_view(np.zeros(ev.GEOMETRY_SIZE, np.int64), np.zeros(0, np.int32),
+                                               np.zeros(0, np.int64), np.zeros((1, 1), np.int64),
+                                               np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint64))
         self.entry_size = entry_size
         self.record = record
         self.st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
@@ -157,7 +162,7 @@ class KernelRun:
         work = self._make_room(trace)
         i, n = 0, len(trace)
         offset = trace.offset
-        length = trace.length.astype(np.int64)
+        length = trace.length  # uint32: the kernel widens each value, no int64 copy of the whole column
         while i < n:
             out = (np.empty(self.capacity, np.int64), np.empty(self.capacity, np.uint8),
                    np.empty(self.capacity, np.int64))
@@ -166,10 +171,9 @@ class KernelRun:
             self.st[ev.S_EVENTS] = 0
             self.st[ev.S_FLUSHES] = 0
             self.st[ev.S_BACKING] = 0
-            # arrays one by one, not in tuples: numba unpacking a tuple of arrays costs reference counting per call
-            nxt = ev.run_requests(self.g, work.table_slot, work.table_host, work.entry_host, work.entry_flags,
-                                  work.entry_bitmap, work.host_used, work.refblock_covered, work.alloc_state, *out,
-                                  self.st, self.bg, *self.b_arrays, *queue, self.cnt, trace.op, offset, length, i, n)
+            run = ev.new_run(_l2_view(work, self.g), self.backing_view, work.host_used, work.refblock_covered,
+                             work.alloc_state, *out, self.st, *queue, self.cnt)
+            nxt = ev.run_requests(run, trace.op, offset, length, i, n)
             if nxt == i:  # one request needs more room than a whole buffer: grow it
                 self.capacity *= 4
                 continue

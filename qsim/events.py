@@ -8,15 +8,24 @@ handle_copied, handle_alloc, calculate_l2_meta, perform_cow, qcow2_alloc_cluster
 request. Allocation state makes this inherently sequential, so it is one numba kernel; its events go to stage 2
 (``qsim.lru``), which turns them into hits, misses and write-backs for every cache size at once.
 
+The kernel's arrays travel in two structs (numba structrefs) rather than as separate arguments: numba counts
+references on every array argument of every call, which cost about 2 us per write when 25 arrays went down five
+calls deep. ``L2View`` is one image's mapping (this image's, or its backing image's); ``Run`` is everything a run
+changes: the allocator's maps, the event and backing-request buffers, counters and scratch rows.
+
 Event keys are dense slice ids: ``table slot x slices per table + slice index`` (slots number L2 tables in the order
 they appear), equivalent to QEMU's key (the slice's host offset) because tables never move or get freed here.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit
+from types import SimpleNamespace
 
+import numpy as np
+from numba import config, njit, types
+from numba.experimental import structref
+
+from .bitops import leading_zeros32, trailing_zeros32
 from .hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
 
 # Event kinds
@@ -32,7 +41,7 @@ NORMAL, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, COMPRESSED = range
 
 # geometry/options vector (int64) indices
 (G_CLUSTER_BITS, G_TABLE_BITS, G_SLICE_BITS, G_SC_BITS, G_EXTENDED, G_SPC, G_SLICES_PER_TABLE, G_L1_SIZE,
- G_BACKING, G_WRITETHROUGH, G_EMIT, G_BACKING_MODEL, G_BACKING_SIZE) = range(13)
+ G_BACKING, G_WRITETHROUGH, G_BACKING_MODEL, G_BACKING_SIZE, G_FAST_PATHS) = range(13)
 GEOMETRY_SIZE = 13
 # run state (int64) indices
 S_EVENTS, S_FLUSHES, S_SLOTS, S_BACKING = range(4)
@@ -54,45 +63,82 @@ REQUEST_MAX_BYTES = 2**31 - 512
 INV = -1
 
 
-@njit(cache=True)
-def _ctz32(v):
-    v &= 0xFFFFFFFF
-    if v == 0:
-        return 32
-    n = 0
-    while (v & 1) == 0:
-        v >>= 1
-        n += 1
-    return n
+
+
+@structref.register
+class L2ViewType(types.StructRef):
+    def preprocess_fields(self, fields):
+        return tuple((name, types.unliteral(typ)) for name, typ in fields)
+
+
+class L2View(structref.StructRefProxy):
+    """One image's L2 mapping: geometry vector ``g`` (G_* indices), L1 index -> table slot ``tslot`` (-1: none),
+    slot -> host cluster of the table ``thost``, and per slot and entry the host cluster ``ehost`` (0: none),
+    ``eflags`` (F_*) and the extended-L2 bitmap ``ebits``."""
+
+
+L2_VIEW_FIELDS = ["g", "tslot", "thost", "ehost", "eflags", "ebits"]
+structref.define_proxy(L2View, L2ViewType, L2_VIEW_FIELDS)
+
+
+@structref.register
+class RunType(types.StructRef):
+    def preprocess_fields(self, fields):
+        return tuple((name, types.unliteral(typ)) for name, typ in fields)
+
+
+class Run(structref.StructRefProxy):
+    """A kernel run: the image ``im`` and its backing image ``bim`` (L2View), the host allocator's maps (``used``,
+    ``covered``, ``alloc``: see qsim.hostalloc), event buffers (``okey``, ``okind``, ``oflush``), the backing-request
+    queue (``bqoff``, ``bqlen``, ``bqkind``), run state ``state`` (S_*), counters ``cnt`` (C_*) and scratch rows for
+    QCowL2Meta (``metas``) and write parts (``part_first``, ``part_last``)."""
+
+
+RUN_FIELDS = ["im", "bim", "used", "covered", "alloc", "okey", "okind", "oflush", "state", "bqoff", "bqlen", "bqkind",
+              "cnt", "metas", "part_first", "part_last"]
+structref.define_proxy(Run, RunType, RUN_FIELDS)
+
+
+if config.DISABLE_JIT:  # plain Python (the tests' reference run of this same code): the fields on plain objects
+    def new_l2_view(*arrays):
+        return SimpleNamespace(**dict(zip(L2_VIEW_FIELDS, arrays)))
+
+    def new_run(*arrays):
+        return SimpleNamespace(**dict(zip(RUN_FIELDS, arrays + _scratch_rows())))
+else:
+    @njit(cache=True)
+    def new_l2_view(g, tslot, thost, ehost, eflags, ebits):
+        """An L2View (built in compiled code, so its constructor is cached with the rest)."""
+        return L2View(g, tslot, thost, ehost, eflags, ebits)
+
+    @njit(cache=True)
+    def new_run(im, bim, used, covered, alloc, okey, okind, oflush, state, bqoff, bqlen, bqkind, cnt):
+        """A Run; run_requests sizes its scratch rows."""
+        metas, part_first, part_last = _scratch_rows()
+        return Run(im, bim, used, covered, alloc, okey, okind, oflush, state, bqoff, bqlen, bqkind, cnt, metas,
+                   part_first, part_last)
 
 
 @njit(cache=True)
-def _clz32(v):
-    v &= 0xFFFFFFFF
-    if v == 0:
-        return 32
-    n = 0
-    while (v & 0x80000000) == 0:
-        v <<= 1
-        n += 1
-    return n
+def _scratch_rows():
+    return np.zeros((1, META_WIDTH), np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64)
 
 
 @njit(cache=True, inline="always")
-def _bitmaps(ebits, slot, idx):
+def _bitmaps(im, slot, idx):
     """(allocation bits, zero bits) of an extended L2 entry, as int64 (bits 0-31 and 32-63 of the bitmap)."""
-    bitmap = ebits[slot, idx]
+    bitmap = im.ebits[slot, idx]
     return np.int64(bitmap & np.uint64(0xFFFFFFFF)), np.int64(bitmap >> np.uint64(32))
 
 
 @njit(cache=True, inline="always")
-def _subcluster_type(g, ehost, eflags, ebits, slot, idx, sc):
-    f = eflags[slot, idx]
-    h = ehost[slot, idx]
+def _subcluster_type(im, slot, idx, sc):
+    f = im.eflags[slot, idx]
+    h = im.ehost[slot, idx]
     if f & F_COMPRESSED:
         return COMPRESSED
-    if g[G_EXTENDED]:
-        abits, zbits = _bitmaps(ebits, slot, idx)
+    if im.g[G_EXTENDED]:
+        abits, zbits = _bitmaps(im, slot, idx)
         if h != 0:
             if (zbits >> sc) & 1:
                 return ZERO_ALLOC
@@ -108,47 +154,49 @@ def _subcluster_type(g, ehost, eflags, ebits, slot, idx, sc):
 
 
 @njit(cache=True, inline="always")
-def _range_type(g, ehost, eflags, ebits, slot, idx, sc_from):
+def _range_type(im, slot, idx, sc_from):
     """(type of subcluster sc_from, how many subclusters from it share that type) -- qcow2_get_subcluster_range_type."""
-    t = _subcluster_type(g, ehost, eflags, ebits, slot, idx, sc_from)
-    spc = g[G_SPC]
-    if not g[G_EXTENDED] or t == COMPRESSED:
+    t = _subcluster_type(im, slot, idx, sc_from)
+    spc = im.g[G_SPC]
+    if not im.g[G_EXTENDED] or t == COMPRESSED:
         return t, spc - sc_from
-    abits, zbits = _bitmaps(ebits, slot, idx)
+    abits, zbits = _bitmaps(im, slot, idx)
     below = (np.int64(1) << sc_from) - 1
     if t == NORMAL:
-        return t, _ctz32(~(abits | below)) - sc_from
+        return t, trailing_zeros32(~(abits | below)) - sc_from
     if t == ZERO_PLAIN or t == ZERO_ALLOC:
-        return t, _ctz32(~(zbits | below)) - sc_from
-    return t, _ctz32((abits | zbits) & ~below & 0xFFFFFFFF) - sc_from
+        return t, trailing_zeros32(~(zbits | below)) - sc_from
+    return t, trailing_zeros32((abits | zbits) & ~below) - sc_from
 
 
 @njit(cache=True)
-def _needs_new_alloc(g, ehost, eflags, ebits, slot, idx):
+def _needs_new_alloc(im, slot, idx):
     """cluster_needs_new_alloc: only an allocated (normal or zero-allocated) cluster with COPIED is kept."""
-    f = eflags[slot, idx]
+    f = im.eflags[slot, idx]
     if f & F_COMPRESSED:
         return True
-    if ehost[slot, idx] != 0 and (f & F_COPIED):
+    if im.ehost[slot, idx] != 0 and (f & F_COPIED):
         return False
     return True
 
 
 @njit(cache=True, inline="always")
-def _emit(okey, okind, oflush, st, key, kind):
-    if okey.shape[0] == 0:  # not recording (building a preallocated image)
+def _emit(r, key, kind):
+    if r.okey.shape[0] == 0:  # not recording (building a preallocated image)
         return
+    st = r.state
     n = st[S_EVENTS]
-    okey[n] = key
-    okind[n] = kind
+    r.okey[n] = key
+    r.okind[n] = kind
     st[S_EVENTS] = n + 1
 
 
 @njit(cache=True)
-def _flush(okey, okind, oflush, st):
-    if oflush.shape[0] == 0:
+def _flush(r):
+    if r.oflush.shape[0] == 0:
         return
-    oflush[st[S_FLUSHES]] = st[S_EVENTS]
+    st = r.state
+    r.oflush[st[S_FLUSHES]] = st[S_EVENTS]
     st[S_FLUSHES] += 1
 
 
@@ -158,76 +206,82 @@ def _slice_key(g, slot, idx):
 
 
 @njit(cache=True)
-def _alloc_flushing(okey, okind, oflush, st, used, covered, alloc, at, n):
+def _alloc_flushing(r, at, n):
     """qcow2_alloc_clusters (at < 0: first host cluster) or qcow2_alloc_clusters_at (how many). Creating a refcount
     block on the way flushes the L2 cache first (alloc_refcount_block), once per block."""
+    alloc = r.alloc
     before = alloc[REFBLOCKS_MADE]
     if at < 0:
-        result = alloc_clusters(used, covered, alloc, n)
+        result = alloc_clusters(r.used, r.covered, alloc, n)
     else:
-        result = alloc_clusters_at(used, covered, alloc, at, n)
+        result = alloc_clusters_at(r.used, r.covered, alloc, at, n)
     for _ in range(alloc[REFBLOCKS_MADE] - before):
-        _flush(okey, okind, oflush, st)
+        _flush(r)
     return result
 
 
 @njit(cache=True)
-def _l2_allocate(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, l1):
+def _l2_allocate(r, l1):
     """l2_allocate: a host cluster for the table, get_empty (dirty) for each slice, flush the whole L2 cache."""
-    host = _alloc_flushing(okey, okind, oflush, st, used, covered, alloc, -1, 1)
-    slot = st[S_SLOTS]
-    st[S_SLOTS] = slot + 1
-    tslot[l1] = slot
-    thost[slot] = host
+    im = r.im
+    g = im.g
+    host = _alloc_flushing(r, -1, 1)
+    slot = r.state[S_SLOTS]
+    r.state[S_SLOTS] = slot + 1
+    im.tslot[l1] = slot
+    im.thost[slot] = host
     for s in range(g[G_SLICES_PER_TABLE]):
-        _emit(okey, okind, oflush, st, slot * g[G_SLICES_PER_TABLE] + s, GET_EMPTY)
-    _flush(okey, okind, oflush, st)
-    cnt[C_TABLES_ALLOCATED] += 1
+        _emit(r, slot * g[G_SLICES_PER_TABLE] + s, GET_EMPTY)
+    _flush(r)
+    r.cnt[C_TABLES_ALLOCATED] += 1
     return slot
 
 
 @njit(cache=True)
-def _get_cluster_table(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, gc, kind):
+def _get_cluster_table(r, gc, kind):
     """get_cluster_table: the slice holding guest cluster gc, allocating the L2 table first if there is none."""
+    g = r.im.g
     l1 = gc >> g[G_TABLE_BITS]
-    slot = tslot[l1]
+    slot = r.im.tslot[l1]
     if slot < 0:
-        slot = _l2_allocate(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, l1)
-    _emit(okey, okind, oflush, st, _slice_key(g, slot, gc & ((1 << g[G_TABLE_BITS]) - 1)), kind)
+        slot = _l2_allocate(r, l1)
+    _emit(r, _slice_key(g, slot, gc & ((1 << g[G_TABLE_BITS]) - 1)), kind)
     return slot
 
 
 @njit(cache=True, inline="always")
-def _count_contiguous_subclusters(g, ehost, eflags, ebits, slot, idx, nb_clusters, sc_index):
+def _count_contiguous_subclusters(im, slot, idx, nb_clusters, sc_index):
     count = 0
     expected_type = NORMAL
     expected_host = 0
     check_offset = False
     for i in range(nb_clusters):
         first_sc = sc_index if i == 0 else 0
-        t, ret = _range_type(g, ehost, eflags, ebits, slot, idx + i, first_sc)
+        t, ret = _range_type(im, slot, idx + i, first_sc)
         if i == 0:
             if t == COMPRESSED:
                 return ret
             expected_type = t
-            expected_host = ehost[slot, idx]
+            expected_host = im.ehost[slot, idx]
             check_offset = t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC
         elif t != expected_type:
             break
         elif check_offset:
             expected_host += 1
-            if expected_host != ehost[slot, idx + i]:
+            if expected_host != im.ehost[slot, idx + i]:
                 break
         count += ret
-        if first_sc + ret < g[G_SPC]:
+        if first_sc + ret < im.g[G_SPC]:
             break
     return count
 
 
-@njit(cache=True, inline="always")
-def _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, end):
-    """qcow2_get_host_offset: one lookup (none without an L2 table) -> (bytes of this extent, its subcluster type,
-    or -1 when no L2 table exists)."""
+@njit(cache=True)
+def _host_extent(r, im, emit, pos, end):
+    """qcow2_get_host_offset in image ``im`` (the run's image, or its backing image): one lookup (none without an
+    L2 table; recorded when ``emit``) -> (bytes of this extent, its subcluster type, or -1 when no L2 table
+    exists)."""
+    g = im.g
     cb = g[G_CLUSTER_BITS]
     tb = g[G_TABLE_BITS]
     gc = pos >> cb
@@ -236,47 +290,53 @@ def _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st,
     in_slice = idx & ((1 << g[G_SLICE_BITS]) - 1)
     bytes_needed = min(end - pos + oic, ((1 << g[G_SLICE_BITS]) - in_slice) << cb)
     l1 = gc >> tb
-    slot = tslot[l1] if l1 < g[G_L1_SIZE] else -1
+    slot = im.tslot[l1] if l1 < g[G_L1_SIZE] else -1
     if slot < 0:
         return bytes_needed - oic, -1
-    _emit(okey, okind, oflush, st, _slice_key(g, slot, idx), GET)
+    if emit:
+        _emit(r, _slice_key(g, slot, idx), GET)
     nb = (bytes_needed + (1 << cb) - 1) >> cb
     sc_index = oic >> g[G_SC_BITS]
-    count = _count_contiguous_subclusters(g, ehost, eflags, ebits, slot, idx, nb, sc_index)
+    count = _count_contiguous_subclusters(im, slot, idx, nb, sc_index)
     avail = (count + sc_index) << g[G_SC_BITS]
-    t = _subcluster_type(g, ehost, eflags, ebits, slot, idx, sc_index)
+    t = _subcluster_type(im, slot, idx, sc_index)
     return min(avail, bytes_needed) - oic, t
 
 
 @njit(cache=True)
-def _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags, bebits,
-          bqoff, bqlen, bqkind, pos, length):
+def _read(r, pos, length):
     """The lookups of qcow2_co_preadv_part: one per extent; unallocated extents read the backing image (queued for
     its own cache model when one is given)."""
+    im = r.im
+    modelled = im.g[G_BACKING_MODEL]
     end = pos + length
     while pos < end:
-        n, t = _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, end)
-        if g[G_BACKING_MODEL] and (t == -1 or t == UNALLOC_PLAIN or t == UNALLOC_ALLOC):
-            _queue_backing(g, bqoff, bqlen, bqkind, st, pos, n, BACKING_READ)
+        n, t = _host_extent(r, im, True, pos, end)
+        if modelled and (t == -1 or t == UNALLOC_PLAIN or t == UNALLOC_ALLOC):
+            _queue_backing(r, pos, n, BACKING_READ)
         pos += n
 
 
 @njit(cache=True)
-def _queue_backing(g, bqoff, bqlen, bqkind, st, pos, n, kind):
+def _queue_backing(r, pos, n, kind):
     """Ask the backing image for [pos, pos+n), as far as it reaches (beyond its end reads as zeroes)."""
-    if pos >= g[G_BACKING_SIZE]:
+    backing_size = r.im.g[G_BACKING_SIZE]
+    if pos >= backing_size:
         return
+    st = r.state
     k = st[S_BACKING]
-    bqoff[k] = pos
-    bqlen[k] = min(n, g[G_BACKING_SIZE] - pos)
-    bqkind[k] = kind
+    r.bqoff[k] = pos
+    r.bqlen[k] = min(n, backing_size - pos)
+    r.bqkind[k] = kind
     st[S_BACKING] = k + 1
 
 
 @njit(cache=True)
-def _calculate_l2_meta(g, ehost, eflags, ebits, metas, nmeta, host_cluster, guest, nbytes, slot, idx, keep_old):
+def _calculate_l2_meta(r, nmeta, host_cluster, guest, nbytes, slot, idx, keep_old):
     """calculate_l2_meta: append a QCowL2Meta with its COW regions, unless nothing needs doing (keep_old, all
     written subclusters already normal). Returns the new meta count."""
+    im = r.im
+    g = im.g
     cb = g[G_CLUSTER_BITS]
     scb = g[G_SC_BITS]
     spc = g[G_SPC]
@@ -292,20 +352,20 @@ def _calculate_l2_meta(g, ehost, eflags, ebits, metas, nmeta, host_cluster, gues
             write_to = min(cow_end_from, (i + 1) << cb)
             first_sc = (write_from >> scb) & (spc - 1)
             last_sc = ((write_to - 1) >> scb) & (spc - 1)
-            t, cnt = _range_type(g, ehost, eflags, ebits, slot, idx + i, first_sc)
+            t, cnt = _range_type(im, slot, idx + i, first_sc)
             if t != NORMAL or first_sc + cnt <= last_sc:
                 skip_cow = False
                 break
     if skip_cow:
         return nmeta
     sc_index = (guest >> scb) & (spc - 1)
-    t = _subcluster_type(g, ehost, eflags, ebits, slot, idx, sc_index)
+    t = _subcluster_type(im, slot, idx, sc_index)
     if not keep_old:
         if t == COMPRESSED:
             cow_start_from = 0
         elif t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC:
             if g[G_EXTENDED]:
-                cow_start_from = min(sc_index, _ctz32(_bitmaps(ebits, slot, idx)[0])) << scb
+                cow_start_from = min(sc_index, trailing_zeros32(_bitmaps(im, slot, idx)[0])) << scb
             else:
                 cow_start_from = 0
         else:
@@ -314,19 +374,19 @@ def _calculate_l2_meta(g, ehost, eflags, ebits, metas, nmeta, host_cluster, gues
         cow_start_from = cow_start_to if t == NORMAL else sc_index << scb
     last = idx + nb_clusters - 1
     sc_index = ((guest + nbytes - 1) >> scb) & (spc - 1)
-    t = _subcluster_type(g, ehost, eflags, ebits, slot, last, sc_index)
+    t = _subcluster_type(im, slot, last, sc_index)
     if not keep_old:
         if t == COMPRESSED:
             cow_end_to = (cow_end_from + cs - 1) & ~(cs - 1)
         elif t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC:
             cow_end_to = (cow_end_from + cs - 1) & ~(cs - 1)
             if g[G_EXTENDED]:
-                cow_end_to -= min(spc - sc_index - 1, _clz32(_bitmaps(ebits, slot, last)[0])) << scb
+                cow_end_to -= min(spc - sc_index - 1, leading_zeros32(_bitmaps(im, slot, last)[0])) << scb
         else:
             cow_end_to = (cow_end_from + sc_size - 1) & ~(sc_size - 1)
     else:
         cow_end_to = cow_end_from if t == NORMAL else (cow_end_from + sc_size - 1) & ~(sc_size - 1)
-    m = metas[nmeta]
+    m = r.metas[nmeta]
     m[M_ALLOC] = host_cluster
     m[M_GUEST_CLUSTER] = guest >> cb
     m[M_NB] = nb_clusters
@@ -340,14 +400,14 @@ def _calculate_l2_meta(g, ehost, eflags, ebits, metas, nmeta, host_cluster, gues
 
 
 @njit(cache=True)
-def _count_single_write_clusters(g, ehost, eflags, ebits, slot, idx, nb, new_alloc):
-    expected = ehost[slot, idx]
+def _count_single_write_clusters(im, slot, idx, nb, new_alloc):
+    expected = im.ehost[slot, idx]
     i = 0
     while i < nb:
-        if _needs_new_alloc(g, ehost, eflags, ebits, slot, idx + i) != new_alloc:
+        if _needs_new_alloc(im, slot, idx + i) != new_alloc:
             break
         if not new_alloc:
-            if expected != ehost[slot, idx + i]:
+            if expected != im.ehost[slot, idx + i]:
                 break
             expected += 1
         i += 1
@@ -364,10 +424,11 @@ def _clusters_to_slice_end(g, guest, nbytes):
 
 
 @njit(cache=True)
-def _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, cnt, metas,
-                       nmeta, offset, nbytes):
+def _alloc_host_offset(r, nmeta, offset, nbytes):
     """qcow2_alloc_host_offset: handle_copied / handle_alloc over as many clusters as stay host-contiguous.
     Returns (bytes covered, meta count)."""
+    im = r.im
+    g = im.g
     cb = g[G_CLUSTER_BITS]
     cs = np.int64(1) << cb
     tb = g[G_TABLE_BITS]
@@ -388,77 +449,72 @@ def _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, all
         idx = gc & ((1 << tb) - 1)
         # handle_copied
         nb = _clusters_to_slice_end(g, start, cur)
-        slot = _get_cluster_table(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, gc, GET)
-        if not _needs_new_alloc(g, ehost, eflags, ebits, slot, idx):
-            host = ehost[slot, idx]
+        slot = _get_cluster_table(r, gc, GET)
+        if not _needs_new_alloc(im, slot, idx):
+            host = im.ehost[slot, idx]
             if cluster_offset != INV and (host << cb) != cluster_offset - oic:
                 break
-            keep = _count_single_write_clusters(g, ehost, eflags, ebits, slot, idx, nb, False)
+            keep = _count_single_write_clusters(im, slot, idx, nb, False)
             cur = min(cur, keep * cs - oic)
-            nmeta = _calculate_l2_meta(g, ehost, eflags, ebits, metas, nmeta, host, start, cur, slot, idx, True)
+            nmeta = _calculate_l2_meta(r, nmeta, host, start, cur, slot, idx, True)
             cluster_offset = (host << cb) + oic
             continue
         # handle_alloc
-        slot = _get_cluster_table(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, gc, GET)
-        nb = _count_single_write_clusters(g, ehost, eflags, ebits, slot, idx, nb, True)
+        slot = _get_cluster_table(r, gc, GET)
+        nb = _count_single_write_clusters(im, slot, idx, nb, True)
         if cluster_offset == INV:
-            host = _alloc_flushing(okey, okind, oflush, st, used, covered, alloc, -1, nb)
+            host = _alloc_flushing(r, -1, nb)
         else:
             host = (cluster_offset - oic) >> cb
-            nb = _alloc_flushing(okey, okind, oflush, st, used, covered, alloc, host, nb)
+            nb = _alloc_flushing(r, host, nb)
             if nb == 0:
                 break
-        cnt[C_CLUSTERS_ALLOCATED] += nb
+        r.cnt[C_CLUSTERS_ALLOCATED] += nb
         cur = min(cur, min(cur + oic, nb * cs) - oic)
-        nmeta = _calculate_l2_meta(g, ehost, eflags, ebits, metas, nmeta, host, start, cur, slot, idx, False)
+        nmeta = _calculate_l2_meta(r, nmeta, host, start, cur, slot, idx, False)
         cluster_offset = (host << cb) + oic
     return nbytes - remaining, nmeta
 
 
 @njit(cache=True)
-def _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags,
-                    bebits, bqoff, bqlen, bqkind, pos, nbytes):
+def _is_unallocated(r, pos, nbytes):
     """is_unallocated via bdrv_is_allocated_above: one lookup in this image; where this image has nothing, the
     backing image answers (a block-status query in its own cache when it is modelled; taken to hold data when a
     backing file exists but is not modelled)."""
     if nbytes == 0:
         return True
-    n, t = _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, pos, pos + nbytes)
+    g = r.im.g
+    n, t = _host_extent(r, r.im, True, pos, pos + nbytes)
     if not (t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1):
         return False
     if not g[G_BACKING]:
         return n >= nbytes
     if not g[G_BACKING_MODEL]:
         return False
-    _queue_backing(g, bqoff, bqlen, bqkind, st, pos, n, BACKING_STATUS)
+    _queue_backing(r, pos, n, BACKING_STATUS)
     if pos >= g[G_BACKING_SIZE]:
         return n >= nbytes
-    none_i = np.empty(0, np.int64)
-    none_u = np.empty(0, np.uint8)
-    scratch = np.zeros(STATE_SIZE, np.int64)
-    bn, bt = _host_extent(bg, btslot, bthost, behost, beflags, bebits, none_i, none_u, none_i, scratch, pos,
-                          pos + min(n, g[G_BACKING_SIZE] - pos))
+    bn, bt = _host_extent(r, r.bim, False, pos, pos + min(n, g[G_BACKING_SIZE] - pos))
     unallocated = bt == UNALLOC_PLAIN or bt == UNALLOC_ALLOC or bt == -1
     return unallocated and min(n, bn) >= nbytes
 
 
 @njit(cache=True)
-def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost,
-                        beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, first, last):
+def _handle_alloc_space(r, first, last):
     """handle_alloc_space for metas[first:last] (newest first): zero-checks; zero-fill instead of COW when both COW
     regions read as zeroes (host with fast write-zeroes, no backing data)."""
-    cs = np.int64(1) << g[G_CLUSTER_BITS]
+    cs = np.int64(1) << r.im.g[G_CLUSTER_BITS]
+    st = r.state
+    cnt = r.cnt
     for j in range(last - 1, first - 1, -1):
-        m = metas[j]
+        m = r.metas[j]
         if m[M_START_N] == 0 and m[M_END_N] == 0:
             continue
         base = m[M_GUEST_CLUSTER] * cs
         before = st[S_EVENTS]
-        zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost,
-                               behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], m[M_START_N])
+        zero = _is_unallocated(r, base + m[M_START_OFF], m[M_START_N])
         if zero:
-            zero = _is_unallocated(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost,
-                                   behost, beflags, bebits, bqoff, bqlen, bqkind, base + m[M_END_OFF], m[M_END_N])
+            zero = _is_unallocated(r, base + m[M_END_OFF], m[M_END_N])
         cnt[C_ZERO_CHECKS] += st[S_EVENTS] - before
         if zero:
             m[M_SKIP] = 1
@@ -466,39 +522,42 @@ def _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflu
 
 
 @njit(cache=True)
-def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost,
-             behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, m, prealloc):
-    """perform_cow (reads through this image when COW is not skipped) then qcow2_alloc_cluster_link_l2."""
+def _link_l2(r, j, prealloc):
+    """perform_cow (reads through this image when COW is not skipped) then qcow2_alloc_cluster_link_l2, for
+    metas[j]."""
+    im = r.im
+    g = im.g
+    cnt = r.cnt
+    m = r.metas[j]
     cb = g[G_CLUSTER_BITS]
     cs = np.int64(1) << cb
     scb = g[G_SC_BITS]
     base = m[M_GUEST_CLUSTER] * cs
     if (m[M_START_N] or m[M_END_N]) and not m[M_SKIP] and not prealloc:
-        before = st[S_EVENTS]
+        before = r.state[S_EVENTS]
         data_bytes = m[M_END_OFF] - (m[M_START_OFF] + m[M_START_N])
         if m[M_START_N] and m[M_END_N] and data_bytes <= 16384:
             span = m[M_END_OFF] + m[M_END_N] - m[M_START_OFF]
-            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags,
-                  bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], span)
+            _read(r, base + m[M_START_OFF], span)
             cnt[C_COW_READ_BYTES] += span
         else:
             if m[M_START_N]:
-                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost,
-                      beflags, bebits, bqoff, bqlen, bqkind, base + m[M_START_OFF], m[M_START_N])
+                _read(r, base + m[M_START_OFF], m[M_START_N])
             if m[M_END_N]:
-                _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost,
-                      beflags, bebits, bqoff, bqlen, bqkind, base + m[M_END_OFF], m[M_END_N])
+                _read(r, base + m[M_END_OFF], m[M_END_N])
             cnt[C_COW_READ_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
-        cnt[C_COW_READ_LOOKUPS] += st[S_EVENTS] - before
+        cnt[C_COW_READ_LOOKUPS] += r.state[S_EVENTS] - before
     gc = m[M_GUEST_CLUSTER]
-    slot = _get_cluster_table(g, tslot, thost, used, covered, alloc, okey, okind, oflush, st, cnt, gc, GET_DIRTY)
+    slot = _get_cluster_table(r, gc, GET_DIRTY)
     idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
     written_to_all = m[M_END_OFF] + m[M_END_N]
+    ehost = im.ehost
+    eflags = im.eflags
     for i in range(m[M_NB]):
         old = ehost[slot, idx + i]
         if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i and not (eflags[slot, idx + i] & F_COMPRESSED):
-            free_cluster(used, covered, alloc, old)
+            free_cluster(r.used, r.covered, r.alloc, old)
         ehost[slot, idx + i] = m[M_ALLOC] + i
         eflags[slot, idx + i] = F_COPIED
         if g[G_EXTENDED] and not prealloc:
@@ -507,83 +566,96 @@ def _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, 
             first_sc = (written_from >> scb) & (g[G_SPC] - 1)
             last_sc = ((written_to - 1) >> scb) & (g[G_SPC] - 1)
             bits = np.uint64(((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1))
-            ebits[slot, idx + i] = (ebits[slot, idx + i] | bits) & ~(bits << np.uint64(32))
+            im.ebits[slot, idx + i] = (im.ebits[slot, idx + i] | bits) & ~(bits << np.uint64(32))
 
 
 @njit(cache=True)
-def _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot, bthost,
-           behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, part_first, part_last, offset, length, prealloc):
+def _write(r, offset, length, prealloc):
     """qcow2_co_pwritev_part: each part's lookups and zero-checks in order; the parts' L2 links come after all
     parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part."""
+    cb = r.im.g[G_CLUSTER_BITS]
     nmeta = 0
     pos = offset
     remaining = length
-    max_part = (INT_MAX >> g[G_CLUSTER_BITS]) << g[G_CLUSTER_BITS] if prealloc else INT_MAX
+    max_part = (INT_MAX >> cb) << cb if prealloc else INT_MAX
     parts = 0
+    part_first = r.part_first
+    part_last = r.part_last
     while remaining > 0:
         first = nmeta
-        done, nmeta = _alloc_host_offset(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind,
-                                         oflush, st, cnt, metas, nmeta, pos,
-                                         min(remaining, max_part))
+        done, nmeta = _alloc_host_offset(r, nmeta, pos, min(remaining, max_part))
         pos += done
         remaining -= done
         if prealloc:
             for j in range(nmeta - 1, first - 1, -1):
-                _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg,
-                         btslot, bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas[j], True)
+                _link_l2(r, j, True)
             nmeta = 0
             continue
-        _handle_alloc_space(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost,
-                            beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, first, nmeta)
+        _handle_alloc_space(r, first, nmeta)
         part_first[parts] = first
         part_last[parts] = nmeta
         parts += 1
     for p in range(parts):
         for j in range(part_last[p] - 1, part_first[p] - 1, -1):
-            _link_l2(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot,
-                     bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas[j], False)
+            _link_l2(r, j, False)
 
 
 @njit(cache=True)
-def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot,
-                 bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, op, offset, length, first, last):
+def run_requests(r, op, offset, length, first, last):
     """Process requests [first, last) until done or the event buffers might overflow; returns the next request.
 
     Room is checked before each request against a bound on the events it can make.
     """
+    im = r.im
+    g = im.g
+    st = r.state
+    cnt = r.cnt
+    okey = r.okey
+    okind = r.okind
+    tslot = im.tslot
     cb = g[G_CLUSTER_BITS]
     ev_capacity = okey.shape[0]
-    fl_capacity = oflush.shape[0]
+    fl_capacity = r.oflush.shape[0]
     recording = ev_capacity > 0
     max_clusters = 1
     for i in range(first, last):
         if op[i] != OP_PREALLOC:
-            n = ((offset[i] & ((1 << cb) - 1)) + length[i] + (1 << cb) - 1) >> cb
+            n = ((offset[i] & ((1 << cb) - 1)) + np.int64(length[i]) + (1 << cb) - 1) >> cb
             max_clusters = max(max_clusters, n)
     rows = max(2 * max_clusters, 2 * g[G_SLICES_PER_TABLE]) + 8
+    if r.metas.shape[0] < rows:
+        r.metas = np.zeros((rows, META_WIDTH), dtype=np.int64)
+        r.part_first = np.empty(rows, dtype=np.int64)
+        r.part_last = np.empty(rows, dtype=np.int64)
     sc_mask = (np.int64(1) << g[G_SC_BITS]) - 1
     tb = g[G_TABLE_BITS]
     table_mask = (np.int64(1) << tb) - 1
     sb = g[G_SLICE_BITS]
     spt = g[G_SLICES_PER_TABLE]
     l1_size = g[G_L1_SIZE]
-    metas = np.zeros((rows, META_WIDTH), dtype=np.int64)
-    part_first = np.empty(rows, dtype=np.int64)
-    part_last = np.empty(rows, dtype=np.int64)
+    backing_model = g[G_BACKING_MODEL]
+    fast = g[G_FAST_PATHS]  # the tests turn the fast paths off to hold them to the general code
+    extended = g[G_EXTENDED]
+    scb = g[G_SC_BITS]
+    cluster_mask = (np.int64(1) << cb) - 1
+    ehost = im.ehost
+    eflags = im.eflags
+    ebits = im.ebits
     for i in range(first, last):
-        n_clusters = ((offset[i] & ((1 << cb) - 1)) + length[i] + (1 << cb) - 1) >> cb
-        n_tables = (n_clusters >> g[G_TABLE_BITS]) + 2
-        bound = n_clusters * (2 * g[G_SPC] + 8) + n_tables * (g[G_SLICES_PER_TABLE] + 8) + 16
+        ln = np.int64(length[i])
+        n_clusters = ((offset[i] & ((1 << cb) - 1)) + ln + (1 << cb) - 1) >> cb
+        n_tables = (n_clusters >> tb) + 2
+        bound = n_clusters * (2 * g[G_SPC] + 8) + n_tables * (spt + 8) + 16
         if recording and (st[S_EVENTS] + bound > ev_capacity or st[S_FLUSHES] + n_clusters + n_tables + 2
-                          > fl_capacity or (g[G_BACKING_MODEL] and st[S_BACKING] + bound > bqoff.shape[0])):
+                          > fl_capacity or (backing_model and st[S_BACKING] + bound > r.bqoff.shape[0])):
             return i
         o = op[i]
         cnt[C_REQUESTS] += 1
         if o == OP_READ:
             cnt[C_READS] += 1
-            cnt[C_READ_BYTES] += length[i]
+            cnt[C_READ_BYTES] += ln
             # Fast path: a read inside one subcluster (one cluster without extended_l2) is exactly one extent.
-            if (offset[i] & sc_mask) + length[i] <= sc_mask + 1 and not g[G_BACKING_MODEL]:
+            if fast and (offset[i] & sc_mask) + ln <= sc_mask + 1 and not backing_model:
                 gc = offset[i] >> cb
                 l1 = gc >> tb
                 if l1 < l1_size and tslot[l1] >= 0 and recording:
@@ -592,23 +664,43 @@ def run_requests(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, ok
                     okind[n] = GET
                     st[S_EVENTS] = n + 1
                 continue
-            _read(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, bg, btslot, bthost, behost, beflags,
-                  bebits, bqoff, bqlen, bqkind, offset[i], length[i])
+            _read(r, offset[i], ln)
         elif o == OP_WRITE or o == OP_PREALLOC:
             cnt[C_WRITES] += 1
-            cnt[C_WRITE_BYTES] += length[i]
-            _write(g, tslot, thost, ehost, eflags, ebits, used, covered, alloc, okey, okind, oflush, st, bg, btslot,
-                   bthost, behost, beflags, bebits, bqoff, bqlen, bqkind, cnt, metas, part_first, part_last, offset[i],
-                   length[i],
-                   o == OP_PREALLOC)
+            cnt[C_WRITE_BYTES] += ln
+            if fast and o == OP_WRITE and 0 < ln and (offset[i] & cluster_mask) + ln <= cluster_mask + 1:
+                # Fast path: an overwrite inside one allocated cluster whose written subclusters hold data is one
+                # lookup and nothing else (handle_copied keeps the cluster, calculate_l2_meta skips COW, no link).
+                gc = offset[i] >> cb
+                slot = tslot[gc >> tb] if (gc >> tb) < l1_size else -1
+                if slot >= 0:
+                    idx = gc & table_mask
+                    f = eflags[slot, idx]
+                    if ehost[slot, idx] != 0 and (f & F_COPIED) and not (f & (F_COMPRESSED | F_ZERO)):
+                        normal = True
+                        if extended:
+                            first_sc = (offset[i] & cluster_mask) >> scb
+                            last_sc = ((offset[i] + ln - 1) & cluster_mask) >> scb
+                            want = ((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1)
+                            bitmap = np.int64(ebits[slot, idx])
+                            normal = (bitmap & want) == want and ((bitmap >> 32) & want) == 0
+                        if normal:
+                            if recording:
+                                n = st[S_EVENTS]
+                                okey[n] = slot * spt + (idx >> sb)
+                                okind[n] = GET
+                                st[S_EVENTS] = n + 1
+                            if g[G_WRITETHROUGH]:
+                                _flush(r)
+                            continue
+            _write(r, offset[i], ln, o == OP_PREALLOC)
             if g[G_WRITETHROUGH] and o == OP_WRITE:
-                _flush(okey, okind, oflush, st)
+                _flush(r)
         elif o == OP_STATUS:  # a block-status query from the image above: one extent's lookup
-            _host_extent(g, tslot, thost, ehost, eflags, ebits, okey, okind, oflush, st, offset[i],
-                         offset[i] + length[i])
+            _host_extent(r, im, True, offset[i], offset[i] + ln)
         elif o == OP_FLUSH:
             cnt[C_FLUSHES] += 1
-            _flush(okey, okind, oflush, st)
+            _flush(r)
         else:
             cnt[C_DISCARDS] += 1  # QEMU ignores discards unless opened with discard=unmap
     return last

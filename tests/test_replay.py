@@ -250,3 +250,56 @@ def test_streaming_from_a_file_equals_the_whole_trace(tmp_path):
         whole = replay(read_trace(path), 8 * G, options, l2_cache_sizes=sizes).rows
         streamed = replay(iter_trace(path, chunk_requests=4321), 8 * G, options, l2_cache_sizes=sizes).rows
         assert streamed == whole
+
+
+def _requests_around_data(state, n, seed):
+    """Reads, writes and flushes of 512 B..192 KiB, half of them starting in clusters that hold data."""
+    g = state.geometry
+    rng = np.random.default_rng(seed)
+    l1 = np.flatnonzero(state.table_slot >= 0)
+    slots = state.table_slot[l1]
+    used = state.entry_host[slots] != 0
+    rows, idx = np.nonzero(used)
+    clusters = l1[rows] * g.l2_entries_per_table + idx
+    starts = rng.integers(0, g.virtual_size // 512 - 512, n) * 512
+    if len(clusters):
+        near = rng.random(n) < 0.5
+        starts[near] = clusters[rng.integers(0, len(clusters), near.sum())] * g.cluster_size + \
+            rng.integers(0, g.cluster_size // 512, near.sum()) * 512
+    lengths = rng.choice([512, 4 * K, 32 * K, 64 * K, 192 * K], n)
+    lengths = np.minimum(lengths, g.virtual_size - starts)
+    ops = rng.choice([READ, WRITE, WRITE, 3], n, p=[0.4, 0.25, 0.25, 0.1])
+    return Trace.from_arrays(ops, starts, lengths)
+
+
+@pytest.mark.parametrize("image", ["fill-64k", "fill-64k-zeroed", "fill-ext-128k", "prealloc-ext-64k",
+                                   "small-64k.qcow2", "small-ext-128k.qcow2", "small-compressed.qcow2"])
+@pytest.mark.parametrize("writethrough", [False, True])
+def test_fast_paths_equal_the_general_code(monkeypatch, image, writethrough):
+    """The kernel's shortcuts (one-extent reads, in-place overwrites) change nothing: the same events, flushes,
+    counters and image afterwards as QEMU's general code paths."""
+    import qsim.engine as engine
+    from qsim.geometry import ImageGeometry
+    from qsim.image import build_image, image_from_qcow2
+    from qsim.qcow2 import open_image
+
+    if image.endswith(".qcow2"):
+        state = image_from_qcow2(open_image(str(Path(__file__).parent / "fixtures" / image)))
+    else:
+        cluster = 128 * K if "128k" in image else 64 * K
+        options = ImageOptions(cluster_size=cluster, extended_l2="ext" in image,
+                               preallocation="metadata" if "prealloc" in image else "off",
+                               fill=0.3 if "fill" in image else 0.0, seed=7)
+        state = build_image(ImageGeometry(G, cluster, options.extended_l2), options)
+        if "zeroed" in image:  # every third data cluster zeroed in place (host kept: QCOW_OFLAG_ZERO | COPIED)
+            from qsim.events import F_ZERO
+            state.entry_flags[:, ::3] |= np.where(state.entry_host[:, ::3] != 0, F_ZERO, 0).astype(np.uint8)
+    trace = _requests_around_data(state, 4000, seed=len(image))
+    runs = []
+    for fast in (True, False):
+        monkeypatch.setattr(engine, "FAST_PATHS", fast)
+        r = engine.run_kernel(state, trace, 4096, writethrough=writethrough)
+        runs.append((r.events.key.tolist(), r.events.kind.tolist(), r.events.flush_at.tolist(), r.events.counters,
+                     r.image.entry_host.tolist(), r.image.entry_flags.tolist(), r.image.entry_bitmap.tolist()))
+    assert runs[0] == runs[1]
+    assert runs[0][3]["writes"] > 1000 and len(runs[0][0]) > 3000

@@ -27,7 +27,7 @@ from .events import GET_DIRTY, GET_EMPTY
 COLD = np.iinfo(np.int64).max  # distance of a first access: a miss in every cache
 DIRECT_SIMULATION_MAX_SIZES = 3
 # scalar state of the distance kernel
-D_MARKS, D_TIME, D_EVENTS, D_LAST_KEY = range(4)
+D_MARKS, D_TIME, D_LAST_KEY = range(3)
 # scalar state of a direct simulation
 S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN = range(6)
 
@@ -77,18 +77,17 @@ def _compact(tree, bits, key_at, mark_of_key, t):
 
 
 @njit(cache=True)
-def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, last_access, scalars, dist, hist, read_hist):
-    """Stack distances of ``keys`` (written to ``dist``; counted into ``hist`` and, for accesses that read the disk
-    on a miss, ``read_hist``, clipped at n_keys + 1 = cold), continuing from the state left by earlier chunks.
+def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, scalars, dist, hist, empty_hist):
+    """Stack distances of ``keys`` (written to ``dist``; counted into ``hist`` and, for GET_EMPTY accesses, which
+    never read the disk, ``empty_hist``, clipped at n_keys + 1 = cold), continuing from earlier chunks' state.
 
     Every key's latest access holds a mark at its position in time (1, 2, ...): ``bits`` is the set of live marks,
     ``tree`` a Fenwick tree of the marks per 64-position word, for every word before the newest (which is counted
     with one popcount, so a step mostly touches one word). A distance is the live marks from the key's own mark on.
-    ``last_access`` holds global event indices; ``scalars``: live marks, newest position, events so far, last key."""
+    The marks' order is the keys' last-access order. ``scalars``: live marks, newest position, last key."""
     size = key_at.shape[0]
     marks = scalars[D_MARKS]
     t = scalars[D_TIME]
-    base = scalars[D_EVENTS]
     last_key = scalars[D_LAST_KEY]
     n_keys = mark_of_key.shape[0]
     keep = dist.shape[0] > 0  # distances are kept only when write-backs need them
@@ -97,10 +96,9 @@ def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, last_access, s
         if k == last_key:  # the same slice again: distance 1, and its mark is already the newest
             if keep:
                 dist[i] = 1
-            last_access[k] = base + i
             hist[1] += 1
-            if kinds[i] != GET_EMPTY:
-                read_hist[1] += 1
+            if kinds[i] == GET_EMPTY:
+                empty_hist[1] += 1
             continue
         last_key = k
         if t + 1 >= size:
@@ -122,8 +120,8 @@ def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, last_access, s
             if w != t >> 6:  # a complete word: its count is in the tree
                 _fenwick_add(tree, w + 1, -1)
         hist[bucket] += 1
-        if kinds[i] != GET_EMPTY:
-            read_hist[bucket] += 1
+        if kinds[i] == GET_EMPTY:
+            empty_hist[bucket] += 1
         t += 1
         w = t >> 6
         if (t & 63) == 0:  # the previous word is complete: into the tree with it
@@ -131,18 +129,15 @@ def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, last_access, s
         bits[w] |= np.int64(1) << (t & 63)
         mark_of_key[k] = t
         key_at[t] = k
-        last_access[k] = base + i
     scalars[D_MARKS] = marks
     scalars[D_TIME] = t
-    scalars[D_EVENTS] = base + keys.shape[0]
     scalars[D_LAST_KEY] = last_key
 
 
-def stack_distances(keys: np.ndarray, n_keys: int, tree_size: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Stack distance of every access (COLD for first accesses) and each key's last access, in one pass.
-    ``tree_size`` (tests only) forces a small tree so compaction runs often."""
-    state = _DistanceState(n_keys, tree_size)
-    return state.step(keys, np.zeros(len(keys), np.uint8)), state.last_access
+def stack_distances(keys: np.ndarray, n_keys: int, tree_size: int = 0) -> np.ndarray:
+    """Stack distance of every access (COLD for first accesses), in one pass. ``tree_size`` (tests only) forces a
+    small tree so compaction runs often."""
+    return _DistanceState(n_keys, tree_size).step(keys, np.zeros(len(keys), np.uint8))
 
 
 class _DistanceState:
@@ -154,15 +149,14 @@ class _DistanceState:
         self.tree = np.zeros(words + 1, dtype=np.int32)
         self.key_at = np.zeros(size, dtype=np.int64)
         self.mark_of_key = np.zeros(n_keys, dtype=np.int64)
-        self.last_access = np.full(n_keys, -1, dtype=np.int64)
-        self.scalars = np.array([0, 0, 0, -1], dtype=np.int64)
+        self.scalars = np.array([0, 0, -1], dtype=np.int64)
         self.hist = np.zeros(n_keys + 2, np.int64)  # accesses by distance, clipped: n_keys + 1 = cold
-        self.read_hist = np.zeros(n_keys + 2, np.int64)  # the same for accesses that read the disk on a miss
+        self.empty_hist = np.zeros(n_keys + 2, np.int64)  # the same for GET_EMPTY accesses (no disk read)
 
     def step(self, keys: np.ndarray, kinds: np.ndarray, keep: bool = True) -> np.ndarray:
         dist = np.empty(len(keys) if keep else 0, dtype=np.int64)
-        _distances_step(keys, kinds, self.tree, self.bits, self.key_at, self.mark_of_key, self.last_access,
-                        self.scalars, dist, self.hist, self.read_hist)
+        _distances_step(keys, kinds, self.tree, self.bits, self.key_at, self.mark_of_key, self.scalars, dist,
+                        self.hist, self.empty_hist)
         return dist
 
 
@@ -303,8 +297,9 @@ class CacheModel:
 
     def __init__(self, n_keys: int, entries: list[int], direct: bool | None = None):
         self.n_keys = max(n_keys, 1)
-        self.entries = list(entries)
-        self.direct = len(set(entries)) <= DIRECT_SIMULATION_MAX_SIZES if direct is None else direct
+        self.asked = list(entries)
+        self.entries = sorted(set(entries))  # each size once: QEMU's rules map many asked sizes to the same cache
+        self.direct = len(self.entries) <= DIRECT_SIMULATION_MAX_SIZES if direct is None else direct
         self.lookups = 0
         self.flushes = 0
         if self.direct:
@@ -335,6 +330,11 @@ class CacheModel:
         self.flushes += len(flush_at)
 
     def finish(self) -> list[CacheCounts]:
+        """Counters per asked size, in the order asked."""
+        counts = {c.entries: c for c in self._finish_each()}
+        return [counts[e] for e in self.asked]
+
+    def _finish_each(self) -> list[CacheCounts]:
         out = []
         if self.direct:
             for e, (_, _, _, dirty, s) in zip(self.entries, self.sims):
@@ -344,25 +344,25 @@ class CacheModel:
                 out.append(CacheCounts(e, self.lookups, hits, misses, int(s[S_READS]), max(misses - e, 0), written,
                                        int(dirty.sum())))
             return out
-        last = self.distances.last_access
-        seen = last >= 0
-        order = np.argsort(last[seen])
+        mark = self.distances.mark_of_key  # live marks are in last-access order
+        seen = mark > 0
+        order = np.argsort(mark[seen])
         rank = np.empty(int(seen.sum()), np.int64)
         rank[order] = np.arange(len(rank))
-        forward = np.full(self.n_keys, -1, np.int64)
+        forward = np.full(self.n_keys, -1, np.int64)  # distinct keys accessed after each key's last access
         forward[seen] = len(rank) - 1 - rank
-        hist, read_hist = self.distances.hist, self.distances.read_hist
+        hist, empty_hist = self.distances.hist, self.distances.empty_hist
         for k, e in enumerate(self.entries):
             hits = int(hist[1: min(e, self.n_keys) + 1].sum())
-            reads_hit = int(read_hist[1: min(e, self.n_keys) + 1].sum())
+            empty_misses = int(empty_hist.sum() - empty_hist[1: min(e, self.n_keys) + 1].sum())
             misses = self.lookups - hits
             written = left = 0
             if self.dirty_state is not None:
                 dirty, last_flushes, seen_k, w = self.dirty_state[k]
                 tail, left = _writebacks_finish(e, dirty, last_flushes, seen_k, forward, self.flushes)
                 written = int(w[0]) + int(tail)
-            out.append(CacheCounts(e, self.lookups, hits, misses, int(read_hist.sum()) - reads_hit,
-                                   max(misses - e, 0), written, int(left)))
+            out.append(CacheCounts(e, self.lookups, hits, misses, misses - empty_misses, max(misses - e, 0), written,
+                                   int(left)))
         return out
 
 

@@ -75,8 +75,8 @@ def test_all_sizes_at_once_equal_one_simulation_per_size(seed):
 def test_stack_distances_survive_tree_compaction(keys, tree_size):
     """A tiny tree forces compaction every few accesses; distances must not change."""
     keys = np.asarray(keys, dtype=np.int64)
-    big, _ = stack_distances(keys, 10)
-    small, _ = stack_distances(keys, 10, tree_size)
+    big = stack_distances(keys, 10)
+    small = stack_distances(keys, 10, tree_size)
     assert big.tolist() == small.tolist()
     for entries in (1, 2, 5):
         ref = reference_lru(keys.tolist(), [GET] * len(keys), [], entries)

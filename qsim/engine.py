@@ -99,13 +99,12 @@ def _room_needed(state: ImageState, trace: Trace) -> tuple[int, int]:
     first = trace.offset[writes] >> cb
     last = (trace.end[writes] - 1) >> cb
     spanned = int(min((last - first + 1).sum(), g.clusters))
-    tables = np.concatenate([first >> tb, last >> tb])
-    wide = np.flatnonzero((last >> tb) - (first >> tb) > 1)
-    if len(wide):
-        tables = np.concatenate([tables] + [np.arange(first[i] >> tb, (last[i] >> tb) + 1) for i in wide])
-    tables = np.unique(tables)
-    tables = tables[tables < g.l1_entries]
-    new_tables = int((state.table_slot[tables] < 0).sum())
+    touched = np.zeros(g.l1_entries + 1, dtype=bool)  # L1 indices the writes reach (one past the end: clipped)
+    touched[np.minimum(first >> tb, g.l1_entries)] = True
+    touched[np.minimum(last >> tb, g.l1_entries)] = True
+    for i in np.flatnonzero((last >> tb) - (first >> tb) > 1):  # a write spanning whole tables
+        touched[first[i] >> tb: min(last[i] >> tb, g.l1_entries) + 1] = True
+    new_tables = int((touched[:-1] & (state.table_slot < 0)).sum())
     refcounts_per_block = g.cluster_size * 8 // g.refcount_bits
     host = spanned + new_tables
     return new_tables, host + 2 * (host // refcounts_per_block + 1)

@@ -22,8 +22,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-from numba import config, njit, types
+from numba import carray, config, njit, types
 from numba.experimental import structref
+from numba.extending import intrinsic
 
 from .bitops import leading_zeros32, trailing_zeros32
 from .hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
@@ -106,17 +107,30 @@ if config.DISABLE_JIT:  # plain Python (the tests' reference run of this same co
     def new_run(*arrays):
         return SimpleNamespace(**dict(zip(RUN_FIELDS, arrays + _scratch_rows())))
 else:
+    @intrinsic
+    def _as_pointer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+        return types.voidptr(types.uintp), codegen
+
+    @njit(cache=True, inline="always")
+    def _borrowed(a):
+        """The same memory as a view without a reference count: the caller keeps ``a`` alive."""
+        return carray(_as_pointer(a.ctypes.data), a.shape, a.dtype)
+
     @njit(cache=True)
     def new_l2_view(g, tslot, thost, ehost, eflags, ebits):
         """An L2View (built in compiled code, so its constructor is cached with the rest)."""
-        return L2View(g, tslot, thost, ehost, eflags, ebits)
+        return L2View(_borrowed(g), _borrowed(tslot), _borrowed(thost), _borrowed(ehost), _borrowed(eflags),
+                      _borrowed(ebits))
 
     @njit(cache=True)
     def new_run(im, bim, used, covered, alloc, okey, okind, oflush, state, bqoff, bqlen, bqkind, cnt):
         """A Run; run_requests sizes its scratch rows."""
         metas, part_first, part_last = _scratch_rows()
-        return Run(im, bim, used, covered, alloc, okey, okind, oflush, state, bqoff, bqlen, bqkind, cnt, metas,
-                   part_first, part_last)
+        return Run(im, bim, _borrowed(used), _borrowed(covered), _borrowed(alloc), _borrowed(okey), _borrowed(okind),
+                   _borrowed(oflush), _borrowed(state), _borrowed(bqoff), _borrowed(bqlen), _borrowed(bqkind),
+                   _borrowed(cnt), metas, part_first, part_last)
 
 
 @njit(cache=True)
@@ -641,6 +655,9 @@ def run_requests(r, op, offset, length, first, last):
     ehost = im.ehost
     eflags = im.eflags
     ebits = im.ebits
+    # request tallies stay in registers: the counter array is written once, at the end
+    requests = reads = writes = flushes = discards = read_bytes = write_bytes = 0
+    stop = last
     for i in range(first, last):
         ln = np.int64(length[i])
         n_clusters = ((offset[i] & ((1 << cb) - 1)) + ln + (1 << cb) - 1) >> cb
@@ -648,12 +665,13 @@ def run_requests(r, op, offset, length, first, last):
         bound = n_clusters * (2 * g[G_SPC] + 8) + n_tables * (spt + 8) + 16
         if recording and (st[S_EVENTS] + bound > ev_capacity or st[S_FLUSHES] + n_clusters + n_tables + 2
                           > fl_capacity or (backing_model and st[S_BACKING] + bound > r.bqoff.shape[0])):
-            return i
+            stop = i
+            break
         o = op[i]
-        cnt[C_REQUESTS] += 1
+        requests += 1
         if o == OP_READ:
-            cnt[C_READS] += 1
-            cnt[C_READ_BYTES] += ln
+            reads += 1
+            read_bytes += ln
             # Fast path: a read inside one subcluster (one cluster without extended_l2) is exactly one extent.
             if fast and (offset[i] & sc_mask) + ln <= sc_mask + 1 and not backing_model:
                 gc = offset[i] >> cb
@@ -666,8 +684,8 @@ def run_requests(r, op, offset, length, first, last):
                 continue
             _read(r, offset[i], ln)
         elif o == OP_WRITE or o == OP_PREALLOC:
-            cnt[C_WRITES] += 1
-            cnt[C_WRITE_BYTES] += ln
+            writes += 1
+            write_bytes += ln
             if fast and o == OP_WRITE and 0 < ln and (offset[i] & cluster_mask) + ln <= cluster_mask + 1:
                 # Fast path: an overwrite inside one allocated cluster whose written subclusters hold data is one
                 # lookup and nothing else (handle_copied keeps the cluster, calculate_l2_meta skips COW, no link).
@@ -699,8 +717,15 @@ def run_requests(r, op, offset, length, first, last):
         elif o == OP_STATUS:  # a block-status query from the image above: one extent's lookup
             _host_extent(r, im, True, offset[i], offset[i] + ln)
         elif o == OP_FLUSH:
-            cnt[C_FLUSHES] += 1
+            flushes += 1
             _flush(r)
         else:
-            cnt[C_DISCARDS] += 1  # QEMU ignores discards unless opened with discard=unmap
-    return last
+            discards += 1  # QEMU ignores discards unless opened with discard=unmap
+    cnt[C_REQUESTS] += requests
+    cnt[C_READS] += reads
+    cnt[C_READ_BYTES] += read_bytes
+    cnt[C_WRITES] += writes
+    cnt[C_WRITE_BYTES] += write_bytes
+    cnt[C_FLUSHES] += flushes
+    cnt[C_DISCARDS] += discards
+    return stop

@@ -136,6 +136,7 @@ class KernelRun:
         self.st[ev.S_SLOTS] = state.n_tables
         self.cnt = np.zeros(ev.COUNTERS_SIZE, dtype=np.int64)
         self.capacity = CHUNK_EVENTS if record else 0
+        self.buffers = None  # (events, backing queue) arrays, kept across chunks
         self.n_keys = int(self.g[ev.G_SLICES_PER_TABLE]) * max(state.geometry.l1_entries, 1)
 
     @property
@@ -160,16 +161,20 @@ class KernelRun:
         return self.work
 
     def feed(self, trace: Trace, progress=None):
-        """Run the kernel over ``trace``; yields (key, kind, flush_at) event chunks, flush positions local to each."""
+        """Run the kernel over ``trace``; yields EventChunks, flush positions local to each. A chunk's arrays are
+        the run's buffers, overwritten by the next chunk: copy what you keep."""
         work = self._make_room(trace)
         i, n = 0, len(trace)
         offset = trace.offset
         length = trace.length  # uint32: the kernel widens each value, no int64 copy of the whole column
         while i < n:
-            out = (np.empty(self.capacity, np.int64), np.empty(self.capacity, np.uint8),
-                   np.empty(self.capacity, np.int64))
-            queue_size = self.capacity if self.backing is not None else 0
-            queue = (np.empty(queue_size, np.int64), np.empty(queue_size, np.int64), np.empty(queue_size, np.uint8))
+            if self.buffers is None or len(self.buffers[0][0]) != self.capacity:  # reused: no fresh pages per chunk
+                queue_size = self.capacity if self.backing is not None else 0
+                self.buffers = ((np.empty(self.capacity, np.int64), np.empty(self.capacity, np.uint8),
+                                 np.empty(self.capacity, np.int64)),
+                                (np.empty(queue_size, np.int64), np.empty(queue_size, np.int64),
+                                 np.empty(queue_size, np.uint8)))
+            out, queue = self.buffers
             self.st[ev.S_EVENTS] = 0
             self.st[ev.S_FLUSHES] = 0
             self.st[ev.S_BACKING] = 0

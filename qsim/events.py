@@ -618,53 +618,58 @@ def _write(r, offset, length, prealloc):
 def run_requests(r, op, offset, length, first, last):
     """Process requests [first, last) until done or the event buffers might overflow; returns the next request.
 
-    Room is checked before each request against a bound on the events it can make.
+    Room is checked before each request against a bound on the events it can make. Reads and overwrites that are
+    one lookup take a fast path, written out here in the loop (numba would count references on every array
+    passed to a helper); the tests hold the fast paths to the general code. Everything else follows QEMU's code.
     """
     im = r.im
     g = im.g
     st = r.state
-    cnt = r.cnt
     okey = r.okey
     okind = r.okind
     tslot = im.tslot
+    ehost = im.ehost
+    eflags = im.eflags
+    ebits = im.ebits
     cb = g[G_CLUSTER_BITS]
+    tb = g[G_TABLE_BITS]
+    sb = g[G_SLICE_BITS]
+    scb = g[G_SC_BITS]
+    spc = g[G_SPC]
+    spt = g[G_SLICES_PER_TABLE]
+    l1_size = g[G_L1_SIZE]
+    extended = g[G_EXTENDED]
+    table_mask = (np.int64(1) << tb) - 1
+    cluster_mask = (np.int64(1) << cb) - 1
+    sc_mask = (np.int64(1) << scb) - 1
     ev_capacity = okey.shape[0]
     fl_capacity = r.oflush.shape[0]
     recording = ev_capacity > 0
+    backing_model = g[G_BACKING_MODEL]
+    writethrough = g[G_WRITETHROUGH]
+    fast = g[G_FAST_PATHS] != 0 and backing_model == 0  # the tests turn the fast paths off to compare
     max_clusters = 1
     for i in range(first, last):
         if op[i] != OP_PREALLOC:
-            n = ((offset[i] & ((1 << cb) - 1)) + np.int64(length[i]) + (1 << cb) - 1) >> cb
+            n = ((offset[i] & cluster_mask) + np.int64(length[i]) + cluster_mask) >> cb
             max_clusters = max(max_clusters, n)
-    rows = max(2 * max_clusters, 2 * g[G_SLICES_PER_TABLE]) + 8
+    rows = max(2 * max_clusters, 2 * spt) + 8
     if r.metas.shape[0] < rows:
         r.metas = np.zeros((rows, META_WIDTH), dtype=np.int64)
         r.part_first = np.empty(rows, dtype=np.int64)
         r.part_last = np.empty(rows, dtype=np.int64)
-    sc_mask = (np.int64(1) << g[G_SC_BITS]) - 1
-    tb = g[G_TABLE_BITS]
-    table_mask = (np.int64(1) << tb) - 1
-    sb = g[G_SLICE_BITS]
-    spt = g[G_SLICES_PER_TABLE]
-    l1_size = g[G_L1_SIZE]
-    backing_model = g[G_BACKING_MODEL]
-    fast = g[G_FAST_PATHS]  # the tests turn the fast paths off to hold them to the general code
-    extended = g[G_EXTENDED]
-    scb = g[G_SC_BITS]
-    cluster_mask = (np.int64(1) << cb) - 1
-    ehost = im.ehost
-    eflags = im.eflags
-    ebits = im.ebits
-    # request tallies stay in registers: the counter array is written once, at the end
+    # Tallies and the event count stay in registers; the arrays are written back around the general paths.
     requests = reads = writes = flushes = discards = read_bytes = write_bytes = 0
+    events = st[S_EVENTS]
     stop = last
     for i in range(first, last):
         ln = np.int64(length[i])
-        n_clusters = ((offset[i] & ((1 << cb) - 1)) + ln + (1 << cb) - 1) >> cb
+        pos = offset[i]
+        n_clusters = ((pos & cluster_mask) + ln + cluster_mask) >> cb
         n_tables = (n_clusters >> tb) + 2
-        bound = n_clusters * (2 * g[G_SPC] + 8) + n_tables * (spt + 8) + 16
-        if recording and (st[S_EVENTS] + bound > ev_capacity or st[S_FLUSHES] + n_clusters + n_tables + 2
-                          > fl_capacity or (backing_model and st[S_BACKING] + bound > r.bqoff.shape[0])):
+        bound = n_clusters * (2 * spc + 8) + n_tables * (spt + 8) + 16
+        if recording and (events + bound > ev_capacity or st[S_FLUSHES] + n_clusters + n_tables + 2 > fl_capacity
+                          or (backing_model and st[S_BACKING] + bound > r.bqoff.shape[0])):
             stop = i
             break
         o = op[i]
@@ -672,55 +677,79 @@ def run_requests(r, op, offset, length, first, last):
         if o == OP_READ:
             reads += 1
             read_bytes += ln
-            # Fast path: a read inside one subcluster (one cluster without extended_l2) is exactly one extent.
-            if fast and (offset[i] & sc_mask) + ln <= sc_mask + 1 and not backing_model:
-                gc = offset[i] >> cb
-                l1 = gc >> tb
-                if l1 < l1_size and tslot[l1] >= 0 and recording:
-                    n = st[S_EVENTS]
-                    okey[n] = tslot[l1] * spt + ((gc & table_mask) >> sb)
-                    okind[n] = GET
-                    st[S_EVENTS] = n + 1
-                continue
-            _read(r, offset[i], ln)
         elif o == OP_WRITE or o == OP_PREALLOC:
             writes += 1
             write_bytes += ln
-            if fast and o == OP_WRITE and 0 < ln and (offset[i] & cluster_mask) + ln <= cluster_mask + 1:
-                # Fast path: an overwrite inside one allocated cluster whose written subclusters hold data is one
-                # lookup and nothing else (handle_copied keeps the cluster, calculate_l2_meta skips COW, no link).
-                gc = offset[i] >> cb
-                slot = tslot[gc >> tb] if (gc >> tb) < l1_size else -1
-                if slot >= 0:
-                    idx = gc & table_mask
-                    f = eflags[slot, idx]
-                    if ehost[slot, idx] != 0 and (f & F_COPIED) and not (f & (F_COMPRESSED | F_ZERO)):
-                        normal = True
-                        if extended:
-                            first_sc = (offset[i] & cluster_mask) >> scb
-                            last_sc = ((offset[i] + ln - 1) & cluster_mask) >> scb
-                            want = ((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1)
-                            bitmap = np.int64(ebits[slot, idx])
-                            normal = (bitmap & want) == want and ((bitmap >> 32) & want) == 0
-                        if normal:
-                            if recording:
-                                n = st[S_EVENTS]
-                                okey[n] = slot * spt + (idx >> sb)
-                                okind[n] = GET
-                                st[S_EVENTS] = n + 1
-                            if g[G_WRITETHROUGH]:
-                                _flush(r)
-                            continue
-            _write(r, offset[i], ln, o == OP_PREALLOC)
-            if g[G_WRITETHROUGH] and o == OP_WRITE:
-                _flush(r)
-        elif o == OP_STATUS:  # a block-status query from the image above: one extent's lookup
-            _host_extent(r, im, True, offset[i], offset[i] + ln)
         elif o == OP_FLUSH:
             flushes += 1
-            _flush(r)
-        else:
+        elif o == OP_DISCARD:
             discards += 1  # QEMU ignores discards unless opened with discard=unmap
+            continue
+        if fast and ln > 0 and (o == OP_READ or o == OP_WRITE):
+            gc = pos >> cb
+            last_gc = (pos + ln - 1) >> cb
+            l1 = gc >> tb
+            slot = tslot[l1] if l1 < l1_size else -1
+            idx = gc & table_mask
+            one = (last_gc >> sb) == (gc >> sb)  # inside one slice (so one table)
+            if o == OP_READ:
+                # One extent: inside one subcluster, or (without extended_l2) clusters of one type, host-contiguous
+                # where allocated. Without an L2 table there is no lookup at all.
+                if one and (pos & sc_mask) + ln > sc_mask + 1 and slot >= 0:
+                    f0 = eflags[slot, idx] & (F_ZERO | F_COMPRESSED)
+                    h0 = ehost[slot, idx]
+                    one = not extended and (f0 & F_COMPRESSED) == 0
+                    for j in range(1, last_gc - gc + 1):
+                        if not one:
+                            break
+                        h = ehost[slot, idx + j]
+                        one = (eflags[slot, idx + j] & (F_ZERO | F_COMPRESSED)) == f0 and (h != 0) == (h0 != 0) \
+                            and (h0 == 0 or h == h0 + j)
+                elif one and (pos & sc_mask) + ln > sc_mask + 1:
+                    one = not extended
+            else:
+                # An overwrite in place: every cluster allocated with COPIED, host-contiguous, every written
+                # subcluster holding data -- handle_copied keeps them, calculate_l2_meta skips COW, no link.
+                one = one and slot >= 0
+                if one:
+                    h0 = ehost[slot, idx]
+                    for j in range(last_gc - gc + 1):
+                        f = eflags[slot, idx + j]
+                        one = h0 != 0 and ehost[slot, idx + j] == h0 + j and (f & F_COPIED) != 0 and \
+                            (f & (F_COMPRESSED | F_ZERO)) == 0
+                        if one and extended:
+                            first_sc = 0 if j > 0 else (pos & cluster_mask) >> scb
+                            last_sc = spc - 1 if gc + j < last_gc else ((pos + ln - 1) & cluster_mask) >> scb
+                            want = ((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1)
+                            bitmap = np.int64(ebits[slot, idx + j])
+                            one = (bitmap & want) == want and ((bitmap >> 32) & want) == 0
+                        if not one:
+                            break
+            if one:
+                if slot >= 0 and recording:
+                    okey[events] = slot * spt + (idx >> sb)
+                    okind[events] = GET
+                    events += 1
+                if not (o == OP_WRITE and writethrough):
+                    continue
+                st[S_EVENTS] = events
+                _flush(r)
+                events = st[S_EVENTS]
+                continue
+        st[S_EVENTS] = events
+        if o == OP_READ:
+            _read(r, pos, ln)
+        elif o == OP_WRITE or o == OP_PREALLOC:
+            _write(r, pos, ln, o == OP_PREALLOC)
+            if writethrough and o == OP_WRITE:
+                _flush(r)
+        elif o == OP_STATUS:  # a block-status query from the image above: one extent's lookup
+            _host_extent(r, im, True, pos, pos + ln)
+        elif o == OP_FLUSH:
+            _flush(r)
+        events = st[S_EVENTS]
+    st[S_EVENTS] = events
+    cnt = r.cnt
     cnt[C_REQUESTS] += requests
     cnt[C_READS] += reads
     cnt[C_READ_BYTES] += read_bytes

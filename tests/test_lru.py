@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qsim.events import GET, GET_DIRTY, GET_EMPTY
-from qsim.lru import CacheModel, counts_for_sizes, simulate, stack_distances
+from qsim.lru import COLD, CacheModel, counts_for_sizes, simulate, stack_distances
 
 
 def reference_lru(keys, kinds, flush_at, entries):
@@ -121,3 +121,18 @@ def test_feeding_chunks_equals_one_pass(seed, direct):
 def test_empty_stream():
     c = counts_for_sizes(np.zeros(0, np.int64), np.zeros(0, np.uint8), np.zeros(0, np.int64), 1, [2])[0]
     assert (c.lookups, c.misses, c.writebacks) == (0, 0, 0)
+
+
+def test_distances_over_many_keys():
+    """A hot set mixed with a wide cold range: short and long distances, marks in many words of the bitmap, tree
+    updates and compactions; misses must equal the reference at every size."""
+    rng = np.random.default_rng(7)
+    n_keys = 6000
+    hot = rng.integers(0, 40, 30000)
+    cold = rng.integers(0, n_keys, 30000)
+    keys = np.where(rng.random(30000) < 0.7, hot, cold).astype(np.int64)
+    dist = stack_distances(keys, n_keys)
+    for entries in (1, 8, 40, 300, 2500, 6000):
+        ref = reference_lru(keys.tolist(), [GET] * len(keys), [], entries)
+        assert int((dist > entries).sum()) == ref["misses"], entries
+    assert (dist[dist < COLD] > 1000).sum() > 1000 and (dist <= 64).sum() > 10000

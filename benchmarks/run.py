@@ -192,6 +192,7 @@ def main() -> int:
     mode.add_argument("--quick", action="store_true", help="1M requests, 3 rounds (about 2 minutes)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round: checks the harness works")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "latest.csv"))
+    p.add_argument("--only", metavar="TEXT", help="only the workloads whose name contains TEXT (e.g. fio, zipf)")
     args = p.parse_args()
     if args.smoke:
         counts, rounds, od_limit = [20_000], 1, 20_000
@@ -210,6 +211,8 @@ def main() -> int:
     results = []
     for n in counts:
         for name, options, size, trace in workloads(n, args.smoke):
+            if args.only and args.only not in name:
+                continue
             g = ImageGeometry(size, options.cluster_size, options.extended_l2)
             image = build_image(g, options)
             sizes20 = parse_cache_sizes(SIZES_20)

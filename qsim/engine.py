@@ -145,7 +145,8 @@ class KernelRun:
         return replace(current, n_tables=int(self.st[ev.S_SLOTS]))
 
     def _make_room(self, trace: Trace) -> ImageState:
-        if not ((trace.op == WRITE) | (trace.op == ev.OP_PREALLOC)).any():
+        ops = np.bincount(trace.op, minlength=ev.OP_STATUS + 1)  # one pass, no per-request temporaries
+        if not (ops[WRITE] or ops[ev.OP_PREALLOC]):
             return self.work if self.work is not None else self.original  # reads never change the image
         current = self.image
         extra_tables, extra_host = _room_needed(current, trace)

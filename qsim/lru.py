@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit
 
 from .bitops import popcount64, trailing_zeros64
-from .events import GET_DIRTY, GET_EMPTY
+from .events import GET, GET_DIRTY, GET_EMPTY
 
 COLD = np.iinfo(np.int64).max  # distance of a first access: a miss in every cache
 DIRECT_SIMULATION_MAX_SIZES = 3
@@ -289,6 +289,9 @@ class CacheCounts:
     writebacks_at_close: int
 
 
+assert GET == 0 and GET_DIRTY != 0 and GET_EMPTY != 0  # CacheModel.feed tests for dirt with kind.any()
+
+
 class CacheModel:
     """Caches of several sizes (entry counts) fed one event stream, in one or many chunks.
 
@@ -318,9 +321,9 @@ class CacheModel:
             for e, (prev, nxt, resident, dirty, s) in zip(self.entries, self.sims):
                 _simulate_step(key, kind, flush_at, e, prev, nxt, resident, dirty, s)
         else:
-            dirt = self.dirty_state is not None or bool(((kind == GET_DIRTY) | (kind == GET_EMPTY)).any())
-            dist = self.distances.step(key, kind, keep=dirt)
-            if self.dirty_state is None and ((kind == GET_DIRTY) | (kind == GET_EMPTY)).any():
+            dirties = self.dirty_state is None and bool(kind.any())  # GET is 0: any other kind dirties its slice
+            dist = self.distances.step(key, kind, keep=self.dirty_state is not None or dirties)
+            if dirties:
                 # Nothing was dirty before this chunk, so no earlier access owes a write-back: start from zeros.
                 self.dirty_state = [(np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.int64),
                                      np.zeros(self.n_keys, np.uint8), np.zeros(1, np.int64)) for _ in self.entries]

@@ -677,65 +677,77 @@ def run_requests(r, op, offset, length, first, last):
         if o == OP_READ:
             reads += 1
             read_bytes += ln
+            if fast and ln > 0:
+                # One extent: inside one subcluster, or (without extended_l2) inside one slice with clusters of one
+                # type, host-contiguous where allocated. Without an L2 table there is no lookup at all.
+                gc = pos >> cb
+                l1 = gc >> tb
+                slot = tslot[l1] if l1 < l1_size else -1
+                idx = gc & table_mask
+                one = (pos & sc_mask) + ln <= sc_mask + 1
+                if not one and not extended:
+                    last_gc = (pos + ln - 1) >> cb
+                    one = (last_gc >> sb) == (gc >> sb)
+                    if one and slot >= 0:
+                        f0 = eflags[slot, idx] & (F_ZERO | F_COMPRESSED)
+                        h0 = ehost[slot, idx]
+                        one = (f0 & F_COMPRESSED) == 0
+                        for j in range(1, last_gc - gc + 1):
+                            h = ehost[slot, idx + j]
+                            if (eflags[slot, idx + j] & (F_ZERO | F_COMPRESSED)) != f0 or (h != 0) != (h0 != 0) \
+                                    or (h0 != 0 and h != h0 + j):
+                                one = False
+                                break
+                if one:
+                    if slot >= 0 and recording:
+                        okey[events] = slot * spt + (idx >> sb)
+                        okind[events] = GET
+                        events += 1
+                    continue
         elif o == OP_WRITE or o == OP_PREALLOC:
             writes += 1
             write_bytes += ln
+            if fast and o == OP_WRITE and ln > 0:
+                # An overwrite in place: inside one slice, every cluster allocated with COPIED, host-contiguous,
+                # every written subcluster holding data -- handle_copied keeps them, calculate_l2_meta skips COW,
+                # nothing is linked.
+                gc = pos >> cb
+                last_gc = (pos + ln - 1) >> cb
+                l1 = gc >> tb
+                slot = tslot[l1] if l1 < l1_size else -1
+                idx = gc & table_mask
+                one = slot >= 0 and (last_gc >> sb) == (gc >> sb)
+                if one:
+                    h0 = ehost[slot, idx]
+                    for j in range(last_gc - gc + 1):
+                        f = eflags[slot, idx + j]
+                        if h0 == 0 or ehost[slot, idx + j] != h0 + j or (f & F_COPIED) == 0 or \
+                                (f & (F_COMPRESSED | F_ZERO)) != 0:
+                            one = False
+                            break
+                        if extended:
+                            first_sc = 0 if j > 0 else (pos & cluster_mask) >> scb
+                            last_sc = spc - 1 if gc + j < last_gc else ((pos + ln - 1) & cluster_mask) >> scb
+                            want = ((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1)
+                            bitmap = np.int64(ebits[slot, idx + j])
+                            if (bitmap & want) != want or ((bitmap >> 32) & want) != 0:
+                                one = False
+                                break
+                if one:
+                    if recording:
+                        okey[events] = slot * spt + (idx >> sb)
+                        okind[events] = GET
+                        events += 1
+                    if writethrough:
+                        st[S_EVENTS] = events
+                        _flush(r)
+                        events = st[S_EVENTS]
+                    continue
         elif o == OP_FLUSH:
             flushes += 1
         elif o == OP_DISCARD:
             discards += 1  # QEMU ignores discards unless opened with discard=unmap
             continue
-        if fast and ln > 0 and (o == OP_READ or o == OP_WRITE):
-            gc = pos >> cb
-            last_gc = (pos + ln - 1) >> cb
-            l1 = gc >> tb
-            slot = tslot[l1] if l1 < l1_size else -1
-            idx = gc & table_mask
-            one = (last_gc >> sb) == (gc >> sb)  # inside one slice (so one table)
-            if o == OP_READ:
-                # One extent: inside one subcluster, or (without extended_l2) clusters of one type, host-contiguous
-                # where allocated. Without an L2 table there is no lookup at all.
-                if one and (pos & sc_mask) + ln > sc_mask + 1 and slot >= 0:
-                    f0 = eflags[slot, idx] & (F_ZERO | F_COMPRESSED)
-                    h0 = ehost[slot, idx]
-                    one = not extended and (f0 & F_COMPRESSED) == 0
-                    for j in range(1, last_gc - gc + 1):
-                        if not one:
-                            break
-                        h = ehost[slot, idx + j]
-                        one = (eflags[slot, idx + j] & (F_ZERO | F_COMPRESSED)) == f0 and (h != 0) == (h0 != 0) \
-                            and (h0 == 0 or h == h0 + j)
-                elif one and (pos & sc_mask) + ln > sc_mask + 1:
-                    one = not extended
-            else:
-                # An overwrite in place: every cluster allocated with COPIED, host-contiguous, every written
-                # subcluster holding data -- handle_copied keeps them, calculate_l2_meta skips COW, no link.
-                one = one and slot >= 0
-                if one:
-                    h0 = ehost[slot, idx]
-                    for j in range(last_gc - gc + 1):
-                        f = eflags[slot, idx + j]
-                        one = h0 != 0 and ehost[slot, idx + j] == h0 + j and (f & F_COPIED) != 0 and \
-                            (f & (F_COMPRESSED | F_ZERO)) == 0
-                        if one and extended:
-                            first_sc = 0 if j > 0 else (pos & cluster_mask) >> scb
-                            last_sc = spc - 1 if gc + j < last_gc else ((pos + ln - 1) & cluster_mask) >> scb
-                            want = ((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1)
-                            bitmap = np.int64(ebits[slot, idx + j])
-                            one = (bitmap & want) == want and ((bitmap >> 32) & want) == 0
-                        if not one:
-                            break
-            if one:
-                if slot >= 0 and recording:
-                    okey[events] = slot * spt + (idx >> sb)
-                    okind[events] = GET
-                    events += 1
-                if not (o == OP_WRITE and writethrough):
-                    continue
-                st[S_EVENTS] = events
-                _flush(r)
-                events = st[S_EVENTS]
-                continue
         st[S_EVENTS] = events
         if o == OP_READ:
             _read(r, pos, ln)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
 from . import events as ev
 from . import hostalloc
@@ -109,6 +110,30 @@ def _room_needed(state: ImageState, trace: Trace) -> tuple[int, int]:
     refcounts_per_block = g.cluster_size * 8 // g.refcount_bits
     host = spanned + new_tables
     return new_tables, host + 2 * (host // refcounts_per_block + 1)
+
+
+def events_nest(trace: Trace, state: ImageState, entry_size: int) -> bool:
+    """Whether every larger slice (entry) size sees exactly the L2 events ``entry_size`` sees, each key shifted
+    right by log2 of the ratio (keys number slices in table order, and slices of a power-of-two size nest).
+
+    True for a trace of reads, flushes and discards in which no read crosses an ``entry_size`` slice boundary: a
+    read's lookups are one per extent, and extents are then cut by the image's mapping alone, never by a slice
+    end; nothing allocates, so no table's slices are created. (Callers also require no modelled backing image.)"""
+    ops = np.bincount(trace.op, minlength=ev.OP_STATUS + 1)
+    if ops[WRITE] or ops[ev.OP_PREALLOC] or ops[ev.OP_STATUS]:
+        return False
+    g = state.geometry
+    slice_bits = (entry_size // g.l2_entry_bytes * g.cluster_size).bit_length() - 1
+    return _reads_within_slices(trace.op, trace.offset, trace.length, slice_bits)
+
+
+@njit(cache=True)
+def _reads_within_slices(op, offset, length, slice_bits):
+    for i in range(op.shape[0]):
+        if op[i] == ev.OP_READ and length[i] > 0 and \
+                (offset[i] >> slice_bits) != ((offset[i] + np.int64(length[i]) - 1) >> slice_bits):
+            return False
+    return True
 
 
 class KernelRun:

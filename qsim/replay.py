@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cachecfg import DEFAULT_QEMU_VERSION, CacheConfig, CacheSettings, resolve_cache
-from .engine import KernelRun
+from .engine import KernelRun, events_nest
 from .errors import QsimError, UsageError
 from .geometry import ImageGeometry, measure
 from .image import ImageState, build_image
@@ -23,6 +23,7 @@ from .trace import Trace, apply_offset_policy
 from .units import parse_size
 
 CACHE_MODES = ("writeback", "writethrough")
+SHARE_STAGE_1 = True  # derive coarser slice sizes' events from the finest when they nest (tests compare both ways)
 GIB = 1 << 30
 
 
@@ -138,12 +139,24 @@ def replay(
             below = (backing_run, CacheModel(backing_run.n_keys, [backing_cache.l2_cache_entries]))
         groups.append((run, CacheModel(run.n_keys, [configs[k].l2_cache_entries for k in chosen]), chosen, below))
     source = "<memory>"
+    finest = groups[0][0]
     for chunk in chunks:
         source = chunk.source
         chunk = apply_offset_policy(chunk, geometry.virtual_size, offset_policy)
+        # When the coarser slice sizes see the finest stream's events with shifted keys, stage 1 runs once.
+        shared = SHARE_STAGE_1 and len(groups) > 1 and backing is None and \
+            events_nest(chunk, finest.original, finest.entry_size)
+        before = finest.cnt.copy()
         for g, (run, model, _, below) in enumerate(groups):
+            if g > 0 and shared:
+                run.cnt += finest.cnt - before  # the same requests, reads and bytes; a read-only image is unchanged
+                continue
             for events in run.feed(chunk, progress if g == 0 else None):
                 model.feed(events.key, events.kind, events.flush_at)
+                if g == 0 and shared:
+                    for coarse, coarse_model, _, _ in groups[1:]:
+                        shift = (coarse.entry_size // finest.entry_size).bit_length() - 1
+                        coarse_model.feed(events.key >> shift, events.kind, events.flush_at)
                 if below is not None and len(events.backing_offset):
                     for backing_events in below[0].feed(events.backing_trace()):
                         below[1].feed(backing_events.key, backing_events.kind, backing_events.flush_at)

@@ -1,6 +1,7 @@
 """The replay engine on QEMU 7.2's observed test vectors (shared/qemu-behaviour.md), a vectorized reference for
 reads, the compiled kernel against its plain-Python self, and the replay/sweep interfaces."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -303,3 +304,37 @@ def test_fast_paths_equal_the_general_code(monkeypatch, image, writethrough):
                      r.image.entry_host.tolist(), r.image.entry_flags.tolist(), r.image.entry_bitmap.tolist()))
     assert runs[0] == runs[1]
     assert runs[0][3]["writes"] > 1000 and len(runs[0][0]) > 3000
+
+
+@pytest.mark.parametrize("case", ["reads", "reads crossing slices", "with writes", "extended_l2 reads"])
+def test_coarser_slices_share_the_finest_stage_1(monkeypatch, case):
+    """Cache sizes that get different slice (entry) sizes -- 4k slices while the cache covers part of the disk,
+    whole tables once it covers all of it -- run stage 1 once when the coarser streams are the finest one with
+    shifted keys. The rows must equal separate runs, and the rule must refuse what does not nest."""
+    from qsim.engine import events_nest
+    from qsim.geometry import ImageGeometry
+    from qsim.image import build_image
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    ext = case.startswith("extended")
+    cluster = 128 * K if ext else 64 * K
+    slice_bytes = 4 * K // (16 if ext else 8) * cluster
+    offsets = rng.integers(0, 8 * G // (4 * K) - 64, n) * 4 * K
+    lengths = rng.choice([4 * K, 16 * K, 64 * K, 256 * K], n)
+    if case != "reads crossing slices":  # every read inside one 4k-entry slice
+        offsets = np.minimum(offsets, (offsets // slice_bytes + 1) * slice_bytes - lengths)
+    ops = rng.choice([READ, READ, READ, 3], n)
+    if case == "with writes":
+        ops[::7] = WRITE
+    t = Trace.from_arrays(ops, offsets, lengths)
+    options = ImageOptions(cluster_size=cluster, extended_l2=ext, fill=0.2, seed=3)
+    replay_module = importlib.import_module("qsim.replay")  # (qsim.replay the attribute is the function)
+    rows = {}
+    for share in (True, False):
+        monkeypatch.setattr(replay_module, "SHARE_STAGE_1", share)
+        rows[share] = replay(t, 8 * G, options, l2_cache_sizes="4k,64k,1M,default").rows
+    assert rows[True] == rows[False]
+    assert [r["l2_cache_entry_size"] for r in rows[True]] == [4 * K, 4 * K, cluster, cluster]
+    state = build_image(ImageGeometry(8 * G, cluster, ext), options)
+    assert events_nest(t, state, 4 * K) == (case in ("reads", "extended_l2 reads"))

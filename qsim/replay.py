@@ -143,9 +143,10 @@ def replay(
     for chunk in chunks:
         source = chunk.source
         chunk = apply_offset_policy(chunk, geometry.virtual_size, offset_policy)
-        # When the coarser slice sizes see the finest stream's events with shifted keys, stage 1 runs once.
-        shared = SHARE_STAGE_1 and len(groups) > 1 and backing is None and \
-            events_nest(chunk, finest.original, finest.entry_size)
+        # When the coarser slice sizes see the finest stream's events with shifted keys, stage 1 runs once. Only
+        # while the image is the one given: after writes, each slice size's run keeps its own image state.
+        shared = SHARE_STAGE_1 and len(groups) > 1 and backing is None and all(r.work is None for r, *_ in groups) \
+            and events_nest(chunk, finest.original, finest.entry_size)
         before = finest.cnt.copy()
         for g, (run, model, _, below) in enumerate(groups):
             if g > 0 and shared:

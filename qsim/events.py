@@ -8,10 +8,12 @@ handle_copied, handle_alloc, calculate_l2_meta, perform_cow, qcow2_alloc_cluster
 request. Allocation state makes this inherently sequential, so it is one numba kernel; its events go to stage 2
 (``qsim.lru``), which turns them into hits, misses and write-backs for every cache size at once.
 
-The kernel's arrays travel in two structs (numba structrefs) rather than as separate arguments: numba counts
-references on every array argument of every call, which cost about 2 us per write when 25 arrays went down five
-calls deep. ``L2View`` is one image's mapping (this image's, or its backing image's); ``Run`` is everything a run
-changes: the allocator's maps, the event and backing-request buffers, counters and scratch rows.
+The kernel's arrays travel in two structs (numba structrefs) rather than as separate arguments, as views that
+borrow the caller's memory: numba counts references (atomically) on every array argument of every call and every
+field read, which cost about 2 us per write when 25 arrays went down five calls deep. ``L2View`` is one image's
+mapping (this image's, or its backing image's); ``Run`` is everything a run changes: the allocator's maps, the
+event and backing-request buffers, counters and scratch rows. Reads and overwrites that are one lookup take a fast
+path in ``run_requests``; the tests hold it to the general code.
 
 Event keys are dense slice ids: ``table slot x slices per table + slice index`` (slots number L2 tables in the order
 they appear), equivalent to QEMU's key (the slice's host offset) because tables never move or get freed here.
@@ -62,8 +64,6 @@ META_WIDTH = 9
 INT_MAX = 2**31 - 1
 REQUEST_MAX_BYTES = 2**31 - 512
 INV = -1
-
-
 
 
 @structref.register

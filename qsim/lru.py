@@ -4,14 +4,16 @@ QEMU's qcow2 cache is one fully associative LRU (block/qcow2-cache.c), so Mattso
 pass computes every access's reuse (stack) distance -- the number of distinct slices touched since the previous
 access of the same slice, plus one -- and an access hits in a cache of C entries exactly when its distance is at
 most C. Misses for every size then come from one histogram. Evictions follow (a cache never shrinks, so every miss
-after the first C evicts). Write-backs depend on dirtiness and flushes, so they get one short compiled pass per size.
+after the first C evicts). Write-backs depend on dirtiness and flushes, so they get a second compiled pass that
+carries a dirty bit per size.
 For a handful of sizes, simulating each cache directly (O(1) per access) is faster still.
 
 All kernels carry their state in arrays, so a trace can be fed in chunks (``CacheModel.feed``) with results equal
 to one whole pass: that is how traces larger than memory stream. The sequential kernels are ``_distances_step``
 (a bitmap of live access times with a Fenwick tree over its 64-bit words, compacted whenever it fills, so for 32768
 slices the two take 24 KiB and stay in L1; a distance costs one short tree walk and one popcount),
-``_writebacks_step`` and ``_simulate_step``; the tests hold plain-Python references beside them.
+``_writebacks_step`` (every size in one pass, a dirty bit per size) and ``_simulate_step``; the tests hold
+plain-Python references beside them.
 """
 
 from __future__ import annotations
@@ -161,42 +163,69 @@ class _DistanceState:
 
 
 @njit(cache=True)
-def _writebacks_step(keys, kinds, dist, flush_at, flushes, entries, dirty, last_flushes, seen, written):
-    """Dirty entries written back in a cache of ``entries`` entries, continuing earlier chunks' state.
+def _sizes_below(entries, distance):
+    """How many of the (ascending) cache sizes are smaller than ``distance``: the caches that missed."""
+    lo = 0
+    hi = entries.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if entries[mid] < distance:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
-    ``flush_at``: this chunk's whole-cache flushes (one before event ``flush_at[j]``), ``flushes`` the count before
-    the chunk. An entry is cleaned between two accesses if a flush falls between them or it was evicted
-    (distance > entries); GET_DIRTY and GET_EMPTY accesses dirty it."""
+
+@njit(cache=True)
+def _writebacks_step(keys, kinds, dist, flush_at, flushes, entries, dirty, last_flushes, written):
+    """Dirty entries written back, for every cache size (``entries``, ascending) in one pass, continuing earlier
+    chunks' state.
+
+    ``dirty[k]`` holds one bit per size (bit s of word s // 64): slice k is dirty in that cache. Between two accesses
+    of a slice its dirty copy is written back, in every cache, if a flush fell between them (``flush_at``: this
+    chunk's flushes, one before event ``flush_at[j]``; ``flushes`` the count before the chunk; ``last_flushes[k]``
+    the count at k's last access), and in each cache too small to have kept it (entries < distance) when it was
+    evicted. GET_DIRTY and GET_EMPTY accesses dirty it in every cache."""
+    n_sizes = entries.shape[0]
     f = 0
     for i in range(keys.shape[0]):
         while f < flush_at.shape[0] and flush_at[f] <= i:
             f += 1
         flush_count = flushes + f
         k = keys[i]
-        if seen[k]:
-            if dirty[k] and (dist[i] > entries or flush_count > last_flushes[k]):
-                written[0] += 1
-                dirty[k] = 0
-            elif dist[i] > entries:
-                dirty[k] = 0
-        seen[k] = 1
+        cleaned = n_sizes if flush_count > last_flushes[k] else _sizes_below(entries, dist[i])
+        for w in range(min(dirty.shape[1], (cleaned + 63) >> 6)):
+            bits = dirty[k, w]
+            if bits == 0:
+                continue
+            here = min(64, cleaned - (w << 6))
+            mask = np.int64(-1) if here == 64 else (np.int64(1) << here) - 1
+            out = bits & mask
+            while out != 0:
+                written[(w << 6) + trailing_zeros64(out)] += 1
+                out &= out - 1
+            dirty[k, w] = bits & ~mask
         last_flushes[k] = flush_count
         if kinds[i] == GET_DIRTY or kinds[i] == GET_EMPTY:
-            dirty[k] = 1
+            for w in range(dirty.shape[1]):
+                here = min(64, n_sizes - (w << 6))
+                dirty[k, w] = np.int64(-1) if here == 64 else (np.int64(1) << here) - 1
 
 
 @njit(cache=True)
-def _writebacks_finish(entries, dirty, last_flushes, seen, forward_distinct, total_flushes):
-    """(write-backs after each key's last access, entries still dirty at the end of the trace)."""
-    written = 0
-    left = 0
+def _writebacks_finish(entries, dirty, last_flushes, forward_distinct, total_flushes, written, left):
+    """Per size: write-backs after each key's last access (a later flush, or evicted by what came after), and
+    entries still dirty at the end of the trace."""
     for k in range(dirty.shape[0]):
-        if seen[k] and dirty[k]:
-            if forward_distinct[k] >= entries or total_flushes > last_flushes[k]:
-                written += 1
-            else:
-                left += 1
-    return written, left
+        for w in range(dirty.shape[1]):
+            bits = dirty[k, w]
+            while bits != 0:
+                s = (w << 6) + trailing_zeros64(bits)
+                bits &= bits - 1
+                if forward_distinct[k] >= entries[s] or total_flushes > last_flushes[k]:
+                    written[s] += 1
+                else:
+                    left[s] += 1
 
 
 @njit(cache=True)
@@ -311,7 +340,7 @@ class CacheModel:
                           np.array([-1, -1, 0, 0, 0, 0], np.int64)) for _ in self.entries]
         else:
             self.distances = _DistanceState(self.n_keys)
-            self.dirty_state = None  # per size: dirty, last_flushes, seen, written -- created at the first dirt
+            self.dirty_state = None  # dirty bits, last flushes, written per size -- created at the first dirt
 
     def feed(self, key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray):
         """Add a chunk of events; ``flush_at`` are this chunk's flush positions, ascending (a flush before event j;
@@ -325,11 +354,11 @@ class CacheModel:
             dist = self.distances.step(key, kind, keep=self.dirty_state is not None or dirties)
             if dirties:
                 # Nothing was dirty before this chunk, so no earlier access owes a write-back: start from zeros.
-                self.dirty_state = [(np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.int64),
-                                     np.zeros(self.n_keys, np.uint8), np.zeros(1, np.int64)) for _ in self.entries]
+                self.dirty_state = (np.zeros((self.n_keys, (len(self.entries) + 63) // 64), np.int64),
+                                    np.zeros(self.n_keys, np.int64), np.zeros(len(self.entries), np.int64))
             if self.dirty_state is not None:
-                for e, (dirty, last_flushes, seen, written) in zip(self.entries, self.dirty_state):
-                    _writebacks_step(key, kind, dist, flush_at, self.flushes, e, dirty, last_flushes, seen, written)
+                _writebacks_step(key, kind, dist, flush_at, self.flushes, np.asarray(self.entries, np.int64),
+                                 *self.dirty_state)
         self.flushes += len(flush_at)
 
     def finish(self) -> list[CacheCounts]:
@@ -355,17 +384,19 @@ class CacheModel:
         forward = np.full(self.n_keys, -1, np.int64)  # distinct keys accessed after each key's last access
         forward[seen] = len(rank) - 1 - rank
         hist, empty_hist = self.distances.hist, self.distances.empty_hist
+        tail = np.zeros(len(self.entries), np.int64)
+        left = np.zeros(len(self.entries), np.int64)
+        if self.dirty_state is not None:
+            dirty, last_flushes, written = self.dirty_state
+            _writebacks_finish(np.asarray(self.entries, np.int64), dirty, last_flushes, forward, self.flushes, tail,
+                               left)
+            tail += written
         for k, e in enumerate(self.entries):
             hits = int(hist[1: min(e, self.n_keys) + 1].sum())
             empty_misses = int(empty_hist.sum() - empty_hist[1: min(e, self.n_keys) + 1].sum())
             misses = self.lookups - hits
-            written = left = 0
-            if self.dirty_state is not None:
-                dirty, last_flushes, seen_k, w = self.dirty_state[k]
-                tail, left = _writebacks_finish(e, dirty, last_flushes, seen_k, forward, self.flushes)
-                written = int(w[0]) + int(tail)
-            out.append(CacheCounts(e, self.lookups, hits, misses, misses - empty_misses, max(misses - e, 0), written,
-                                   int(left)))
+            out.append(CacheCounts(e, self.lookups, hits, misses, misses - empty_misses, max(misses - e, 0),
+                                   int(tail[k]), int(left[k])))
         return out
 
 

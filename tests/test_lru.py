@@ -136,3 +136,16 @@ def test_distances_over_many_keys():
         ref = reference_lru(keys.tolist(), [GET] * len(keys), [], entries)
         assert int((dist > entries).sum()) == ref["misses"], entries
     assert (dist[dist < COLD] > 1000).sum() > 1000 and (dist <= 64).sum() > 10000
+
+
+def test_write_backs_for_more_sizes_than_one_word_of_dirty_bits():
+    """70 sizes: the dirty bits of a slice span two 64-bit words."""
+    rng = np.random.default_rng(11)
+    keys, kinds, flush_at = random_stream(rng, 3000, 90)
+    sizes = list(range(1, 71))
+    ours = counts_for_sizes(keys, kinds, flush_at, 90, sizes, direct=False)
+    for entries in (1, 2, 40, 63, 64, 65, 66, 70):
+        ref = reference_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), entries)
+        c = ours[entries - 1]
+        assert (c.misses, c.writebacks, c.writebacks_at_close) == (ref["misses"], ref["writebacks"],
+                                                                   ref["writebacks_at_close"]), entries

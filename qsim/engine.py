@@ -119,7 +119,7 @@ def events_nest(trace: Trace, state: ImageState, entry_size: int) -> bool:
     True for a trace of reads, flushes and discards in which no read crosses an ``entry_size`` slice boundary: a
     read's lookups are one per extent, and extents are then cut by the image's mapping alone, never by a slice
     end; nothing allocates, so no table's slices are created. (Callers also require no modelled backing image.)"""
-    if has_ops(trace.op, WRITE, ev.OP_PREALLOC, ev.OP_STATUS):
+    if has_ops(trace.op, (WRITE, ev.OP_PREALLOC, ev.OP_STATUS)):
         return False
     g = state.geometry
     slice_bits = (entry_size // g.l2_entry_bytes * g.cluster_size).bit_length() - 1
@@ -127,12 +127,13 @@ def events_nest(trace: Trace, state: ImageState, entry_size: int) -> bool:
 
 
 @njit(cache=True)
-def has_ops(op, a, b, c):
-    """Whether any request's op is a, b or c (one pass without temporaries, stopping at the first)."""
+def has_ops(op, codes):
+    """Whether any request's op is one of ``codes`` (a tuple; one pass without temporaries, stopping at the first)."""
     for i in range(op.shape[0]):
         o = op[i]
-        if o == a or o == b or o == c:
-            return True
+        for code in codes:
+            if o == code:
+                return True
     return False
 
 
@@ -179,7 +180,7 @@ class KernelRun:
         return replace(current, n_tables=int(self.st[ev.S_SLOTS]))
 
     def _make_room(self, trace: Trace) -> ImageState:
-        if not has_ops(trace.op, WRITE, ev.OP_PREALLOC, ev.OP_PREALLOC):
+        if not has_ops(trace.op, (WRITE, ev.OP_PREALLOC)):
             return self.work if self.work is not None else self.original  # reads never change the image
         current = self.image
         extra_tables, extra_host = _room_needed(current, trace)

@@ -89,14 +89,15 @@ class RunType(types.StructRef):
 
 
 class Run(structref.StructRefProxy):
-    """A kernel run: the image ``im`` and its backing image ``bim`` (L2View), the host allocator's maps (``used``,
+    """A kernel run: the image's L2 mapping in L2View's own fields (so a Run serves wherever an L2View does, without
+    reading a nested struct), the backing image ``bim`` (L2View), the host allocator's maps (``used``,
     ``covered``, ``alloc``: see qsim.hostalloc), event buffers (``okey``, ``okind``, ``oflush``), the backing-request
     queue (``bqoff``, ``bqlen``, ``bqkind``), run state ``state`` (S_*), counters ``cnt`` (C_*) and scratch rows for
     QCowL2Meta (``metas``) and write parts (``part_first``, ``part_last``)."""
 
 
-RUN_FIELDS = ["im", "bim", "used", "covered", "alloc", "okey", "okind", "oflush", "state", "bqoff", "bqlen", "bqkind",
-              "cnt", "metas", "part_first", "part_last"]
+RUN_FIELDS = L2_VIEW_FIELDS + ["bim", "used", "covered", "alloc", "okey", "okind", "oflush", "state", "bqoff",
+                               "bqlen", "bqkind", "cnt", "metas", "part_first", "part_last"]
 structref.define_proxy(Run, RunType, RUN_FIELDS)
 
 
@@ -104,8 +105,8 @@ if config.DISABLE_JIT:  # plain Python (the tests' reference run of this same co
     def new_l2_view(*arrays):
         return SimpleNamespace(**dict(zip(L2_VIEW_FIELDS, arrays)))
 
-    def new_run(*arrays):
-        return SimpleNamespace(**dict(zip(RUN_FIELDS, arrays + _scratch_rows())))
+    def new_run(image, *arrays):
+        return SimpleNamespace(**dict(zip(RUN_FIELDS, tuple(vars(image).values()) + arrays + _scratch_rows())))
 else:
     @intrinsic
     def _as_pointer(typingctx, address):
@@ -126,11 +127,12 @@ else:
 
     @njit(cache=True)
     def new_run(im, bim, used, covered, alloc, okey, okind, oflush, state, bqoff, bqlen, bqkind, cnt):
-        """A Run; run_requests sizes its scratch rows."""
+        """A Run over the image ``im`` (an L2View, whose fields it copies); run_requests sizes its scratch rows."""
         metas, part_first, part_last = _scratch_rows()
-        return Run(im, bim, _borrowed(used), _borrowed(covered), _borrowed(alloc), _borrowed(okey), _borrowed(okind),
-                   _borrowed(oflush), _borrowed(state), _borrowed(bqoff), _borrowed(bqlen), _borrowed(bqkind),
-                   _borrowed(cnt), metas, part_first, part_last)
+        return Run(im.g, im.tslot, im.thost, im.ehost, im.eflags, im.ebits, bim, _borrowed(used),
+                   _borrowed(covered), _borrowed(alloc), _borrowed(okey), _borrowed(okind), _borrowed(oflush),
+                   _borrowed(state), _borrowed(bqoff), _borrowed(bqlen), _borrowed(bqkind), _borrowed(cnt), metas,
+                   part_first, part_last)
 
 
 @njit(cache=True)
@@ -237,7 +239,7 @@ def _alloc_flushing(r, at, n):
 @njit(cache=True)
 def _l2_allocate(r, l1):
     """l2_allocate: a host cluster for the table, get_empty (dirty) for each slice, flush the whole L2 cache."""
-    im = r.im
+    im = r  # a Run is its image's L2View
     g = im.g
     host = _alloc_flushing(r, -1, 1)
     slot = r.state[S_SLOTS]
@@ -254,9 +256,9 @@ def _l2_allocate(r, l1):
 @njit(cache=True)
 def _get_cluster_table(r, gc, kind):
     """get_cluster_table: the slice holding guest cluster gc, allocating the L2 table first if there is none."""
-    g = r.im.g
+    g = r.g
     l1 = gc >> g[G_TABLE_BITS]
-    slot = r.im.tslot[l1]
+    slot = r.tslot[l1]
     if slot < 0:
         slot = _l2_allocate(r, l1)
     _emit(r, _slice_key(g, slot, gc & ((1 << g[G_TABLE_BITS]) - 1)), kind)
@@ -321,7 +323,7 @@ def _host_extent(r, im, emit, pos, end):
 def _read(r, pos, length):
     """The lookups of qcow2_co_preadv_part: one per extent; unallocated extents read the backing image (queued for
     its own cache model when one is given)."""
-    im = r.im
+    im = r  # a Run is its image's L2View
     modelled = im.g[G_BACKING_MODEL]
     end = pos + length
     while pos < end:
@@ -334,7 +336,7 @@ def _read(r, pos, length):
 @njit(cache=True)
 def _queue_backing(r, pos, n, kind):
     """Ask the backing image for [pos, pos+n), as far as it reaches (beyond its end reads as zeroes)."""
-    backing_size = r.im.g[G_BACKING_SIZE]
+    backing_size = r.g[G_BACKING_SIZE]
     if pos >= backing_size:
         return
     st = r.state
@@ -349,7 +351,7 @@ def _queue_backing(r, pos, n, kind):
 def _calculate_l2_meta(r, nmeta, host_cluster, guest, nbytes, slot, idx, keep_old):
     """calculate_l2_meta: append a QCowL2Meta with its COW regions, unless nothing needs doing (keep_old, all
     written subclusters already normal). Returns the new meta count."""
-    im = r.im
+    im = r  # a Run is its image's L2View
     g = im.g
     cb = g[G_CLUSTER_BITS]
     scb = g[G_SC_BITS]
@@ -441,7 +443,7 @@ def _clusters_to_slice_end(g, guest, nbytes):
 def _alloc_host_offset(r, nmeta, offset, nbytes):
     """qcow2_alloc_host_offset: handle_copied / handle_alloc over as many clusters as stay host-contiguous.
     Returns (bytes covered, meta count)."""
-    im = r.im
+    im = r  # a Run is its image's L2View
     g = im.g
     cb = g[G_CLUSTER_BITS]
     cs = np.int64(1) << cb
@@ -497,8 +499,8 @@ def _is_unallocated(r, pos, nbytes):
     backing file exists but is not modelled)."""
     if nbytes == 0:
         return True
-    g = r.im.g
-    n, t = _host_extent(r, r.im, True, pos, pos + nbytes)
+    g = r.g
+    n, t = _host_extent(r, r, True, pos, pos + nbytes)
     if not (t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1):
         return False
     if not g[G_BACKING]:
@@ -517,7 +519,7 @@ def _is_unallocated(r, pos, nbytes):
 def _handle_alloc_space(r, first, last):
     """handle_alloc_space for metas[first:last] (newest first): zero-checks; zero-fill instead of COW when both COW
     regions read as zeroes (host with fast write-zeroes, no backing data)."""
-    cs = np.int64(1) << r.im.g[G_CLUSTER_BITS]
+    cs = np.int64(1) << r.g[G_CLUSTER_BITS]
     st = r.state
     cnt = r.cnt
     for j in range(last - 1, first - 1, -1):
@@ -539,7 +541,7 @@ def _handle_alloc_space(r, first, last):
 def _link_l2(r, j, prealloc):
     """perform_cow (reads through this image when COW is not skipped) then qcow2_alloc_cluster_link_l2, for
     metas[j]."""
-    im = r.im
+    im = r  # a Run is its image's L2View
     g = im.g
     cnt = r.cnt
     m = r.metas[j]
@@ -587,7 +589,7 @@ def _link_l2(r, j, prealloc):
 def _write(r, offset, length, prealloc):
     """qcow2_co_pwritev_part: each part's lookups and zero-checks in order; the parts' L2 links come after all
     parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part."""
-    cb = r.im.g[G_CLUSTER_BITS]
+    cb = r.g[G_CLUSTER_BITS]
     nmeta = 0
     pos = offset
     remaining = length
@@ -622,7 +624,7 @@ def run_requests(r, op, offset, length, first, last):
     one lookup take a fast path, written out here in the loop (numba would count references on every array
     passed to a helper); the tests hold the fast paths to the general code. Everything else follows QEMU's code.
     """
-    im = r.im
+    im = r  # a Run is its image's L2View
     g = im.g
     st = r.state
     okey = r.okey

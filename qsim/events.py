@@ -239,13 +239,12 @@ def _alloc_flushing(r, at, n):
 @njit(cache=True)
 def _l2_allocate(r, l1):
     """l2_allocate: a host cluster for the table, get_empty (dirty) for each slice, flush the whole L2 cache."""
-    im = r  # a Run is its image's L2View
-    g = im.g
+    g = r.g
     host = _alloc_flushing(r, -1, 1)
     slot = r.state[S_SLOTS]
     r.state[S_SLOTS] = slot + 1
-    im.tslot[l1] = slot
-    im.thost[slot] = host
+    r.tslot[l1] = slot
+    r.thost[slot] = host
     for s in range(g[G_SLICES_PER_TABLE]):
         _emit(r, slot * g[G_SLICES_PER_TABLE] + s, GET_EMPTY)
     _flush(r)
@@ -323,11 +322,10 @@ def _host_extent(r, im, emit, pos, end):
 def _read(r, pos, length):
     """The lookups of qcow2_co_preadv_part: one per extent; unallocated extents read the backing image (queued for
     its own cache model when one is given)."""
-    im = r  # a Run is its image's L2View
-    modelled = im.g[G_BACKING_MODEL]
+    modelled = r.g[G_BACKING_MODEL]
     end = pos + length
     while pos < end:
-        n, t = _host_extent(r, im, True, pos, end)
+        n, t = _host_extent(r, r, True, pos, end)
         if modelled and (t == -1 or t == UNALLOC_PLAIN or t == UNALLOC_ALLOC):
             _queue_backing(r, pos, n, BACKING_READ)
         pos += n
@@ -351,8 +349,7 @@ def _queue_backing(r, pos, n, kind):
 def _calculate_l2_meta(r, nmeta, host_cluster, guest, nbytes, slot, idx, keep_old):
     """calculate_l2_meta: append a QCowL2Meta with its COW regions, unless nothing needs doing (keep_old, all
     written subclusters already normal). Returns the new meta count."""
-    im = r  # a Run is its image's L2View
-    g = im.g
+    g = r.g
     cb = g[G_CLUSTER_BITS]
     scb = g[G_SC_BITS]
     spc = g[G_SPC]
@@ -368,20 +365,20 @@ def _calculate_l2_meta(r, nmeta, host_cluster, guest, nbytes, slot, idx, keep_ol
             write_to = min(cow_end_from, (i + 1) << cb)
             first_sc = (write_from >> scb) & (spc - 1)
             last_sc = ((write_to - 1) >> scb) & (spc - 1)
-            t, cnt = _range_type(im, slot, idx + i, first_sc)
+            t, cnt = _range_type(r, slot, idx + i, first_sc)
             if t != NORMAL or first_sc + cnt <= last_sc:
                 skip_cow = False
                 break
     if skip_cow:
         return nmeta
     sc_index = (guest >> scb) & (spc - 1)
-    t = _subcluster_type(im, slot, idx, sc_index)
+    t = _subcluster_type(r, slot, idx, sc_index)
     if not keep_old:
         if t == COMPRESSED:
             cow_start_from = 0
         elif t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC:
             if g[G_EXTENDED]:
-                cow_start_from = min(sc_index, trailing_zeros32(_bitmaps(im, slot, idx)[0])) << scb
+                cow_start_from = min(sc_index, trailing_zeros32(_bitmaps(r, slot, idx)[0])) << scb
             else:
                 cow_start_from = 0
         else:
@@ -390,14 +387,14 @@ def _calculate_l2_meta(r, nmeta, host_cluster, guest, nbytes, slot, idx, keep_ol
         cow_start_from = cow_start_to if t == NORMAL else sc_index << scb
     last = idx + nb_clusters - 1
     sc_index = ((guest + nbytes - 1) >> scb) & (spc - 1)
-    t = _subcluster_type(im, slot, last, sc_index)
+    t = _subcluster_type(r, slot, last, sc_index)
     if not keep_old:
         if t == COMPRESSED:
             cow_end_to = (cow_end_from + cs - 1) & ~(cs - 1)
         elif t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC:
             cow_end_to = (cow_end_from + cs - 1) & ~(cs - 1)
             if g[G_EXTENDED]:
-                cow_end_to -= min(spc - sc_index - 1, leading_zeros32(_bitmaps(im, slot, last)[0])) << scb
+                cow_end_to -= min(spc - sc_index - 1, leading_zeros32(_bitmaps(r, slot, last)[0])) << scb
         else:
             cow_end_to = (cow_end_from + sc_size - 1) & ~(sc_size - 1)
     else:
@@ -443,8 +440,7 @@ def _clusters_to_slice_end(g, guest, nbytes):
 def _alloc_host_offset(r, nmeta, offset, nbytes):
     """qcow2_alloc_host_offset: handle_copied / handle_alloc over as many clusters as stay host-contiguous.
     Returns (bytes covered, meta count)."""
-    im = r  # a Run is its image's L2View
-    g = im.g
+    g = r.g
     cb = g[G_CLUSTER_BITS]
     cs = np.int64(1) << cb
     tb = g[G_TABLE_BITS]
@@ -466,18 +462,18 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
         # handle_copied
         nb = _clusters_to_slice_end(g, start, cur)
         slot = _get_cluster_table(r, gc, GET)
-        if not _needs_new_alloc(im, slot, idx):
-            host = im.ehost[slot, idx]
+        if not _needs_new_alloc(r, slot, idx):
+            host = r.ehost[slot, idx]
             if cluster_offset != INV and (host << cb) != cluster_offset - oic:
                 break
-            keep = _count_single_write_clusters(im, slot, idx, nb, False)
+            keep = _count_single_write_clusters(r, slot, idx, nb, False)
             cur = min(cur, keep * cs - oic)
             nmeta = _calculate_l2_meta(r, nmeta, host, start, cur, slot, idx, True)
             cluster_offset = (host << cb) + oic
             continue
         # handle_alloc
         slot = _get_cluster_table(r, gc, GET)
-        nb = _count_single_write_clusters(im, slot, idx, nb, True)
+        nb = _count_single_write_clusters(r, slot, idx, nb, True)
         if cluster_offset == INV:
             host = _alloc_flushing(r, -1, nb)
         else:
@@ -541,8 +537,7 @@ def _handle_alloc_space(r, first, last):
 def _link_l2(r, j, prealloc):
     """perform_cow (reads through this image when COW is not skipped) then qcow2_alloc_cluster_link_l2, for
     metas[j]."""
-    im = r  # a Run is its image's L2View
-    g = im.g
+    g = r.g
     cnt = r.cnt
     m = r.metas[j]
     cb = g[G_CLUSTER_BITS]
@@ -568,8 +563,8 @@ def _link_l2(r, j, prealloc):
     slot = _get_cluster_table(r, gc, GET_DIRTY)
     idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
     written_to_all = m[M_END_OFF] + m[M_END_N]
-    ehost = im.ehost
-    eflags = im.eflags
+    ehost = r.ehost
+    eflags = r.eflags
     for i in range(m[M_NB]):
         old = ehost[slot, idx + i]
         if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i and not (eflags[slot, idx + i] & F_COMPRESSED):
@@ -582,7 +577,7 @@ def _link_l2(r, j, prealloc):
             first_sc = (written_from >> scb) & (g[G_SPC] - 1)
             last_sc = ((written_to - 1) >> scb) & (g[G_SPC] - 1)
             bits = np.uint64(((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1))
-            im.ebits[slot, idx + i] = (im.ebits[slot, idx + i] | bits) & ~(bits << np.uint64(32))
+            r.ebits[slot, idx + i] = (r.ebits[slot, idx + i] | bits) & ~(bits << np.uint64(32))
 
 
 @njit(cache=True)
@@ -624,15 +619,14 @@ def run_requests(r, op, offset, length, first, last):
     one lookup take a fast path, written out here in the loop (numba would count references on every array
     passed to a helper); the tests hold the fast paths to the general code. Everything else follows QEMU's code.
     """
-    im = r  # a Run is its image's L2View
-    g = im.g
+    g = r.g
     st = r.state
     okey = r.okey
     okind = r.okind
-    tslot = im.tslot
-    ehost = im.ehost
-    eflags = im.eflags
-    ebits = im.ebits
+    tslot = r.tslot
+    ehost = r.ehost
+    eflags = r.eflags
+    ebits = r.ebits
     cb = g[G_CLUSTER_BITS]
     tb = g[G_TABLE_BITS]
     sb = g[G_SLICE_BITS]
@@ -758,7 +752,7 @@ def run_requests(r, op, offset, length, first, last):
             if writethrough and o == OP_WRITE:
                 _flush(r)
         elif o == OP_STATUS:  # a block-status query from the image above: one extent's lookup
-            _host_extent(r, im, True, pos, pos + ln)
+            _host_extent(r, r, True, pos, pos + ln)
         elif o == OP_FLUSH:
             _flush(r)
         events = st[S_EVENTS]

@@ -68,10 +68,9 @@ def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
     return vec
 
 
-def _l2_view(state: ImageState, g: np.ndarray):
-    """The kernel's view of ``state`` (borrowed: the caller keeps ``state`` and ``g`` alive while it is used)."""
-    return ev.new_l2_view(g, state.table_slot, state.table_host, state.entry_host, state.entry_flags,
-                          state.entry_bitmap)
+def _l2_arrays(state: ImageState, g: np.ndarray) -> tuple:
+    """The arrays of the kernel's L2View of ``state``, in L2View's field order."""
+    return g, state.table_slot, state.table_host, state.entry_host, state.entry_flags, state.entry_bitmap
 
 
 class EventChunk(NamedTuple):
@@ -159,8 +158,7 @@ class KernelRun:
         self.g = geometry_vector(state, entry_size, writethrough, backing)
         # The kernel's structs hold borrowed views (no reference counts), so every array they see is kept here.
         if backing is not None:  # the backing image's allocation answers block-status queries
-            self.backing_arrays = (geometry_vector(backing, backing.geometry.cluster_size, False), backing.table_slot,
-                                   backing.table_host, backing.entry_host, backing.entry_flags, backing.entry_bitmap)
+            self.backing_arrays = _l2_arrays(backing, geometry_vector(backing, backing.geometry.cluster_size, False))
         else:
             self.backing_arrays = (np.zeros(ev.GEOMETRY_SIZE, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64),
                                    np.zeros((1, 1), np.int64), np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint64))
@@ -213,7 +211,7 @@ class KernelRun:
             self.st[ev.S_EVENTS] = 0
             self.st[ev.S_FLUSHES] = 0
             self.st[ev.S_BACKING] = 0
-            run = ev.new_run(_l2_view(work, self.g), self.backing_view, work.host_used, work.refblock_covered,
+            run = ev.new_run(*_l2_arrays(work, self.g), self.backing_view, work.host_used, work.refblock_covered,
                              work.alloc_state, *out, self.st, *queue, self.cnt)  # borrows: all alive until it ends
             nxt = ev.run_requests(run, trace.op, offset, length, i, n)
             if nxt == i:  # one request needs more room than a whole buffer: grow it

@@ -105,8 +105,8 @@ if config.DISABLE_JIT:  # plain Python (the tests' reference run of this same co
     def new_l2_view(*arrays):
         return SimpleNamespace(**dict(zip(L2_VIEW_FIELDS, arrays)))
 
-    def new_run(image, *arrays):
-        return SimpleNamespace(**dict(zip(RUN_FIELDS, tuple(vars(image).values()) + arrays + _scratch_rows())))
+    def new_run(*arrays):
+        return SimpleNamespace(**dict(zip(RUN_FIELDS, arrays + _scratch_rows())))
 else:
     @intrinsic
     def _as_pointer(typingctx, address):
@@ -126,13 +126,15 @@ else:
                       _borrowed(ebits))
 
     @njit(cache=True)
-    def new_run(im, bim, used, covered, alloc, okey, okind, oflush, state, bqoff, bqlen, bqkind, cnt):
-        """A Run over the image ``im`` (an L2View, whose fields it copies); run_requests sizes its scratch rows."""
+    def new_run(g, tslot, thost, ehost, eflags, ebits, bim, used, covered, alloc, okey, okind, oflush, state, bqoff,
+                bqlen, bqkind, cnt):
+        """A Run over the image's arrays (L2View's fields) and the backing image's L2View ``bim``; run_requests
+        sizes its scratch rows."""
         metas, part_first, part_last = _scratch_rows()
-        return Run(im.g, im.tslot, im.thost, im.ehost, im.eflags, im.ebits, bim, _borrowed(used),
-                   _borrowed(covered), _borrowed(alloc), _borrowed(okey), _borrowed(okind), _borrowed(oflush),
-                   _borrowed(state), _borrowed(bqoff), _borrowed(bqlen), _borrowed(bqkind), _borrowed(cnt), metas,
-                   part_first, part_last)
+        return Run(_borrowed(g), _borrowed(tslot), _borrowed(thost), _borrowed(ehost), _borrowed(eflags),
+                   _borrowed(ebits), bim, _borrowed(used), _borrowed(covered), _borrowed(alloc), _borrowed(okey),
+                   _borrowed(okind), _borrowed(oflush), _borrowed(state), _borrowed(bqoff), _borrowed(bqlen),
+                   _borrowed(bqkind), _borrowed(cnt), metas, part_first, part_last)
 
 
 @njit(cache=True)

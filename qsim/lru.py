@@ -331,6 +331,7 @@ class CacheModel:
         self.n_keys = max(n_keys, 1)
         self.asked = list(entries)
         self.entries = sorted(set(entries))  # each size once: QEMU's rules map many asked sizes to the same cache
+        self.entries_array = np.asarray(self.entries, np.int64)
         self.direct = len(self.entries) <= DIRECT_SIMULATION_MAX_SIZES if direct is None else direct
         self.lookups = 0
         self.flushes = 0
@@ -357,8 +358,7 @@ class CacheModel:
                 self.dirty_state = (np.zeros((self.n_keys, (len(self.entries) + 63) // 64), np.int64),
                                     np.zeros(self.n_keys, np.int64), np.zeros(len(self.entries), np.int64))
             if self.dirty_state is not None:
-                _writebacks_step(key, kind, dist, flush_at, self.flushes, np.asarray(self.entries, np.int64),
-                                 *self.dirty_state)
+                _writebacks_step(key, kind, dist, flush_at, self.flushes, self.entries_array, *self.dirty_state)
         self.flushes += len(flush_at)
 
     def finish(self) -> list[CacheCounts]:
@@ -388,8 +388,7 @@ class CacheModel:
         left = np.zeros(len(self.entries), np.int64)
         if self.dirty_state is not None:
             dirty, last_flushes, written = self.dirty_state
-            _writebacks_finish(np.asarray(self.entries, np.int64), dirty, last_flushes, forward, self.flushes, tail,
-                               left)
+            _writebacks_finish(self.entries_array, dirty, last_flushes, forward, self.flushes, tail, left)
             tail += written
         for k, e in enumerate(self.entries):
             hits = int(hist[1: min(e, self.n_keys) + 1].sum())

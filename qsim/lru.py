@@ -176,6 +176,12 @@ def _sizes_below(entries, distance):
     return lo
 
 
+@njit(cache=True, inline="always")
+def _low_bits(count):
+    """A word with its lowest ``count`` bits set (all 64 for count >= 64)."""
+    return np.int64(-1) if count >= 64 else (np.int64(1) << count) - 1
+
+
 @njit(cache=True)
 def _writebacks_step(keys, kinds, dist, flush_at, flushes, entries, dirty, last_flushes, written):
     """Dirty entries written back, for every cache size (``entries``, ascending) in one pass, continuing earlier
@@ -187,6 +193,9 @@ def _writebacks_step(keys, kinds, dist, flush_at, flushes, entries, dirty, last_
     the count at k's last access), and in each cache too small to have kept it (entries < distance) when it was
     evicted. GET_DIRTY and GET_EMPTY accesses dirty it in every cache."""
     n_sizes = entries.shape[0]
+    every_size = np.empty(dirty.shape[1], np.int64)  # a slice dirty in every cache
+    for w in range(dirty.shape[1]):
+        every_size[w] = _low_bits(n_sizes - (w << 6))
     f = 0
     for i in range(keys.shape[0]):
         while f < flush_at.shape[0] and flush_at[f] <= i:
@@ -198,8 +207,7 @@ def _writebacks_step(keys, kinds, dist, flush_at, flushes, entries, dirty, last_
             bits = dirty[k, w]
             if bits == 0:
                 continue
-            here = min(64, cleaned - (w << 6))
-            mask = np.int64(-1) if here == 64 else (np.int64(1) << here) - 1
+            mask = _low_bits(cleaned - (w << 6))
             out = bits & mask
             while out != 0:
                 written[(w << 6) + trailing_zeros64(out)] += 1
@@ -207,9 +215,7 @@ def _writebacks_step(keys, kinds, dist, flush_at, flushes, entries, dirty, last_
             dirty[k, w] = bits & ~mask
         last_flushes[k] = flush_count
         if kinds[i] == GET_DIRTY or kinds[i] == GET_EMPTY:
-            for w in range(dirty.shape[1]):
-                here = min(64, n_sizes - (w << 6))
-                dirty[k, w] = np.int64(-1) if here == 64 else (np.int64(1) << here) - 1
+            dirty[k, :] = every_size
 
 
 @njit(cache=True)

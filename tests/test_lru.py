@@ -141,11 +141,15 @@ def test_distances_over_many_keys():
 def test_write_backs_for_more_sizes_than_one_word_of_dirty_bits():
     """70 sizes: the dirty bits of a slice span two 64-bit words."""
     rng = np.random.default_rng(11)
-    keys, kinds, flush_at = random_stream(rng, 3000, 90)
+    random_keys, random_kinds, random_flushes = random_stream(rng, 3000, 90)
+    cyclic = np.tile(np.arange(64, dtype=np.int64), 30)  # every access after the first round at distance 64 exactly
+    cyclic_kinds = rng.choice([GET, GET_DIRTY], len(cyclic)).astype(np.uint8)
     sizes = list(range(1, 71))
-    ours = counts_for_sizes(keys, kinds, flush_at, 90, sizes, direct=False)
-    for entries in (1, 2, 40, 63, 64, 65, 66, 70):
-        ref = reference_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), entries)
-        c = ours[entries - 1]
-        assert (c.misses, c.writebacks, c.writebacks_at_close) == (ref["misses"], ref["writebacks"],
-                                                                   ref["writebacks_at_close"]), entries
+    for keys, kinds, flush_at in ((random_keys, random_kinds, random_flushes),
+                                  (cyclic, cyclic_kinds, np.zeros(0, np.int64))):
+        ours = counts_for_sizes(keys, kinds, flush_at, 90, sizes, direct=False)
+        for entries in (1, 2, 40, 63, 64, 65, 66, 70):
+            ref = reference_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), entries)
+            c = ours[entries - 1]
+            assert (c.misses, c.writebacks, c.writebacks_at_close) == (ref["misses"], ref["writebacks"],
+                                                                       ref["writebacks_at_close"]), entries

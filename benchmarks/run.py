@@ -38,13 +38,14 @@ from qsim.geometry import ImageGeometry  # noqa: E402
 from qsim.image import build_image  # noqa: E402
 from qsim.imageopts import ImageOptions  # noqa: E402
 from qsim.lru import counts_for_sizes  # noqa: E402
-from qsim.replay import parse_cache_sizes, replay  # noqa: E402
+from qsim.replay import replay  # noqa: E402
+from qsim.scenario import Scenario, log_spaced_sizes  # noqa: E402
 from qsim.synth import synthesize  # noqa: E402
 from qsim.trace import Trace, concat  # noqa: E402
 from qsim.traceio import read_trace, write_trace  # noqa: E402
 
 TIB = 1 << 40
-SIZES_20 = "64k..64M:20"
+SIZES_20 = log_spaced_sizes(64 << 10, 64 << 20, 20)  # bytes: the 20 cache sizes of a miss-ratio curve
 
 
 def workloads(n: int, smoke: bool):
@@ -76,7 +77,7 @@ def scaled_fio_trace(n: int, disk: int) -> Trace:
 # --- contenders ---------------------------------------------------------------------------------------------------
 
 def qsim_replay(trace, size, options, image, sizes):
-    rows = replay(trace, size, options, image=image, l2_cache_sizes=sizes).rows
+    rows = replay(trace, Scenario.of(tuple(sizes), None, options, size), state=image).rows
     return rows
 
 
@@ -128,18 +129,19 @@ def peak_bytes_per_request(n: int) -> float:
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 from qsim.replay import replay
+from qsim.scenario import Scenario
 from qsim.synth import synthesize
 from qsim.imageopts import ImageOptions
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
-replay(synthesize(1 << 30, 1000, "uniform", "4k", seed=1), 1 << 30, ImageOptions(preallocation="metadata"),
-       l2_cache_sizes={SIZES_20!r})
+replay(synthesize(1 << 30, 1000, "uniform", "4k", seed=1),
+       Scenario.of({SIZES_20!r}, None, ImageOptions(preallocation="metadata"), 1 << 30))
 open("/proc/self/clear_refs", "w").write("5")
 base = status("VmRSS")
 t = synthesize(1 << 40, {n}, "uniform", "4k", seed=1)
-replay(t, 1 << 40, ImageOptions(preallocation="metadata"), l2_cache_sizes={SIZES_20!r})
+replay(t, Scenario.of({SIZES_20!r}, None, ImageOptions(preallocation="metadata"), 1 << 40))
 print((status("VmHWM") - base) / {n})
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -215,16 +217,15 @@ def main() -> int:
                 continue
             g = ImageGeometry(size, options.cluster_size, options.extended_l2)
             image = build_image(g, options)
-            sizes20 = parse_cache_sizes(SIZES_20)
+            sizes20 = SIZES_20
             one = [1 << 20]
             # the slice-key stream the peers get (4 KiB slices at these sizes)
-            entry = replay(trace.select(np.arange(min(len(trace), 10))), size, options, image=image,
-                           l2_cache_sizes=one).rows[0]["l2_cache_entry_size"]
+            entry = qsim_replay(trace.select(np.arange(min(len(trace), 10))), size, options, image,
+                                one)[0]["l2_cache_entry_size"]
             stream = run_kernel(image, trace, entry).events
             keys = stream.key
             n_keys = stream.n_keys
-            entries_one = replay(trace.select(np.arange(1)), size, options, image=image,
-                                 l2_cache_sizes=one).rows[0]["l2_cache_entries"]
+            entries_one = qsim_replay(trace.select(np.arange(1)), size, options, image, one)[0]["l2_cache_entries"]
             expected = counts_for_sizes(keys, stream.kind, stream.flush_at, n_keys, [entries_one])[0].misses
             with tempfile.TemporaryDirectory() as d:
                 lcs_path = os.path.join(d, "keys.oracleGeneral")

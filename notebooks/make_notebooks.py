@@ -130,12 +130,13 @@ the touched subclusters."""),
         code("""
 from qsim.traceio import read_trace
 from qsim.imageopts import ImageOptions
+from qsim.scenario import Grid, Scenario
 trace = read_trace("../traces/fio-randwrite-4k.iolog.gz")
-clusters = [parse_size(s) for s in ["16k", "64k", "128k", "256k", "512k", "1M", "2M"]]
+clusters = tuple(parse_size(s) for s in ["16k", "64k", "128k", "256k", "512k", "1M", "2M"])
 frames = []
 for backing in (False, True):
-    frames.append(qsim.sweep(trace, clusters, [False, True], "default", ImageOptions(backing=backing),
-                             show_progress=False))
+    grid = Grid(Scenario.of(options=ImageOptions(backing=backing)), clusters, (False, True))
+    frames.append(qsim.sweep(trace, grid, show_progress=False))
 df = pd.concat(frames, ignore_index=True)
 df["cow_bytes_per_guest_byte"] = (df.cow_read_bytes + df.cow_write_bytes + df.zero_fill_bytes) / df.guest_write_bytes
 df[["backing", "cluster_size", "extended_l2", "cow_read_bytes", "cow_write_bytes", "zero_fill_bytes",
@@ -217,8 +218,9 @@ stats = trace_stats(trace)
                        "footprint_64k_clusters")}
 """),
         code("""
-result = qsim.replay(trace, options=ImageOptions(preallocation="metadata"),
-                     l2_cache_sizes="16k..8M:24,default")
+from qsim.scenario import Scenario, log_spaced_sizes
+sizes = log_spaced_sizes(16 << 10, 8 << 20, 24) + (None,)  # bytes; None = QEMU's default
+result = qsim.replay(trace, Scenario.of(sizes, options=ImageOptions(preallocation="metadata")))
 frame = result.to_frame()
 frame[["l2_cache_size_asked", "l2_cache_bytes", "l2_cache_entry_size", "l2_cache_entries", "l2_misses",
        "l2_hit_ratio", "metadata_read_bytes"]]
@@ -257,6 +259,7 @@ import shutil
 from qsim.traceio import read_trace
 from qsim.imageopts import ImageOptions
 from qsim.validate import validate
+from qsim.scenario import Scenario
 have_qemu = shutil.which("qemu-io") is not None and shutil.which("qemu-img") is not None
 print("QEMU found" if have_qemu else "QEMU is not installed here: apt-get install -y qemu-utils (skipping)")
 """),
@@ -269,7 +272,7 @@ if have_qemu:
     for name, options, l2, mode in cases:
         trace = read_trace(f"../traces/{name}.iolog.gz")
         size = max(-(-trace.max_end_offset // (1 << 30)), 1) << 30
-        v = validate(trace, size, options, l2, None, mode)
+        v = validate(trace, Scenario.of((l2,), None, options, size, cache_mode=mode))
         for counter in ("l2_lookups", "l2_misses", "l2_disk_reads", "l2_writebacks"):
             rows.append({"trace": name, "counter": counter, "qsim": v.qsim[counter], "qemu": v.qemu[counter]})
 side_by_side = pd.DataFrame(rows)

@@ -16,11 +16,10 @@ from numba import njit
 from . import events as ev
 from . import hostalloc
 from .errors import QsimError
-from .image import ImageState
+from .imagestate import ImageState
 from .trace import WRITE, Trace
 
 CHUNK_EVENTS = 1 << 22
-FAST_PATHS = True  # the kernel's shortcuts for one-extent reads and in-place overwrites (tests compare both ways)
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,7 +45,10 @@ class KernelResult:
 
 
 def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
-                    backing: ImageState | None = None) -> np.ndarray:
+                    backing_image: ImageState | None = None, fast_paths: bool = True) -> np.ndarray:
+    """The kernel's geometry and options vector (events.G_*). ``backing_image``: the backing file's state, when
+    its own cache is modelled; ``fast_paths``: the kernel's shortcuts for one-lookup reads and overwrites (the
+    tests compare both ways; results are the same)."""
     g = state.geometry
     if entry_size % g.l2_entry_bytes or entry_size > g.cluster_size:
         raise QsimError(f"l2-cache-entry-size={entry_size} does not fit cluster_size={g.cluster_size}")
@@ -60,11 +62,11 @@ def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
     vec[ev.G_SPC] = g.subclusters_per_cluster
     vec[ev.G_SLICES_PER_TABLE] = g.l2_entries_per_table // slice_entries
     vec[ev.G_L1_SIZE] = g.l1_entries
-    vec[ev.G_BACKING] = int(state.backing)
+    vec[ev.G_HAS_BACKING_FILE] = int(state.has_backing_file)
     vec[ev.G_WRITETHROUGH] = int(writethrough)
-    vec[ev.G_BACKING_MODEL] = int(backing is not None)
-    vec[ev.G_BACKING_SIZE] = backing.geometry.virtual_size if backing is not None else 0
-    vec[ev.G_FAST_PATHS] = int(FAST_PATHS)
+    vec[ev.G_BACKING_MODELLED] = int(backing_image is not None)
+    vec[ev.G_BACKING_SIZE] = backing_image.geometry.virtual_size if backing_image is not None else 0
+    vec[ev.G_FAST_PATHS] = int(fast_paths)
     return vec
 
 
@@ -151,14 +153,15 @@ class KernelRun:
     later chunks need room."""
 
     def __init__(self, state: ImageState, entry_size: int, writethrough: bool = False, record: bool = True,
-                 backing: ImageState | None = None):
+                 backing_image: ImageState | None = None, fast_paths: bool = True):
         self.original = state
         self.work: ImageState | None = None
-        self.backing = backing
-        self.g = geometry_vector(state, entry_size, writethrough, backing)
+        self.backing_image = backing_image
+        self.g = geometry_vector(state, entry_size, writethrough, backing_image, fast_paths)
         # The kernel's structs hold borrowed views (no reference counts), so every array they see is kept here.
-        if backing is not None:  # the backing image's allocation answers block-status queries
-            self.backing_arrays = _l2_arrays(backing, geometry_vector(backing, backing.geometry.cluster_size, False))
+        if backing_image is not None:  # the backing image's allocation answers block-status queries
+            self.backing_arrays = _l2_arrays(backing_image, geometry_vector(backing_image,
+                                                                            backing_image.geometry.cluster_size, False))
         else:
             self.backing_arrays = (np.zeros(ev.GEOMETRY_SIZE, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64),
                                    np.zeros((1, 1), np.int64), np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint64))
@@ -202,7 +205,7 @@ class KernelRun:
         length = trace.length  # uint32: the kernel widens each value, no int64 copy of the whole column
         while i < n:
             if self.buffers is None or len(self.buffers[0][0]) != self.capacity:  # reused: no fresh pages per chunk
-                queue_size = self.capacity if self.backing is not None else 0
+                queue_size = self.capacity if self.backing_image is not None else 0
                 self.buffers = ((np.empty(self.capacity, np.int64), np.empty(self.capacity, np.uint8),
                                  np.empty(self.capacity, np.int64)),
                                 (np.empty(queue_size, np.int64), np.empty(queue_size, np.int64),
@@ -238,11 +241,11 @@ class KernelRun:
 
 
 def run_kernel(state: ImageState, trace: Trace, entry_size: int, writethrough: bool = False, record: bool = True,
-               reopen: bool = False, progress=None) -> KernelResult:
+               reopen: bool = False, progress=None, fast_paths: bool = True) -> KernelResult:
     """Replay ``trace`` on a copy of ``state`` (the original is never changed) and keep every event. ``record``
     keeps the events; ``reopen`` leaves the result as a freshly opened image (free cluster index 0), as QEMU's next
     open sees it."""
-    run = KernelRun(state, entry_size, writethrough, record)
+    run = KernelRun(state, entry_size, writethrough, record, fast_paths=fast_paths)
     keys, kinds, flushes = [], [], []
     before = 0
     for key, kind, flush_at, *_ in run.feed(trace, progress):

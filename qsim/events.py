@@ -30,22 +30,16 @@ from numba.experimental import structref
 from numba.extending import intrinsic
 
 from .bitops import leading_zeros32, trailing_zeros32
+from .codes import (BACKING_READ, BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, F_ZERO, GET,
+                    GET_DIRTY, GET_EMPTY, NORMAL, UNALLOC_ALLOC, UNALLOC_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
+from .codes import DISCARD as OP_DISCARD, FLUSH as OP_FLUSH, PREALLOC as OP_PREALLOC
+from .codes import READ as OP_READ, STATUS as OP_STATUS, WRITE as OP_WRITE
 from .hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
 
-# Event kinds
-GET, GET_DIRTY, GET_EMPTY = 0, 1, 2  # a lookup; a lookup whose slice is then dirtied; a new slice (dirty, no read)
-# What the image asks of its backing image (when one is modelled): a read, or a block-status query
-BACKING_READ, BACKING_STATUS = 0, 1
-# Request ops handled by the kernel (qsim.trace ops plus one internal)
-OP_READ, OP_WRITE, OP_DISCARD, OP_FLUSH, OP_PREALLOC, OP_STATUS = 0, 1, 2, 3, 4, 5
-# L2 entry flags
-F_ZERO, F_COMPRESSED, F_COPIED = 1, 2, 4
-# Subcluster types (QCow2SubclusterType)
-NORMAL, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, COMPRESSED = range(6)
 
 # geometry/options vector (int64) indices
 (G_CLUSTER_BITS, G_TABLE_BITS, G_SLICE_BITS, G_SC_BITS, G_EXTENDED, G_SPC, G_SLICES_PER_TABLE, G_L1_SIZE,
- G_BACKING, G_WRITETHROUGH, G_BACKING_MODEL, G_BACKING_SIZE, G_FAST_PATHS) = range(13)
+ G_HAS_BACKING_FILE, G_WRITETHROUGH, G_BACKING_MODELLED, G_BACKING_SIZE, G_FAST_PATHS) = range(13)
 GEOMETRY_SIZE = 13
 # run state (int64) indices
 S_EVENTS, S_FLUSHES, S_SLOTS, S_BACKING = range(4)
@@ -325,7 +319,7 @@ def _host_extent(r, im, emit, pos, end):
 def _read(r, pos, length):
     """The lookups of qcow2_co_preadv_part: one per extent; unallocated extents read the backing image (queued for
     its own cache model when one is given)."""
-    modelled = r.g[G_BACKING_MODEL]
+    modelled = r.g[G_BACKING_MODELLED]
     end = pos + length
     while pos < end:
         n, t = _host_extent(r, r, True, pos, end)
@@ -502,9 +496,9 @@ def _is_unallocated(r, pos, nbytes):
     n, t = _host_extent(r, r, True, pos, pos + nbytes)
     if not (t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1):
         return False
-    if not g[G_BACKING]:
+    if not g[G_HAS_BACKING_FILE]:
         return n >= nbytes
-    if not g[G_BACKING_MODEL]:
+    if not g[G_BACKING_MODELLED]:
         return False
     _queue_backing(r, pos, n, BACKING_STATUS)
     if pos >= g[G_BACKING_SIZE]:
@@ -644,7 +638,7 @@ def run_requests(r, op, offset, length, first, last):
     ev_capacity = okey.shape[0]
     fl_capacity = r.oflush.shape[0]
     recording = ev_capacity > 0
-    backing_model = g[G_BACKING_MODEL]
+    backing_model = g[G_BACKING_MODELLED]
     writethrough = g[G_WRITETHROUGH]
     fast = g[G_FAST_PATHS] != 0 and backing_model == 0  # the tests turn the fast paths off to compare
     max_clusters = 1

@@ -21,31 +21,28 @@ import numpy as np
 import pandas as pd
 
 from .errors import QsimError, UsageError
-from .geometry import MIN_EXTENDED_L2_CLUSTER_SIZE
-from .imageopts import ImageOptions
+from .safeio import atomic_path
+from .scenario import Grid, Scenario
+from .traceio.reading import ReadOptions
 
 TRACE_SUFFIXES = (".iolog", ".iolog.gz", ".log", ".csv", ".npz", ".txt", ".blktrace")
 
 
 @dataclass(frozen=True)
 class Task:
-    """One replay: a trace file and one geometry; cache sizes are swept inside it."""
+    """One replay: a trace file, how to read it, and one scenario (one geometry; its cache sizes are swept inside
+    it). ``config_id`` names the task's result part: equal options, equal name, on every machine."""
 
     trace_path: str
     trace_id: str
-    cluster_size: int
-    extended_l2: bool
-    options: ImageOptions
-    l2_cache_sizes: str
-    l2_cache_entry_size: int | None
-    cache_mode: str
-    virtual_size: int | None
-    offset_policy: str
+    scenario: Scenario
+    reading: ReadOptions = ReadOptions()
 
     @property
     def config_id(self) -> str:
-        config = {k: v for k, v in asdict(self).items() if k not in ("trace_path", "trace_id")}
-        return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        config = {"scenario": self.scenario.to_dict(), "reading": asdict(self.reading)}
+        text = json.dumps(config, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def expand_corpus(items: list[str]) -> list[str]:
@@ -89,21 +86,13 @@ def trace_id(path: str) -> str:
 
 
 def run_task(task: Task) -> pd.DataFrame:
-    """Replay one trace for one geometry (module-level, so processes and Dask workers can run it)."""
-    from dataclasses import replace
-
+    """Replay one trace for one scenario (module-level, so processes and Dask workers can run it)."""
     from .replay import replay
-    from .traceio import read_trace
 
-    trace = read_trace(task.trace_path)
-    options = replace(task.options, cluster_size=task.cluster_size, extended_l2=task.extended_l2)
-    frame = replay(trace, task.virtual_size, options, l2_cache_sizes=task.l2_cache_sizes,
-                   l2_cache_entry_size=task.l2_cache_entry_size, cache_mode=task.cache_mode,
-                   offset_policy=task.offset_policy).to_frame()
+    frame = replay(task.reading.read(task.trace_path), task.scenario).to_frame()
     frame.insert(0, "trace_id", task.trace_id)
     frame["trace"] = task.trace_path
     frame["config_id"] = task.config_id
-    frame["l2_cache_size_asked"] = frame["l2_cache_size_asked"].astype(str)
     return frame
 
 
@@ -111,21 +100,17 @@ def part_path(out_dir: str, task: Task) -> str:
     return os.path.join(out_dir, "parts", f"trace={task.trace_id}", f"{task.config_id}.parquet")
 
 
-def plan(paths: list[str], cluster_sizes: list[int], extended_l2: list[bool], l2_cache_sizes: str,
-         options: ImageOptions = ImageOptions(), l2_cache_entry_size: int | None = None,
-         cache_mode: str = "writeback", virtual_size: int | None = None,
-         offset_policy: str = "error") -> list[Task]:
+def make_tasks(paths: list[str], grid: Grid, reading: ReadOptions = ReadOptions()) -> tuple[list[Task], list[str]]:
+    """(one task per trace x geometry of ``grid``, the grid's skipped combinations)."""
     ids = {p: trace_id(p) for p in paths}
-    return [Task(p, ids[p], c, e, options, l2_cache_sizes or "default", l2_cache_entry_size, cache_mode,
-                 virtual_size, offset_policy)
-            for p in paths for c in cluster_sizes for e in extended_l2
-            if not (e and c < MIN_EXTENDED_L2_CLUSTER_SIZE)]
+    scenarios, skipped = grid.expand()
+    return [Task(p, ids[p], s, reading) for p in paths for s in scenarios], skipped
 
 
 def fleet_sweep(tasks: list[Task], out_dir: str, scheduler: str | None = None, workers: int | None = None,
                 progress=None) -> tuple[pd.DataFrame, dict]:
-    """Run the tasks not yet in ``out_dir`` (locally, or on the Dask scheduler at ``scheduler``), write each
-    result as a Parquet part, and return (all rows, run statistics)."""
+    """Run the tasks not yet in ``out_dir`` (locally on ``workers`` processes, or on the Dask scheduler at
+    ``scheduler``), write each result as a Parquet part, and return (all rows, run statistics)."""
     _need_parquet()
     todo = [t for t in tasks if not os.path.exists(part_path(out_dir, t))]
     by_key = {(t.trace_id, t.config_id): t for t in todo}
@@ -135,8 +120,8 @@ def fleet_sweep(tasks: list[Task], out_dir: str, scheduler: str | None = None, w
         task = by_key[(frame["trace_id"].iloc[0], frame["config_id"].iloc[0])]
         path = part_path(out_dir, task)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        frame.to_parquet(path + ".tmp", index=False)
-        os.replace(path + ".tmp", path)  # a part appears whole or not at all
+        with atomic_path(path) as tmp:  # a part appears whole or not at all
+            frame.to_parquet(tmp, index=False)
         requests += int(frame["requests"].iloc[0])
         if progress is not None:
             progress(1)
@@ -147,10 +132,19 @@ def fleet_sweep(tasks: list[Task], out_dir: str, scheduler: str | None = None, w
     return frame, stats
 
 
+def local_workers(asked: int | None, tasks: int) -> int:
+    """Worker processes for ``tasks`` tasks: as asked (default every core), never more than the cores or the
+    tasks (a replay is CPU-bound: more processes than cores only add start-up and memory)."""
+    cores = os.cpu_count() or 1
+    if asked is not None and asked < 1:
+        raise UsageError(f"--workers {asked}: at least one worker process")
+    return max(1, min(asked or cores, cores, tasks))
+
+
 def _run_local(tasks: list[Task], workers: int | None):
     if not tasks:
         return
-    workers = workers or os.cpu_count() or 1
+    workers = local_workers(workers, len(tasks))
     if workers == 1:
         for task in tasks:
             yield run_task(task)
@@ -169,7 +163,7 @@ def _run_dask(tasks: list[Task], scheduler: str):
                         status=2) from None
     if not tasks:
         return
-    client = scheduler if not isinstance(scheduler, str) else Client(scheduler, timeout="20s")
+    client = scheduler if not isinstance(scheduler, str) else _connect(Client, scheduler)
     try:
         futures = [client.submit(run_task, t, pure=False, retries=3) for t in tasks]
         for future in dask_completed(futures):
@@ -177,6 +171,26 @@ def _run_dask(tasks: list[Task], scheduler: str):
     finally:
         if isinstance(scheduler, str):
             client.close()
+
+
+SCHEDULER_SCHEMES = ("tcp://", "tls://", "inproc://", "ucx://", "ws://", "wss://")
+CONNECT_SECONDS = 5
+
+
+def check_scheduler_address(address: str) -> None:
+    """A Dask scheduler address is ``tcp://HOST:PORT`` (or another Dask scheme): refuse anything else up front."""
+    if not address.startswith(SCHEDULER_SCHEMES) or address.rstrip("/").endswith("//"):
+        raise UsageError(f"--scheduler {address[:80]!r}: expected a Dask scheduler address such as "
+                         "tcp://scheduler:8786")
+
+
+def _connect(client_type, address: str):
+    check_scheduler_address(address)
+    try:
+        return client_type(address, timeout=f"{CONNECT_SECONDS}s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise QsimError(f"--scheduler {address}: no Dask scheduler answered within {CONNECT_SECONDS} s "
+                        f"({type(exc).__name__})") from None
 
 
 def load_results(out_dir: str, tasks: list[Task] | None = None) -> pd.DataFrame:

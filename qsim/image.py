@@ -1,131 +1,29 @@
-"""ImageState: what a qcow2 image has allocated -- L2 tables, clusters, subclusters and host layout.
+"""Building image states: synthetic ones the way QEMU builds them, and real ones from a qcow2 file.
 
-One plain type for synthetic images (fresh, metadata-preallocated, partly filled) and, later, real ones read from
-disk. Synthetic states are built the way QEMU builds them -- ``qemu-img create`` allocates the header, refcount
-table and block, then the L1 table, then (preallocation=metadata) every L2 table and cluster through the same
-allocation code a guest write uses -- by running qsim's own QEMU model with event recording off, so host offsets come
-out where QEMU puts them.
+``qemu-img create`` allocates the header, refcount table and block, then the L1 table, then
+(preallocation=metadata) every L2 table and cluster through the same allocation code a guest write uses; so the
+synthetic states are built by running qsim's own QEMU model (``qsim.engine``) with event recording off, and host
+offsets come out where QEMU puts them.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import hostalloc
 from .cachecfg import resolve_cache
+from .codes import F_COMPRESSED, F_COPIED, F_ZERO, PREALLOC, WRITE
+from .engine import run_kernel
 from .errors import QsimError
-from .geometry import L1_ENTRY_BYTES, ImageGeometry
+from .geometry import ImageGeometry
 from .imageopts import ImageOptions
-
-SLOT_NONE = -1
-
-
-@dataclass(frozen=True, eq=False)
-class ImageState:
-    """Allocation state of one image. Arrays (one row per L2 table, in slot order; tables are numbered by slot):
-
-    - ``table_slot`` int32 [L1 entries]: slot of the L2 table of each L1 entry, -1 when there is none
-    - ``table_host`` int64 [slots]: host cluster index of each L2 table
-    - ``entry_host`` int64 [slots, entries per table]: host cluster index of each guest cluster, 0 = none
-    - ``entry_flags`` uint8 [slots, entries]: events.F_ZERO / F_COMPRESSED / F_COPIED
-    - ``entry_bitmap`` uint64 [slots, entries]: extended_l2 subcluster bitmap, QEMU's layout (bits 0-31 allocated,
-      32-63 reads as zero); a [1, 1] placeholder without extended_l2
-    - ``host_used`` uint8 [host clusters]: refcount > 0; ``refblock_covered`` uint8 [refcount blocks]
-    - ``alloc_state`` int64: hostalloc state (free index, refcount block size, ...)
-    """
-
-    geometry: ImageGeometry
-    n_tables: int
-    table_slot: np.ndarray
-    table_host: np.ndarray
-    entry_host: np.ndarray
-    entry_flags: np.ndarray
-    entry_bitmap: np.ndarray
-    host_used: np.ndarray
-    refblock_covered: np.ndarray
-    alloc_state: np.ndarray
-    backing: bool = False
-    description: str = ""
-
-    @property
-    def clusters_allocated(self) -> int:
-        return int(np.count_nonzero(self.entry_host[: self.n_tables]))
-
-    @property
-    def file_bytes(self) -> int:
-        """Image file size: one past the last used host cluster."""
-        return int(self.alloc_state[hostalloc.HIGH_WATER]) * self.geometry.cluster_size
-
-    def with_capacity(self, extra_tables: int, extra_host_clusters: int) -> ImageState:
-        """A copy with room for more tables and host clusters, ready to be changed by a replay."""
-        rows = self.n_tables + extra_tables
-        entries = self.entry_host.shape[1]
-        ext_shape = (rows, entries) if self.geometry.extended_l2 else (1, 1)
-
-        def grow(a: np.ndarray, shape, dtype):
-            out = np.zeros(shape, dtype=dtype)
-            if a.ndim == 2 and a.shape[1] == shape[1] and shape[1] > 1:  # not the [1, 1] placeholder
-                out[: self.n_tables] = a[: self.n_tables]
-            elif a.ndim == 1:
-                out[: min(len(a), len(out))] = a[: min(len(a), len(out))]
-            return out
-
-        host_clusters = int(self.alloc_state[hostalloc.HIGH_WATER]) + extra_host_clusters + 1024
-        refblock_bits = int(self.alloc_state[hostalloc.REFBLOCK_BITS])
-        return ImageState(
-            geometry=self.geometry,
-            n_tables=self.n_tables,
-            table_slot=self.table_slot.copy(),
-            table_host=grow(self.table_host, (rows,), np.int64),
-            entry_host=grow(self.entry_host, (rows, entries), np.int64),
-            entry_flags=grow(self.entry_flags, (rows, entries), np.uint8),
-            entry_bitmap=grow(self.entry_bitmap, ext_shape, np.uint64),
-            host_used=grow(self.host_used, (max(host_clusters, len(self.host_used)),), np.uint8),
-            refblock_covered=grow(self.refblock_covered, ((host_clusters >> refblock_bits) + 2,), np.uint8),
-            alloc_state=self.alloc_state.copy(),
-            backing=self.backing,
-            description=self.description,
-        )
-
-
-def fresh_image(geometry: ImageGeometry, backing: bool = False) -> ImageState:
-    """``qemu-img create -f qcow2`` (preallocation=off): header, refcount table and block, L1 table; no L2 tables."""
-    geometry.check_l1_size()
-    entries = geometry.l2_entries_per_table
-    l1_clusters = -(-geometry.l1_entries * L1_ENTRY_BYTES // geometry.cluster_size)
-    alloc = hostalloc.new_alloc_state(geometry.cluster_size, geometry.refcount_bits)
-    host_clusters = 3 + l1_clusters + 64
-    refblock_bits = int(alloc[hostalloc.REFBLOCK_BITS])
-    used = np.zeros(host_clusters, dtype=np.uint8)
-    covered = np.zeros((host_clusters >> refblock_bits) + 2, dtype=np.uint8)
-    covered[0] = 1  # qcow2_co_create writes refcount block 0 at cluster 2, before anything is allocated
-    hostalloc.alloc_clusters(used, covered, alloc, 3)  # header, refcount table, refcount block
-    if l1_clusters:
-        hostalloc.alloc_clusters(used, covered, alloc, l1_clusters)
-    alloc[hostalloc.FREE_INDEX] = 0  # the image is opened afresh
-    return ImageState(
-        geometry=geometry,
-        n_tables=0,
-        table_slot=np.full(geometry.l1_entries, SLOT_NONE, dtype=np.int32),
-        table_host=np.zeros(0, dtype=np.int64),
-        entry_host=np.zeros((0, entries), dtype=np.int64),
-        entry_flags=np.zeros((0, entries), dtype=np.uint8),
-        entry_bitmap=np.zeros((1, 1), dtype=np.uint64),
-        host_used=used,
-        refblock_covered=covered,
-        alloc_state=alloc,
-        backing=backing,
-        description="preallocation=off",
-    )
-
+from .imagestate import SLOT_NONE, ImageState, fresh_image
+from .trace import Trace
 
 def build_image(geometry: ImageGeometry, options: ImageOptions = ImageOptions()) -> ImageState:
     """The image state named by ``-o`` options: preallocation=off|metadata, or fill=SHARE (seeded)."""
-    from .engine import run_kernel  # the engine runs the QEMU model; image states come from it
-
     state = fresh_image(geometry, options.backing)
     if options.preallocation == "metadata":
         # preallocate_co runs on the image qemu-img create just opened, with that open's default slice size.
@@ -147,20 +45,15 @@ def _describe(state: ImageState, text: str) -> ImageState:
 
 
 def _prealloc_requests(geometry: ImageGeometry):
-    from .events import OP_PREALLOC
-    from .trace import Trace
-
     size = geometry.virtual_size
     step = (2**31 - 1) // geometry.cluster_size * geometry.cluster_size
     offsets = np.arange(0, size, step, dtype=np.int64)
     lengths = np.minimum(step, size - offsets)
-    return Trace(np.full(len(offsets), OP_PREALLOC, np.uint8), offsets, lengths.astype(np.uint32))
+    return Trace(np.full(len(offsets), PREALLOC, np.uint8), offsets, lengths.astype(np.uint32))
 
 
 def _fill_requests(geometry: ImageGeometry, share: float, seed: int):
     """Whole-cluster writes to a random ``share`` of the clusters, in random order: a disk that has been in use."""
-    from .trace import WRITE, Trace
-
     clusters = geometry.clusters
     count = int(round(share * clusters))
     if count > 50_000_000:
@@ -174,7 +67,6 @@ def _fill_requests(geometry: ImageGeometry, share: float, seed: int):
 
 def image_from_qcow2(img) -> ImageState:
     """The state of a real image read by ``qsim.qcow2.open_image``: its tables, entries, host layout and refcounts."""
-    from .events import F_COMPRESSED, F_COPIED, F_ZERO
     from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
 
     g = img.geometry
@@ -217,7 +109,7 @@ def image_from_qcow2(img) -> ImageState:
         host_used=used,
         refblock_covered=img.refblock_present.copy(),
         alloc_state=alloc,
-        backing=bool(img.header.backing_file),
+        has_backing_file=bool(img.header.backing_file),
         description=f"image {os.path.basename(img.path)}",
     )
 

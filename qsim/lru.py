@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit
 
 from .bitops import popcount64, trailing_zeros64
-from .events import GET, GET_DIRTY, GET_EMPTY
+from .codes import GET, GET_DIRTY, GET_EMPTY
 
 COLD = np.iinfo(np.int64).max  # distance of a first access: a miss in every cache
 DIRECT_SIMULATION_MAX_SIZES = 3

@@ -1,8 +1,9 @@
-"""Replay a trace against an image for a list of L2 cache configurations: one row of counters per configuration.
+"""Replay a trace under one scenario: one row of counters per cache configuration.
 
 Ties the two stages together: stage 1 (``qsim.engine``, QEMU's code paths) runs once per slice (entry) size, since
 that is all the event stream depends on; stage 2 (``qsim.lru``) turns each stream into counters for every cache
-size at once. Cache configurations follow QEMU's rules (``qsim.cachecfg``).
+size at once. Cache configurations follow QEMU's rules (``qsim.cachecfg``). Everything a replay depends on but the
+trace comes in one ``Scenario`` (``qsim.scenario``); the library takes typed values only (the CLI parses text).
 """
 
 from __future__ import annotations
@@ -10,58 +11,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
-
-from .cachecfg import DEFAULT_QEMU_VERSION, CacheConfig, CacheSettings, resolve_cache
+from .cachecfg import CacheConfig, CacheSettings, resolve_cache
 from .engine import KernelRun, events_nest
 from .errors import QsimError, UsageError
 from .geometry import ImageGeometry, measure
-from .image import ImageState, build_image
-from .imageopts import ImageOptions
-from .lru import CacheModel
+from .image import backing_state as read_backing_state, build_image, image_from_qcow2
+from .imagestate import ImageState
+from .lru import CacheCounts, CacheModel
+from .scenario import ImageSpec, Scenario
 from .trace import Trace, apply_offset_policy
-from .units import parse_size
+from .units import format_size
 
-CACHE_MODES = ("writeback", "writethrough")
-SHARE_STAGE_1 = True  # derive coarser slice sizes' events from the finest when they nest (tests compare both ways)
 GIB = 1 << 30
-
-
-def parse_cache_sizes(text: str | None) -> list[int | None]:
-    """``"64k,256k,1M,default"`` or ``"64k..64M"`` (powers of two) or ``"64k..64M:20"`` (20 log-spaced sizes,
-    rounded to 512 bytes). None stands for QEMU's default."""
-    if text is None or not str(text).strip():
-        return [None]
-    sizes: list[int | None] = []
-    for item in str(text).split(","):
-        item = item.strip()
-        if item.lower() == "default":
-            sizes.append(None)
-        elif ".." in item:
-            low, _, rest = item.partition("..")
-            high, _, count = rest.partition(":")
-            lo, hi = parse_size(low, "--l2-cache-size"), parse_size(high, "--l2-cache-size")
-            if lo <= 0 or hi < lo:
-                raise UsageError(f"--l2-cache-size {item}: a range goes from a positive size up, e.g. 64k..64M")
-            if count:
-                try:
-                    n = int(count)
-                except ValueError:
-                    raise UsageError(f"--l2-cache-size {item}: the count after ':' must be a whole number") from None
-                if n < 2:
-                    raise UsageError(f"--l2-cache-size {item}: a range needs at least 2 points")
-                points = np.geomspace(lo, hi, n)
-                sizes.extend(sorted({max(512, int(round(p / 512)) * 512) for p in points}))
-            else:
-                size = lo
-                while size <= hi:
-                    sizes.append(size)
-                    size *= 2
-                if sizes[-1] != hi:
-                    sizes.append(hi)
-        else:
-            sizes.append(parse_size(item, "--l2-cache-size"))
-    return sizes
 
 
 def default_virtual_size(trace: Trace) -> int:
@@ -76,105 +37,175 @@ def virtual_size_for(max_end_offset: int) -> int:
 
 @dataclass(frozen=True)
 class ReplayResult:
-    """Rows of counters (one dict per cache configuration) and the image state after the trace."""
+    """Rows of counters (one dict per cache configuration, in the scenario's order), the image state after the
+    trace, and notes for the user (warnings about a real image)."""
 
     rows: list[dict]
     image_after: ImageState
+    notes: tuple[str, ...] = ()
 
     def to_frame(self):
         import pandas as pd
 
-        return pd.DataFrame(self.rows)
+        frame = pd.DataFrame(self.rows)
+        frame.attrs["notes"] = list(self.notes)
+        return frame
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """The states a scenario's image spec names: the image, its backing image when that one's cache is modelled,
+    and what the user should be told about them."""
+
+    state: ImageState
+    backing: ImageState | None = None
+    notes: tuple[str, ...] = ()
+
+
+def load_image(spec: ImageSpec, trace: Trace | None = None) -> LoadedImage:
+    """Build (synthetic) or read (real, read-only) the image of ``spec``. A synthetic image without a size takes
+    the whole ``trace``'s end rounded up to a GiB."""
+    if spec.is_real:
+        from .qcow2 import open_image
+
+        img = open_image(spec.path)
+        notes = tuple(f"{spec.path}: {w}" for w in img.warnings)
+        return LoadedImage(image_from_qcow2(img), read_backing_state(img) if spec.backing_chain else None, notes)
+    size = spec.virtual_size
+    if size is None:
+        if trace is None:
+            raise UsageError("give the virtual size (--size) when the trace streams from a file")
+        size = default_virtual_size(trace)
+    options = spec.options
+    return LoadedImage(build_image(ImageGeometry(size, options.cluster_size, options.extended_l2,
+                                                 options.refcount_bits), options))
+
+
+@dataclass(eq=False)
+class _Backing:
+    """The backing image's own L2 cache, opened with QEMU's defaults as a backing node is, fed what the image
+    above lacks."""
+
+    run: KernelRun
+    model: CacheModel
+
+    @classmethod
+    def open(cls, state: ImageState, scenario: Scenario, fast_paths: bool) -> _Backing:
+        config = resolve_cache(state.geometry, CacheSettings(), scenario.qemu_version)
+        run = KernelRun(state, config.l2_cache_entry_size, fast_paths=fast_paths)
+        return cls(run, CacheModel(run.n_keys, [config.l2_cache_entries]))
+
+    def feed(self, events) -> None:
+        for chunk in self.run.feed(events.backing_trace()):
+            self.model.feed(chunk.key, chunk.kind, chunk.flush_at)
+
+
+@dataclass(eq=False)
+class _SliceGroup:
+    """The cache configurations that share one slice (entry) size: one stage-1 run, one stage-2 model."""
+
+    entry_size: int
+    chosen: list[int]  # indices into the scenario's caches
+    run: KernelRun
+    model: CacheModel
+    backing: _Backing | None
+
+
+def _slice_groups(state: ImageState, backing: ImageState | None, configs: list[CacheConfig], scenario: Scenario,
+                  fast_paths: bool) -> list[_SliceGroup]:
+    groups = []
+    for entry_size in sorted({c.l2_cache_entry_size for c in configs}):
+        chosen = [k for k, c in enumerate(configs) if c.l2_cache_entry_size == entry_size]
+        run = KernelRun(state, entry_size, scenario.cache_mode == "writethrough", backing_image=backing,
+                        fast_paths=fast_paths)
+        model = CacheModel(run.n_keys, [configs[k].l2_cache_entries for k in chosen])
+        below = _Backing.open(backing, scenario, fast_paths) if backing is not None else None
+        groups.append(_SliceGroup(entry_size, chosen, run, model, below))
+    return groups
+
+
+def _feed_chunk(groups: list[_SliceGroup], chunk: Trace, progress, share_stage_1: bool) -> None:
+    """Stage 1 and 2 of every slice group over one chunk of requests."""
+    finest = groups[0].run
+    # When the coarser slice sizes see the finest stream's events with shifted keys, stage 1 runs once. Only while
+    # the image is the one given: after writes, each slice size's run keeps its own image state.
+    shared = share_stage_1 and len(groups) > 1 and groups[0].backing is None \
+        and all(g.run.work is None for g in groups) and events_nest(chunk, finest.original, finest.entry_size)
+    before = finest.cnt.copy()
+    for n, group in enumerate(groups):
+        if n > 0 and shared:
+            group.run.cnt += finest.cnt - before  # the same requests, reads and bytes; a read-only image is unchanged
+            continue
+        for events in group.run.feed(chunk, progress if n == 0 else None):
+            group.model.feed(events.key, events.kind, events.flush_at)
+            if n == 0 and shared:
+                for coarse in groups[1:]:
+                    shift = (coarse.entry_size // finest.entry_size).bit_length() - 1
+                    coarse.model.feed(events.key >> shift, events.kind, events.flush_at)
+            if group.backing is not None and len(events.backing_offset):
+                group.backing.feed(events)
 
 
 def replay(
     trace: Trace | Iterable[Trace],
-    virtual_size: int | None = None,
-    options: ImageOptions = ImageOptions(),
-    image: ImageState | None = None,
-    l2_cache_sizes: list[int | None] | str | None = None,
-    l2_cache_entry_size: int | None = None,
-    cache_mode: str = "writeback",
-    offset_policy: str = "error",
-    qemu_version: str = DEFAULT_QEMU_VERSION,
+    scenario: Scenario = Scenario(),
+    *,
+    state: ImageState | None = None,
+    backing_state: ImageState | None = None,
     progress=None,
-    backing: ImageState | None = None,
+    share_stage_1: bool = True,
+    fast_paths: bool = True,
 ) -> ReplayResult:
-    """Replay ``trace`` against ``image`` (or a synthetic image built from ``options``) for each L2 cache size.
+    """Replay ``trace`` under ``scenario``: one row per cache configuration of ``scenario.caches``, in order.
 
     ``trace`` is a Trace, or an iterable of Trace chunks for a file larger than memory (``qsim.traceio.iter_trace``):
     allocation state and every cache carry across chunks, so the rows equal those of one whole-trace replay, and
-    memory stays bounded by the chunk size, the image state and the caches (one small array per L2 slice).
-    ``l2_cache_sizes``: list of bytes (None = QEMU's default) or a spec string for parse_cache_sizes. Without
-    ``virtual_size`` the disk is a whole trace's largest end offset rounded up to a whole GiB (chunks need it given).
-    ``backing`` (the state of the image's backing file) models the backing image's own L2 cache, opened with QEMU's
-    default cache options as a backing node is: what is unallocated in the image is read, or queried, there.
+    memory stays bounded by the chunk size, the image state and the caches (one small array per L2 slice); chunks
+    need the scenario's image to have a size.
+
+    ``state`` (with ``backing_state``, the backing image whose own cache is modelled) replaces the scenario's image
+    by a state built in Python (tests, notebooks); it cannot travel to a fleet. ``progress`` is called with request
+    counts. ``share_stage_1`` and ``fast_paths`` switch off two of the engine's shortcuts; results never depend on
+    them (the tests compare both ways).
     """
-    if isinstance(trace, Trace):
-        if image is None and virtual_size is None:
-            virtual_size = default_virtual_size(trace)
-        chunks: Iterable[Trace] = [trace]
+    whole = trace if isinstance(trace, Trace) else None
+    chunks: Iterable[Trace] = [trace] if whole is not None else trace
+    if state is None:
+        loaded = load_image(scenario.image, whole)
     else:
-        chunks = trace
-    if cache_mode not in CACHE_MODES:
-        raise UsageError(f"--cache-mode {cache_mode!r}: expected writeback or writethrough")
-    if isinstance(l2_cache_sizes, str) or l2_cache_sizes is None:
-        l2_cache_sizes = parse_cache_sizes(l2_cache_sizes)
-    if image is None:
-        if virtual_size is None:
-            raise UsageError("give the virtual size (--size) when the trace streams from a file")
-        geometry = ImageGeometry(virtual_size, options.cluster_size, options.extended_l2, options.refcount_bits)
-        image = build_image(geometry, options)
-    geometry = image.geometry
-    configs = [resolve_cache(geometry, CacheSettings(l2_cache_size=s, l2_cache_entry_size=l2_cache_entry_size),
-                             qemu_version) for s in l2_cache_sizes]
-    groups = []
-    for entry_size in sorted({c.l2_cache_entry_size for c in configs}):
-        chosen = [k for k, c in enumerate(configs) if c.l2_cache_entry_size == entry_size]
-        run = KernelRun(image, entry_size, cache_mode == "writethrough", backing=backing)
-        below = None
-        if backing is not None:
-            backing_cache = resolve_cache(backing.geometry, CacheSettings(), qemu_version)
-            backing_run = KernelRun(backing, backing_cache.l2_cache_entry_size)
-            below = (backing_run, CacheModel(backing_run.n_keys, [backing_cache.l2_cache_entries]))
-        groups.append((run, CacheModel(run.n_keys, [configs[k].l2_cache_entries for k in chosen]), chosen, below))
+        loaded = LoadedImage(state, backing_state)
+    image = loaded.state
+    configs = [resolve_cache(image.geometry, settings, scenario.qemu_version) for settings in scenario.caches]
+    groups = _slice_groups(image, loaded.backing, configs, scenario, fast_paths)
     source = "<memory>"
-    finest = groups[0][0]
     for chunk in chunks:
         source = chunk.source
-        chunk = apply_offset_policy(chunk, geometry.virtual_size, offset_policy)
-        # When the coarser slice sizes see the finest stream's events with shifted keys, stage 1 runs once. Only
-        # while the image is the one given: after writes, each slice size's run keeps its own image state.
-        shared = SHARE_STAGE_1 and len(groups) > 1 and backing is None and all(r.work is None for r, *_ in groups) \
-            and events_nest(chunk, finest.original, finest.entry_size)
-        before = finest.cnt.copy()
-        for g, (run, model, _, below) in enumerate(groups):
-            if g > 0 and shared:
-                run.cnt += finest.cnt - before  # the same requests, reads and bytes; a read-only image is unchanged
-                continue
-            for events in run.feed(chunk, progress if g == 0 else None):
-                model.feed(events.key, events.kind, events.flush_at)
-                if g == 0 and shared:
-                    for coarse, coarse_model, _, _ in groups[1:]:
-                        shift = (coarse.entry_size // finest.entry_size).bit_length() - 1
-                        coarse_model.feed(events.key >> shift, events.kind, events.flush_at)
-                if below is not None and len(events.backing_offset):
-                    for backing_events in below[0].feed(events.backing_trace()):
-                        below[1].feed(backing_events.key, backing_events.kind, backing_events.flush_at)
+        _feed_chunk(groups, apply_offset_policy(chunk, image.geometry.virtual_size, scenario.offset_policy),
+                    progress, share_stage_1)
     rows: list[dict | None] = [None] * len(configs)
-    for run, model, chosen, below in groups:
-        backing_counts = below[1].finish()[0] if below is not None else None
-        for k, counts in zip(chosen, model.finish()):
-            rows[k] = _row(source, image, run.image, configs[k], run.counters, counts, cache_mode, l2_cache_sizes[k])
+    for group in groups:
+        backing_counts = group.backing.model.finish()[0] if group.backing is not None else None
+        for k, counts in zip(group.chosen, group.model.finish()):
+            rows[k] = _row(source, image, group.run, configs[k], counts, scenario, scenario.caches[k])
             if backing_counts is not None:
-                rows[k].update(backing_l2_lookups=backing_counts.lookups, backing_l2_misses=backing_counts.misses,
-                               backing_l2_disk_reads=backing_counts.disk_reads,
-                               backing_l2_evictions=backing_counts.evictions)
-    return ReplayResult([r for r in rows if r is not None], groups[-1][0].image)
+                rows[k].update(_backing_columns(backing_counts))
+    return ReplayResult([r for r in rows if r is not None], groups[-1].run.image, loaded.notes)
 
 
-def _row(source, image, image_after, config: CacheConfig, counters, counts, cache_mode, asked) -> dict:
+def _backing_columns(counts: CacheCounts) -> dict:
+    return {"backing_l2_lookups": counts.lookups, "backing_l2_misses": counts.misses,
+            "backing_l2_disk_reads": counts.disk_reads, "backing_l2_evictions": counts.evictions}
+
+
+def asked_spelling(size: int | None) -> str:
+    """How a row records the l2-cache-size asked for: as qemu-img writes sizes (``64k``), or ``default``."""
+    return "default" if size is None else format_size(size)
+
+
+def _row(source: str, image: ImageState, run: KernelRun, config: CacheConfig, counts: CacheCounts,
+         scenario: Scenario, settings: CacheSettings) -> dict:
     g = image.geometry
+    counters = run.counters
     entry = config.l2_cache_entry_size
     return {
         "trace": source,
@@ -182,9 +213,10 @@ def _row(source, image, image_after, config: CacheConfig, counters, counts, cach
         "cluster_size": g.cluster_size,
         "extended_l2": g.extended_l2,
         "preallocation": image.description,
-        "backing": image.backing,
-        "cache_mode": cache_mode,
-        "l2_cache_size_asked": "default" if asked is None else int(asked),
+        "backing": image.has_backing_file,
+        "cache_mode": scenario.cache_mode,
+        "qemu_version": scenario.qemu_version,
+        "l2_cache_size_asked": asked_spelling(settings.l2_cache_size),
         "l2_cache_bytes": config.l2_cache_bytes,
         "l2_cache_entry_size": entry,
         "l2_cache_entries": config.l2_cache_entries,
@@ -208,11 +240,11 @@ def _row(source, image, image_after, config: CacheConfig, counters, counts, cach
         "guest_write_bytes": counters["guest_write_bytes"],
         "l2_tables_allocated": counters["l2_tables_allocated"],
         "clusters_allocated": counters["clusters_allocated"],
-        "image_file_bytes": image_after.file_bytes,
+        "image_file_bytes": run.image.file_bytes,
         "full_l2_cache_bytes": g.full_l2_cache_bytes,
         "metadata_overhead_bytes": measure(g).required,
         "exact": not counters["unmodelled_refcount_growth"],
     }
 
 
-__all__ = ["replay", "parse_cache_sizes", "default_virtual_size", "ReplayResult", "QsimError"]
+__all__ = ["replay", "load_image", "default_virtual_size", "ReplayResult", "QsimError"]

@@ -48,8 +48,6 @@ def human_table(frame: pd.DataFrame, columns: list[str] = SUMMARY_COLUMNS) -> st
             shown[column] = [human_size(int(v)) for v in shown[column]]
         elif column == "l2_hit_ratio":
             shown[column] = [f"{100 * v:.2f}%" for v in shown[column]]
-        elif column == "l2_cache_size_asked":
-            shown[column] = [v if str(v) == "default" else format_size(int(v)) for v in shown[column]]
         elif column == "extended_l2":
             shown[column] = ["on" if v else "off" for v in shown[column]]
     shown.columns = [c.replace("l2_cache_size_asked", "asked").replace("l2_cache_", "cache_").replace("_bytes", "")

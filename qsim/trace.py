@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .codes import DISCARD, FLUSH, OFFSET_POLICIES, OP_NAMES, READ, WRITE  # noqa: F401 (the readers' names)
 from .errors import QsimError
 
-READ, WRITE, DISCARD, FLUSH = 0, 1, 2, 3
-OP_NAMES = ("read", "write", "discard", "flush")
-OFFSET_POLICIES = ("error", "skip", "wrap")
 MAX_LENGTH = 2**32 - 1
 
 

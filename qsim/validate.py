@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .cachecfg import DEFAULT_QEMU_VERSION
-from .imageopts import ImageOptions
+from .errors import UsageError
+from .qcow2 import open_image
 from .qemu import qemu_version, replay_in_qemu
-from .replay import replay
-from .trace import Trace
+from .replay import default_virtual_size, replay
+from .scenario import Scenario
+from .trace import Trace, apply_offset_policy
 
 COMPARED = ("l2_lookups", "l2_misses", "l2_disk_reads", "l2_evictions", "l2_writebacks", "l2_writebacks_at_close",
             "image_file_bytes")
@@ -21,6 +22,8 @@ class Validation:
     qemu: dict
     qemu_version: str
     compared: tuple[str, ...] = COMPARED
+    requests: int = 0  # after the offset policy
+    virtual_size: int = 0  # bytes
 
     @property
     def differences(self) -> dict[str, int]:
@@ -36,27 +39,33 @@ class Validation:
                 "compared": list(self.compared), "qemu_version": self.qemu_version}
 
 
-def validate(trace: Trace, virtual_size: int, options: ImageOptions = ImageOptions(),
-             l2_cache_size: int | None = None, l2_cache_entry_size: int | None = None,
-             cache_mode: str = "writeback", progress=None, image_path: str | None = None) -> Validation:
-    """Replay ``trace`` in qemu-io (on a scratch image built with qemu-img, or a scratch copy of ``image_path``) and
-    in qsim, with the same options."""
-    state = below = None
-    if image_path is not None:
-        from .image import backing_state, image_from_qcow2
-        from .qcow2 import open_image
-
-        img = open_image(image_path)
-        state = image_from_qcow2(img)
-        below = backing_state(img)  # QEMU's trace counts both images' caches; so does qsim then
-        virtual_size = state.geometry.virtual_size
-    ours = replay(trace, virtual_size, options, image=state, backing=below, l2_cache_sizes=[l2_cache_size],
-                  l2_cache_entry_size=l2_cache_entry_size, cache_mode=cache_mode,
-                  qemu_version=DEFAULT_QEMU_VERSION).rows[0]
-    theirs = replay_in_qemu(trace, virtual_size, options, l2_cache_size, l2_cache_entry_size, cache_mode,
-                            image=image_path, progress=progress).to_dict()
+def validate(trace: Trace, scenario: Scenario, progress=None) -> Validation:
+    """Replay ``trace`` in qemu-io (on a scratch image built with qemu-img, or a scratch copy of the scenario's real
+    image) and in qsim, under the same scenario: one cache configuration, QEMU's options passed to qemu-io as is.
+    The scenario's offset policy is applied first, so both sides see the same requests."""
+    if len(scenario.caches) != 1:
+        raise UsageError("validate compares one cache configuration at a time")
+    settings = scenario.caches[0]
+    if settings.cache_size is not None or settings.refcount_cache_size is not None:
+        raise UsageError("validate passes l2-cache-size and l2-cache-entry-size to qemu-io; not cache-size or "
+                         "refcount-cache-size yet")
+    spec = scenario.image
+    if spec.is_real:
+        # QEMU's trace counts the backing image's cache too; so does qsim then
+        spec = replace(spec, backing_chain=True)
+        virtual_size = open_image(spec.path).header.size
+    else:
+        virtual_size = default_virtual_size(trace) if spec.virtual_size is None else spec.virtual_size
+        spec = replace(spec, virtual_size=virtual_size)
+    scenario = replace(scenario, image=spec)
+    trace = apply_offset_policy(trace, virtual_size, scenario.offset_policy)
+    result = replay(trace, scenario)
+    ours = result.rows[0]
+    theirs = replay_in_qemu(trace, virtual_size, spec.options, settings.l2_cache_size, settings.l2_cache_entry_size,
+                            scenario.cache_mode, image=spec.path, progress=progress).to_dict()
     qsim_counts = {k: ours[k] + ours.get("backing_" + k, 0) for k in COMPARED}
     qsim_counts.update(l2_cache_entries=ours["l2_cache_entries"], l2_cache_entry_size=ours["l2_cache_entry_size"])
     # With a backing image, QEMU's trace mixes both caches' slot numbers, so evictions cannot be told apart there.
-    compared = tuple(k for k in COMPARED if not (below is not None and k == "l2_evictions"))
-    return Validation(qsim_counts, theirs, qemu_version(), compared)
+    with_backing = "backing_l2_lookups" in ours
+    compared = tuple(k for k in COMPARED if not (with_backing and k == "l2_evictions"))
+    return Validation(qsim_counts, theirs, qemu_version(), compared, len(trace), virtual_size)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from qsim.fleet import expand_corpus, fleet_sweep, load_results, plan, run_task, summarize
+from qsim.fleet import expand_corpus, fleet_sweep, load_results, make_tasks, run_task, summarize
+from qsim.scenario import Grid, Scenario
 from qsim.synth import synthesize
 from qsim.traceio import write_trace
 
@@ -29,7 +30,8 @@ def corpus(tmp_path_factory):
 
 
 def tasks_for(corpus):
-    return plan(expand_corpus([str(corpus / "*.iolog.gz")]), [65536, 2 << 20], [False, True], "64k,default")
+    grid = Grid(Scenario.of((65536, None)), (65536, 2 << 20), (False, True))
+    return make_tasks(expand_corpus([str(corpus / "*.iolog.gz")]), grid)[0]
 
 
 def in_process(tasks):

@@ -16,7 +16,9 @@ from qsim.errors import QsimError
 from qsim.image import image_from_qcow2
 from qsim.inspect import guest_map, inspect_image
 from qsim.qcow2 import open_image
+from qsim.cachecfg import CacheSettings
 from qsim.replay import replay
+from qsim.scenario import ImageSpec, Scenario
 from qsim.traceio import read_trace
 from qsim.validate import COMPARED, validate
 
@@ -55,7 +57,7 @@ def test_replay_on_fixture_differs_from_fresh_image():
     state = image_from_qcow2(open_image(str(FIXTURES / "small-64k.qcow2")))
     t = read_trace(str(TRACES / "synth-zipf-read-4k.iolog.gz"))
     t = t.select(t.offset < G - 4 * K)
-    r = replay(t, image=state).rows[0]
+    r = replay(t, state=state).rows[0]
     assert r["virtual_size"] == G and r["l2_lookups"] > 0  # the image's two tables cost lookups; a fresh image none
 
 
@@ -112,7 +114,7 @@ def test_replay_on_a_real_used_image_matches_qemu(tmp_path, qemu_img, qemu_io, c
     subprocess.run([qemu_io, path], input=cmds, text=True, check=True, capture_output=True)
     before = Path(path).read_bytes()
     trace = read_trace(str(TRACES / "fio-randrw-mixed-fsync.iolog.gz"))
-    v = validate(trace, 8 * G, l2_cache_size=64 * K, cache_mode=mode, image_path=path)
+    v = validate(trace, Scenario(ImageSpec(path=path), (CacheSettings(64 * K),), cache_mode=mode))
     assert {k: v.qsim[k] for k in COMPARED} == {k: v.qemu[k] for k in COMPARED}
     assert Path(path).read_bytes() == before  # validate worked on a scratch copy
 
@@ -228,8 +230,8 @@ def test_backing_chain_replay_matches_qemu(tmp_path, qemu_img, qemu_io, name, l2
     subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top], check=True)
     trace = read_trace(str(TRACES / f"{name}.iolog.gz"))
     trace = trace.select(trace.end <= 8 * G)
-    v = validate(trace, 8 * G, l2_cache_size=l2, cache_mode=mode, image_path=top)
+    v = validate(trace, Scenario(ImageSpec(path=top), (CacheSettings(l2),), cache_mode=mode))
     assert "l2_evictions" not in v.compared
     assert {k: v.qsim[k] for k in v.compared} == {k: v.qemu[k] for k in v.compared}
-    assert v.qsim["l2_lookups"] > replay(trace, image=image_from_qcow2(open_image(top)),
-                                         l2_cache_sizes=[l2], cache_mode=mode).rows[0]["l2_lookups"]
+    alone = replay(trace, Scenario(ImageSpec(path=top), (CacheSettings(l2),), cache_mode=mode)).rows[0]
+    assert v.qsim["l2_lookups"] > alone["l2_lookups"] and "backing_l2_lookups" not in alone

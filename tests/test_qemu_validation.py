@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from qsim.imageopts import ImageOptions
+from qsim.scenario import Scenario
 from qsim.trace import READ, WRITE, Trace
 from qsim.traceio import read_trace
 from qsim.validate import COMPARED, validate
@@ -63,7 +64,7 @@ VECTORS = {
 @pytest.mark.parametrize("name", list(VECTORS))
 def test_vector_matches_qemu(name, qemu_io, qemu_img):
     trace, size, options, l2, entry, mode = VECTORS[name]
-    v = validate(trace, size, options, l2, entry, mode)
+    v = validate(trace, Scenario.of((l2,), entry, options, size, cache_mode=mode))
     assert {k: v.qsim[k] for k in COMPARED} == {k: v.qemu[k] for k in COMPARED}
 
 
@@ -89,7 +90,7 @@ FIO_CASES = [
 def test_real_fio_trace_matches_qemu(name, options, l2, entry, mode, qemu_io, qemu_img):
     trace = read_trace(str(TRACES / f"{name}.iolog.gz"))
     size = max(-(-trace.max_end_offset // G), 1) * G
-    v = validate(trace, size, options, l2, entry, mode)
+    v = validate(trace, Scenario.of((l2,), entry, options, size, cache_mode=mode))
     assert {k: v.qsim[k] for k in COMPARED} == {k: v.qemu[k] for k in COMPARED}
 
 

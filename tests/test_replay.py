@@ -1,7 +1,6 @@
 """The replay engine on QEMU 7.2's observed test vectors (shared/qemu-behaviour.md), a vectorized reference for
 reads, the compiled kernel against its plain-Python self, and the replay/sweep interfaces."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -11,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qsim.cli.scenario_args import parse_cache_sizes
+from qsim.errors import UsageError
 from qsim.imageopts import ImageOptions
-from qsim.replay import parse_cache_sizes, replay
+from qsim.replay import replay
+from qsim.scenario import Grid, Scenario
 from qsim.sweep import sweep
 from qsim.trace import READ, WRITE, Trace, trace_stats
 from qsim.traceio import read_trace
@@ -24,7 +26,11 @@ TRACES = Path(__file__).resolve().parent.parent / "traces"
 
 
 def row(trace, size, options, l2=None, entry=None, mode="writeback"):
-    return replay(trace, size, options, l2_cache_sizes=[l2], l2_cache_entry_size=entry, cache_mode=mode).rows[0]
+    return replay(trace, Scenario.of((l2,), entry, options, size, cache_mode=mode)).rows[0]
+
+
+def scenario(size, options, sizes):
+    return Scenario.of(parse_cache_sizes(sizes), None, options, size)
 
 
 def reads(offsets, length=4096):
@@ -163,22 +169,29 @@ def test_replay_is_independent_of_chunking(monkeypatch):
     import qsim.engine as engine
 
     t = read_trace(str(TRACES / "fio-randrw-mixed-fsync.iolog.gz"))
-    whole = replay(t, 8 * G, ImageOptions(extended_l2=True), l2_cache_sizes="16k,1M,default").rows
+    whole = replay(t, scenario(8 * G, ImageOptions(extended_l2=True), "16k,1M,default")).rows
     monkeypatch.setattr(engine, "CHUNK_EVENTS", 5000)
-    chunked = replay(t, 8 * G, ImageOptions(extended_l2=True), l2_cache_sizes="16k,1M,default").rows
+    chunked = replay(t, scenario(8 * G, ImageOptions(extended_l2=True), "16k,1M,default")).rows
     assert whole == chunked
 
 
 def test_parse_cache_sizes():
-    assert parse_cache_sizes("64k,1M,default") == [64 * K, M, None]
-    assert parse_cache_sizes("64k..1M") == [64 * K, 128 * K, 256 * K, 512 * K, M]
-    assert parse_cache_sizes("64k..1M:3") == [64 * K, 256 * K, M]
-    assert parse_cache_sizes(None) == [None]
+    assert parse_cache_sizes("64k,1M,default") == (64 * K, M, None)
+    assert parse_cache_sizes("64k..1M") == (64 * K, 128 * K, 256 * K, 512 * K, M)
+    assert parse_cache_sizes("64k..768k") == (64 * K, 128 * K, 256 * K, 512 * K, 768 * K)
+    assert parse_cache_sizes("64k..1M:3") == (64 * K, 256 * K, M)
+    assert parse_cache_sizes(None) == (None,)
+    assert parse_cache_sizes("64k,64k,default") == (64 * K, None)
+    assert len(parse_cache_sizes("512..64M")) == 18
+    for absurd in ("64k..64M:1000000000", "512..64M:100000000", "64k..64M:1", "64k..64M:x", "1M..64k", "0..1M"):
+        with pytest.raises(UsageError):
+            parse_cache_sizes(absurd)
 
 
 def test_sweep_frame():
     t = read_trace(str(TRACES / "fio-randwrite-4k.iolog.gz"))
-    frame = sweep(t, [16 * K, 64 * K, 2 * M], [False, True], "64k,default", show_progress=False)
+    grid = Grid(Scenario.of(parse_cache_sizes("64k,default")), (16 * K, 64 * K, 2 * M), (False, True))
+    frame = sweep(t, grid, show_progress=False)
     assert len(frame) == 3 * 2 * 2
     assert set(frame["cluster_size"]) == {16 * K, 64 * K, 2 * M}
     # 4 KiB random writes into an empty image zero-fill the rest of each new cluster, or with extended_l2 only of
@@ -248,8 +261,8 @@ def test_streaming_from_a_file_equals_the_whole_trace(tmp_path):
     write_trace(t, path)
     for options, sizes in ((ImageOptions(), "16k,1M,default"), (ImageOptions(extended_l2=True), "8k..2M"),
                            (ImageOptions(preallocation="metadata"), "64k")):
-        whole = replay(read_trace(path), 8 * G, options, l2_cache_sizes=sizes).rows
-        streamed = replay(iter_trace(path, chunk_requests=4321), 8 * G, options, l2_cache_sizes=sizes).rows
+        whole = replay(read_trace(path), scenario(8 * G, options, sizes)).rows
+        streamed = replay(iter_trace(path, chunk_requests=4321), scenario(8 * G, options, sizes)).rows
         assert streamed == whole
 
 
@@ -276,7 +289,7 @@ def _requests_around_data(state, n, seed):
 @pytest.mark.parametrize("image", ["fill-64k", "fill-64k-zeroed", "fill-ext-128k", "prealloc-ext-64k",
                                    "small-64k.qcow2", "small-ext-128k.qcow2", "small-compressed.qcow2"])
 @pytest.mark.parametrize("writethrough", [False, True])
-def test_fast_paths_equal_the_general_code(monkeypatch, image, writethrough):
+def test_fast_paths_equal_the_general_code(image, writethrough):
     """The kernel's shortcuts (one-extent reads, in-place overwrites) change nothing: the same events, flushes,
     counters and image afterwards as QEMU's general code paths."""
     import qsim.engine as engine
@@ -293,13 +306,12 @@ def test_fast_paths_equal_the_general_code(monkeypatch, image, writethrough):
                                fill=0.3 if "fill" in image else 0.0, seed=7)
         state = build_image(ImageGeometry(G, cluster, options.extended_l2), options)
         if "zeroed" in image:  # every third data cluster zeroed in place (host kept: QCOW_OFLAG_ZERO | COPIED)
-            from qsim.events import F_ZERO
+            from qsim.codes import F_ZERO
             state.entry_flags[:, ::3] |= np.where(state.entry_host[:, ::3] != 0, F_ZERO, 0).astype(np.uint8)
     trace = _requests_around_data(state, 4000, seed=len(image))
     runs = []
     for fast in (True, False):
-        monkeypatch.setattr(engine, "FAST_PATHS", fast)
-        r = engine.run_kernel(state, trace, 4096, writethrough=writethrough)
+        r = engine.run_kernel(state, trace, 4096, writethrough=writethrough, fast_paths=fast)
         runs.append((r.events.key.tolist(), r.events.kind.tolist(), r.events.flush_at.tolist(), r.events.counters,
                      r.image.entry_host.tolist(), r.image.entry_flags.tolist(), r.image.entry_bitmap.tolist()))
     assert runs[0] == runs[1]
@@ -307,7 +319,7 @@ def test_fast_paths_equal_the_general_code(monkeypatch, image, writethrough):
 
 
 @pytest.mark.parametrize("case", ["reads", "reads crossing slices", "with writes", "extended_l2 reads"])
-def test_coarser_slices_share_the_finest_stage_1(monkeypatch, case):
+def test_coarser_slices_share_the_finest_stage_1(case):
     """Cache sizes that get different slice (entry) sizes -- 4k slices while the cache covers part of the disk,
     whole tables once it covers all of it -- run stage 1 once when the coarser streams are the finest one with
     shifted keys. The rows must equal separate runs, and the rule must refuse what does not nest."""
@@ -329,15 +341,13 @@ def test_coarser_slices_share_the_finest_stage_1(monkeypatch, case):
         ops[::7] = WRITE
     t = Trace.from_arrays(ops, offsets, lengths)
     options = ImageOptions(cluster_size=cluster, extended_l2=ext, fill=0.2, seed=3)
-    replay_module = importlib.import_module("qsim.replay")  # (qsim.replay the attribute is the function)
     rows = {}
     for share in (True, False):
-        monkeypatch.setattr(replay_module, "SHARE_STAGE_1", share)
-        rows[share] = replay(t, 8 * G, options, l2_cache_sizes="4k,64k,1M,default").rows
+        rows[share] = replay(t, scenario(8 * G, options, "4k,64k,1M,default"), share_stage_1=share).rows
         if case == "with writes":  # streamed: writes first, then a read-only chunk that would nest on its own
             reads = t.select(t.op != WRITE)
-            rows[share] += replay([t.select(np.arange(n // 2)), reads], 8 * G, options,
-                                  l2_cache_sizes="4k,64k,1M,default").rows
+            rows[share] += replay([t.select(np.arange(n // 2)), reads], scenario(8 * G, options, "4k,64k,1M,default"),
+                                  share_stage_1=share).rows
     assert rows[True] == rows[False]
     assert [r["l2_cache_entry_size"] for r in rows[True][:4]] == [4 * K, 4 * K, cluster, cluster]
     state = build_image(ImageGeometry(8 * G, cluster, ext), options)

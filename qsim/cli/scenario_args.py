@@ -1,0 +1,129 @@
+"""The command line's side of a scenario: the options replay, sweep and validate share, parsed once into typed
+values (``qsim.scenario.Scenario``, ``qsim.traceio.reading.ReadOptions``); the library never sees their text.
+
+``SCENARIO_DESTS`` and ``READING_DESTS`` name every option that lands in a scenario or in how a trace is read;
+the equivalence test holds them to the parsers, so an option added to a parser and not here fails a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..cachecfg import DEFAULT_QEMU_VERSION, CacheSettings
+from ..codes import CACHE_MODES, OFFSET_POLICIES
+from ..errors import UsageError
+from ..scenario import doubling_sizes, log_spaced_sizes
+from ..units import parse_size
+from .common import add_image_options, size_arg
+
+IMAGE_KEYS = "cluster_size=64k, extended_l2=on|off, refcount_bits=16, preallocation=off|metadata, fill=0.3, " \
+             "seed=0, backing=on|off"
+SWEEP_IMAGE_KEYS = ("refcount_bits", "preallocation", "fill", "seed", "backing")  # geometry comes from the grid
+MAX_CACHE_CONFIGS = 1000  # rows one replay reports: far more than a miss-ratio curve needs, small enough to print
+MIN_CACHE_SIZE_IN_RANGE = 512
+
+SCENARIO_DESTS = frozenset({"size", "image", "backing_chain", "image_options", "l2_cache_size",
+                            "l2_cache_entry_size", "cache_mode", "offset_policy", "qemu_version"})
+READING_DESTS = frozenset({"format", "file", "action"})
+
+
+def parse_cache_sizes(text: str | None, option: str = "--l2-cache-size") -> tuple[int | None, ...]:
+    """``"64k,256k,1M,default"``, ``"64k..64M"`` (powers of two from the first) or ``"64k..64M:20"`` (20
+    log-spaced sizes, rounded to 512 bytes) -> bytes, None standing for QEMU's default; each size once, in order."""
+    if text is None or not str(text).strip():
+        return (None,)
+    sizes: list[int | None] = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if item.lower() == "default":
+            sizes.append(None)
+        elif ".." in item:
+            sizes.extend(_parse_range(item, option))
+        else:
+            sizes.append(parse_size(item, option))
+        if len(sizes) > MAX_CACHE_CONFIGS:
+            break
+    unique = tuple(dict.fromkeys(sizes))
+    if len(unique) > MAX_CACHE_CONFIGS:
+        raise UsageError(f"{option} {str(text)[:60]}: more than {MAX_CACHE_CONFIGS} cache sizes; a miss-ratio curve "
+                         "needs a few dozen (e.g. 64k..64M:40)")
+    return unique
+
+
+def _parse_range(item: str, option: str) -> list[int]:
+    low, _, rest = item.partition("..")
+    high, _, count = rest.partition(":")
+    lo, hi = parse_size(low, option), parse_size(high, option)
+    if lo < MIN_CACHE_SIZE_IN_RANGE or hi < lo:
+        raise UsageError(f"{option} {item}: a range goes from {MIN_CACHE_SIZE_IN_RANGE} bytes or more up, "
+                         "e.g. 64k..64M")
+    if not count:
+        return list(doubling_sizes(lo, hi))
+    if not count.isascii() or not count.isdigit():
+        raise UsageError(f"{option} {item}: the count after ':' must be a whole number")
+    n = int(count)
+    if n < 2 or n > MAX_CACHE_CONFIGS:
+        raise UsageError(f"{option} {item}: a range takes 2 to {MAX_CACHE_CONFIGS} points")
+    return list(log_spaced_sizes(lo, hi, n))
+
+
+def add_scenario_options(p: argparse.ArgumentParser, sweep: bool = False, one_cache: bool = False) -> None:
+    """The options that make a scenario (``SCENARIO_DESTS``). ``sweep``: the geometry comes from --cluster-size and
+    --extended-l2, not -o; ``one_cache`` (validate): --l2-cache-size takes one size, and there is no
+    --backing-chain (QEMU always opens the chain, so validate always models it)."""
+    p.add_argument("--size", type=size_arg("--size"),
+                   help="virtual disk size (default: the trace's largest end offset rounded up to a whole GiB)")
+    p.add_argument("--image", metavar="IMG", help="replay against this real qcow2 image's allocation state and host "
+                   "layout (read-only; it decides size and geometry)")
+    if not one_cache:
+        p.add_argument("--backing-chain", action="store_true",
+                       help="with --image: model the backing image's own L2 cache too (its default cache, as QEMU "
+                            "opens a backing node); adds backing_l2_* columns")
+    add_image_options(p, ", ".join(k for k in IMAGE_KEYS.split(", ") if k.split("=")[0] in SWEEP_IMAGE_KEYS)
+                      if sweep else IMAGE_KEYS)
+    if one_cache:
+        p.add_argument("--l2-cache-size", type=size_arg("--l2-cache-size"), metavar="BYTES",
+                       help="QEMU's l2-cache-size (default: QEMU's default)")
+    else:
+        p.add_argument("--l2-cache-size", default=None, metavar="LIST",
+                       help="cache sizes: a list (64k,256k,1M,default), a range of powers of two (64k..64M) or N "
+                            "log-spaced sizes (64k..64M:20); default: QEMU's default")
+    p.add_argument("--l2-cache-entry-size", type=size_arg("--l2-cache-entry-size"), metavar="BYTES",
+                   help="force the slice size (default: as QEMU picks it for each cache size)")
+    p.add_argument("--cache-mode", choices=CACHE_MODES, default="writeback",
+                   help="writeback (a VM's default) or writethrough (a flush after every write)")
+    p.add_argument("--offset-policy", choices=OFFSET_POLICIES, default="error",
+                   help="requests ending beyond --size: error (default), skip or wrap")
+    p.add_argument("--qemu-version", default=DEFAULT_QEMU_VERSION, metavar="X.Y",
+                   help=f"cache defaults of that QEMU (default {DEFAULT_QEMU_VERSION})")
+
+
+def scenario_from_args(args: argparse.Namespace, sweep: bool = False, virtual_size: int | None = None):
+    """The Scenario the parsed options describe. ``virtual_size`` (bytes) stands in for a --size not given, when
+    the caller measured the trace."""
+    from ..imageopts import parse_image_options
+    from ..scenario import ImageSpec, Scenario
+
+    options = parse_image_options(args.image_options, SWEEP_IMAGE_KEYS if sweep else None)
+    if args.image:
+        if args.image_options or args.size:
+            raise UsageError("--image decides the size, geometry and allocation state; drop -o and --size")
+        image = ImageSpec(path=args.image, backing_chain=getattr(args, "backing_chain", False))
+    else:
+        if getattr(args, "backing_chain", False):
+            raise UsageError("--backing-chain goes with --image")
+        image = ImageSpec(options, args.size if args.size is not None else virtual_size)
+    if isinstance(args.l2_cache_size, str) or args.l2_cache_size is None:
+        sizes = parse_cache_sizes(args.l2_cache_size)
+    else:
+        sizes = (args.l2_cache_size,)
+    caches = tuple(CacheSettings(l2_cache_size=s, l2_cache_entry_size=args.l2_cache_entry_size) for s in sizes)
+    return Scenario(image=image, caches=caches, cache_mode=args.cache_mode, offset_policy=args.offset_policy,
+                    qemu_version=args.qemu_version)
+
+
+def reading_from_args(args: argparse.Namespace):
+    """How the parsed options say to read the trace (``READING_DESTS``)."""
+    from ..traceio.reading import ReadOptions
+
+    return ReadOptions(format=args.format, file=args.file, action=args.action)

@@ -1,0 +1,32 @@
+"""The shared vocabulary of qsim's data: request ops, L2 cache event kinds, L2 entry flags, subcluster types.
+
+Plain integers, so that numpy arrays and the numba kernels carry them, defined once here for every module: trace
+readers write the op codes, stage 1 (``qsim.events``) reads them and writes event kinds, stage 2 (``qsim.lru``)
+reads event kinds. Nothing here imports anything, so every module may import this one.
+"""
+
+from __future__ import annotations
+
+# Request ops (Trace.op, uint8). The first four come from traces; the last two only from qsim itself.
+READ, WRITE, DISCARD, FLUSH = 0, 1, 2, 3
+OP_NAMES = ("read", "write", "discard", "flush")
+PREALLOC = 4  # qemu-img create -o preallocation=metadata's allocation of a range (allocates, writes no data)
+STATUS = 5  # a block-status query (what a backing image is asked for a COW region's zero check)
+
+# L2 cache event kinds (stage 1 -> stage 2, uint8)
+GET = 0  # a lookup of a slice
+GET_DIRTY = 1  # a lookup whose slice is then dirtied
+GET_EMPTY = 2  # a new table's slice taken without a read (qcow2_cache_get_empty): dirty, never a disk read
+
+# What an image asks of its backing image, when that image's cache is modelled
+BACKING_READ, BACKING_STATUS = 0, 1
+
+# L2 entry flags (ImageState.entry_flags, uint8): QCOW_OFLAG_ZERO / _COMPRESSED / _COPIED as bits
+F_ZERO, F_COMPRESSED, F_COPIED = 1, 2, 4
+
+# Subcluster types (QEMU's QCow2SubclusterType)
+NORMAL, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, COMPRESSED = range(6)
+
+# Choices that are part of a replay scenario
+CACHE_MODES = ("writeback", "writethrough")  # a VM's default; qemu-io's (a flush after every write)
+OFFSET_POLICIES = ("error", "skip", "wrap")  # what a request ending beyond the disk gets

@@ -1,0 +1,31 @@
+"""How to read a trace file, as one frozen value: what the fleet hands its workers beside the scenario.
+
+The CLI's ``--format``, ``--file`` and ``--action`` (and any reader option added later) land here once, so a trace
+read in this process and one read by a Dask worker are read the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """``format``: one of ``qsim.traceio.FORMATS`` (None = detected from the content); ``file``: the file to keep
+    in a fio iolog naming several; ``action``: the blkparse action kept (Q, queued, by default)."""
+
+    format: str | None = None
+    file: str | None = None
+    action: str = "Q"
+
+    def read(self, path: str):
+        """The whole trace (a ``Trace``)."""
+        from . import read_trace
+
+        return read_trace(path, **asdict(self))
+
+    def chunks(self, path: str, chunk_requests: int = 1 << 21):
+        """The trace in chunks (``Trace`` pieces), for files larger than memory."""
+        from . import iter_trace
+
+        return iter_trace(path, **asdict(self), chunk_requests=chunk_requests)

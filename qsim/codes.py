@@ -1,7 +1,7 @@
 """The shared vocabulary of qsim's data: request ops, L2 cache event kinds, L2 entry flags, subcluster types.
 
 Plain integers, so that numpy arrays and the numba kernels carry them, defined once here for every module: trace
-readers write the op codes, stage 1 (``qsim.events``) reads them and writes event kinds, stage 2 (``qsim.lru``)
+readers write the op codes, stage 1 (``qsim.stage1``) reads them and writes event kinds, stage 2 (``qsim.lru``)
 reads event kinds. Nothing here imports anything, so every module may import this one.
 """
 

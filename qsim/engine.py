@@ -1,4 +1,4 @@
-"""Drives the stage-1 kernel (``qsim.events``) over a whole trace: buffers, chunking, state copies.
+"""Drives the stage-1 kernel (``qsim.stage1``) over a whole trace: buffers, chunking, state copies.
 
 ``run_kernel`` takes an image state and a trace and returns the cache event stream, the byte counters and the
 image state after the trace. The trace is processed in chunks so event buffers stay bounded and a progress bar can
@@ -13,8 +13,10 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from . import events as ev
 from . import hostalloc
+from .codes import BACKING_READ, PREALLOC, READ, STATUS
+from .stage1 import structs as ev
+from .stage1.driver import run_requests
 from .errors import QsimError
 from .imagestate import ImageState
 from .trace import WRITE, Trace
@@ -70,9 +72,10 @@ def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
     return vec
 
 
-def _l2_arrays(state: ImageState, g: np.ndarray) -> tuple:
-    """The arrays of the kernel's L2View of ``state``, in L2View's field order."""
-    return g, state.table_slot, state.table_host, state.entry_host, state.entry_flags, state.entry_bitmap
+def _l2_arrays(state: ImageState, g: np.ndarray) -> dict:
+    """The arrays of the kernel's L2View of ``state``, by field name."""
+    return dict(g=g, tslot=state.table_slot, thost=state.table_host, ehost=state.entry_host,
+                eflags=state.entry_flags, ebits=state.entry_bitmap)
 
 
 class EventChunk(NamedTuple):
@@ -87,14 +90,14 @@ class EventChunk(NamedTuple):
     backing_kind: np.ndarray
 
     def backing_trace(self) -> Trace:
-        op = np.where(self.backing_kind == ev.BACKING_READ, ev.OP_READ, ev.OP_STATUS).astype(np.uint8)
+        op = np.where(self.backing_kind == BACKING_READ, READ, STATUS).astype(np.uint8)
         return Trace(op, self.backing_offset, self.backing_length.astype(np.uint32), None, "<backing requests>")
 
 
 def _room_needed(state: ImageState, trace: Trace) -> tuple[int, int]:
     """(new L2 tables, new host clusters) the trace's writes could need at most."""
     g = state.geometry
-    writes = (trace.op == WRITE) | (trace.op == ev.OP_PREALLOC)
+    writes = (trace.op == WRITE) | (trace.op == PREALLOC)
     if not writes.any():
         return 0, 0
     cb = g.cluster_size.bit_length() - 1
@@ -120,7 +123,7 @@ def events_nest(trace: Trace, state: ImageState, entry_size: int) -> bool:
     True for a trace of reads, flushes and discards in which no read crosses an ``entry_size`` slice boundary: a
     read's lookups are one per extent, and extents are then cut by the image's mapping alone, never by a slice
     end; nothing allocates, so no table's slices are created. (Callers also require no modelled backing image.)"""
-    if has_ops(trace.op, (WRITE, ev.OP_PREALLOC, ev.OP_STATUS)):
+    if has_ops(trace.op, (WRITE, PREALLOC, STATUS)):
         return False
     g = state.geometry
     slice_bits = (entry_size // g.l2_entry_bytes * g.cluster_size).bit_length() - 1
@@ -141,7 +144,7 @@ def has_ops(op, codes):
 @njit(cache=True)
 def _reads_within_slices(op, offset, length, slice_bits):
     for i in range(op.shape[0]):
-        if op[i] == ev.OP_READ and length[i] > 0 and \
+        if op[i] == READ and length[i] > 0 and \
                 (offset[i] >> slice_bits) != ((offset[i] + np.int64(length[i]) - 1) >> slice_bits):
             return False
     return True
@@ -163,9 +166,10 @@ class KernelRun:
             self.backing_arrays = _l2_arrays(backing_image, geometry_vector(backing_image,
                                                                             backing_image.geometry.cluster_size, False))
         else:
-            self.backing_arrays = (np.zeros(ev.GEOMETRY_SIZE, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int64),
-                                   np.zeros((1, 1), np.int64), np.zeros((1, 1), np.uint8), np.zeros((1, 1), np.uint64))
-        self.backing_view = ev.new_l2_view(*self.backing_arrays)
+            self.backing_arrays = dict(g=np.zeros(ev.GEOMETRY_SIZE, np.int64), tslot=np.zeros(0, np.int32),
+                                       thost=np.zeros(0, np.int64), ehost=np.zeros((1, 1), np.int64),
+                                       eflags=np.zeros((1, 1), np.uint8), ebits=np.zeros((1, 1), np.uint64))
+        self.backing_view = ev.new_l2_view(**self.backing_arrays)
         self.entry_size = entry_size
         self.record = record
         self.st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
@@ -181,7 +185,7 @@ class KernelRun:
         return replace(current, n_tables=int(self.st[ev.S_SLOTS]))
 
     def _make_room(self, trace: Trace) -> ImageState:
-        if not has_ops(trace.op, (WRITE, ev.OP_PREALLOC)):
+        if not has_ops(trace.op, (WRITE, PREALLOC)):
             return self.work if self.work is not None else self.original  # reads never change the image
         current = self.image
         extra_tables, extra_host = _room_needed(current, trace)
@@ -214,9 +218,11 @@ class KernelRun:
             self.st[ev.S_EVENTS] = 0
             self.st[ev.S_FLUSHES] = 0
             self.st[ev.S_BACKING] = 0
-            run = ev.new_run(*_l2_arrays(work, self.g), self.backing_view, work.host_used, work.refblock_covered,
-                             work.alloc_state, *out, self.st, *queue, self.cnt)  # borrows: all alive until it ends
-            nxt = ev.run_requests(run, trace.op, offset, length, i, n)
+            run = ev.new_run(**_l2_arrays(work, self.g), bim=self.backing_view, used=work.host_used,
+                             covered=work.refblock_covered, alloc=work.alloc_state, okey=out[0], okind=out[1],
+                             oflush=out[2], state=self.st, bqoff=queue[0], bqlen=queue[1], bqkind=queue[2],
+                             cnt=self.cnt)  # borrows: every array stays alive until the run ends
+            nxt = run_requests(run, trace.op, offset, length, i, n)
             if nxt == i:  # one request needs more room than a whole buffer: grow it
                 self.capacity *= 4
                 continue

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qsim.events import GET, GET_DIRTY, GET_EMPTY
+from qsim.codes import GET, GET_DIRTY, GET_EMPTY
 from qsim.lru import COLD, CacheModel, counts_for_sizes, simulate, stack_distances
 
 

@@ -1,0 +1,141 @@
+"""The structs stage 1's arrays travel in (numba structrefs holding borrowed views), the names of their fields and
+of the index vectors' slots (G_* geometry and options, S_* run state, C_* counters, M_* QCowL2Meta rows), and the
+recording of events: ``emit`` one cache event, ``flush`` a whole-cache flush, ``slice_key`` an event's key."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+from numba import carray, config, njit, types
+from numba.experimental import structref
+from numba.extending import intrinsic
+
+# geometry/options vector (int64) indices
+(G_CLUSTER_BITS, G_TABLE_BITS, G_SLICE_BITS, G_SC_BITS, G_EXTENDED, G_SPC, G_SLICES_PER_TABLE, G_L1_SIZE,
+ G_HAS_BACKING_FILE, G_WRITETHROUGH, G_BACKING_MODELLED, G_BACKING_SIZE, G_FAST_PATHS) = range(13)
+GEOMETRY_SIZE = 13
+# run state (int64) indices
+S_EVENTS, S_FLUSHES, S_SLOTS, S_BACKING = range(4)
+STATE_SIZE = 4
+# counters (int64) indices
+(C_REQUESTS, C_READS, C_WRITES, C_FLUSHES, C_DISCARDS, C_READ_BYTES, C_WRITE_BYTES, C_COW_READ_BYTES,
+ C_COW_WRITE_BYTES, C_ZERO_FILL_BYTES, C_TABLES_ALLOCATED, C_CLUSTERS_ALLOCATED, C_ZERO_CHECKS,
+ C_COW_READ_LOOKUPS) = range(14)
+COUNTER_NAMES = ("requests", "reads", "writes", "flushes", "discards_ignored", "guest_read_bytes",
+                 "guest_write_bytes", "cow_read_bytes", "cow_write_bytes", "zero_fill_bytes", "l2_tables_allocated",
+                 "clusters_allocated", "zero_check_lookups", "cow_read_lookups")
+COUNTERS_SIZE = len(COUNTER_NAMES)
+
+# A meta (QCowL2Meta) row
+M_ALLOC, M_GUEST_CLUSTER, M_NB, M_KEEP_OLD, M_START_OFF, M_START_N, M_END_OFF, M_END_N, M_SKIP = range(9)
+META_WIDTH = 9
+INT_MAX = 2**31 - 1
+REQUEST_MAX_BYTES = 2**31 - 512
+INV = -1
+
+
+@structref.register
+class L2ViewType(types.StructRef):
+    def preprocess_fields(self, fields):
+        return tuple((name, types.unliteral(typ)) for name, typ in fields)
+
+
+class L2View(structref.StructRefProxy):
+    """One image's L2 mapping: geometry vector ``g`` (G_* indices), L1 index -> table slot ``tslot`` (-1: none),
+    slot -> host cluster of the table ``thost``, and per slot and entry the host cluster ``ehost`` (0: none),
+    ``eflags`` (F_*) and the extended-L2 bitmap ``ebits``."""
+
+
+L2_VIEW_FIELDS = ["g", "tslot", "thost", "ehost", "eflags", "ebits"]
+structref.define_proxy(L2View, L2ViewType, L2_VIEW_FIELDS)
+
+
+@structref.register
+class RunType(types.StructRef):
+    def preprocess_fields(self, fields):
+        return tuple((name, types.unliteral(typ)) for name, typ in fields)
+
+
+class Run(structref.StructRefProxy):
+    """A kernel run: the image's L2 mapping in L2View's own fields (so a Run serves wherever an L2View does, without
+    reading a nested struct), the backing image ``bim`` (L2View), the host allocator's maps (``used``,
+    ``covered``, ``alloc``: see qsim.hostalloc), event buffers (``okey``, ``okind``, ``oflush``), the backing-request
+    queue (``bqoff``, ``bqlen``, ``bqkind``), run state ``state`` (S_*), counters ``cnt`` (C_*) and scratch rows for
+    QCowL2Meta (``metas``) and write parts (``part_first``, ``part_last``)."""
+
+
+RUN_FIELDS = L2_VIEW_FIELDS + ["bim", "used", "covered", "alloc", "okey", "okind", "oflush", "state", "bqoff",
+                               "bqlen", "bqkind", "cnt", "metas", "part_first", "part_last"]
+structref.define_proxy(Run, RunType, RUN_FIELDS)
+
+
+if config.DISABLE_JIT:  # plain Python (the tests' reference run of this same code): the fields on plain objects
+    def new_l2_view(g, tslot, thost, ehost, eflags, ebits):
+        return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits)
+
+    def new_run(g, tslot, thost, ehost, eflags, ebits, bim, used, covered, alloc, okey, okind, oflush, state, bqoff,
+                bqlen, bqkind, cnt):
+        metas, part_first, part_last = _scratch_rows()
+        return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits, bim=bim,
+                               used=used, covered=covered, alloc=alloc, okey=okey, okind=okind, oflush=oflush,
+                               state=state, bqoff=bqoff, bqlen=bqlen, bqkind=bqkind, cnt=cnt, metas=metas,
+                               part_first=part_first, part_last=part_last)
+else:
+    @intrinsic
+    def _as_pointer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.voidptr))
+        return types.voidptr(types.uintp), codegen
+
+    @njit(cache=True, inline="always")
+    def _borrowed(a):
+        """The same memory as a view without a reference count: the caller keeps ``a`` alive."""
+        return carray(_as_pointer(a.ctypes.data), a.shape, a.dtype)
+
+    @njit(cache=True)
+    def new_l2_view(g, tslot, thost, ehost, eflags, ebits):
+        """An L2View (built in compiled code, so its constructor is cached with the rest)."""
+        return L2View(_borrowed(g), _borrowed(tslot), _borrowed(thost), _borrowed(ehost), _borrowed(eflags),
+                      _borrowed(ebits))
+
+    @njit(cache=True)
+    def new_run(g, tslot, thost, ehost, eflags, ebits, bim, used, covered, alloc, okey, okind, oflush, state, bqoff,
+                bqlen, bqkind, cnt):
+        """A Run over the image's arrays (L2View's fields) and the backing image's L2View ``bim``; run_requests
+        sizes its scratch rows."""
+        metas, part_first, part_last = _scratch_rows()
+        return Run(_borrowed(g), _borrowed(tslot), _borrowed(thost), _borrowed(ehost), _borrowed(eflags),
+                   _borrowed(ebits), bim, _borrowed(used), _borrowed(covered), _borrowed(alloc), _borrowed(okey),
+                   _borrowed(okind), _borrowed(oflush), _borrowed(state), _borrowed(bqoff), _borrowed(bqlen),
+                   _borrowed(bqkind), _borrowed(cnt), metas, part_first, part_last)
+
+
+@njit(cache=True)
+def _scratch_rows():
+    return np.zeros((1, META_WIDTH), np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64)
+
+
+@njit(cache=True, inline="always")
+def emit(r, key, kind):
+    if r.okey.shape[0] == 0:  # not recording (building a preallocated image)
+        return
+    st = r.state
+    n = st[S_EVENTS]
+    r.okey[n] = key
+    r.okind[n] = kind
+    st[S_EVENTS] = n + 1
+
+
+@njit(cache=True)
+def flush(r):
+    if r.oflush.shape[0] == 0:
+        return
+    st = r.state
+    r.oflush[st[S_FLUSHES]] = st[S_EVENTS]
+    st[S_FLUSHES] += 1
+
+
+@njit(cache=True, inline="always")
+def slice_key(g, slot, idx):
+    return slot * g[G_SLICES_PER_TABLE] + (idx >> g[G_SLICE_BITS])

@@ -1,29 +1,39 @@
 """qsim: how much L2 cache a qcow2 disk needs, and what each cluster size / extended_l2 choice costs.
 
 The public API: geometry and sizing (``ImageGeometry``, ``measure``, ``resolve_cache``, ``size_report``), traces
-(``read_trace``, ``synthesize``), replay and sweeps (``replay``, ``sweep``: pandas DataFrames at the edge), real
-images (``open_image``, ``inspect_image``) and ``validate`` against QEMU. Plots live in ``qsim.plot``.
+(``read_trace``, ``synthesize``), one replay scenario (``Scenario``, ``ImageSpec``, ``Grid``), replay and sweeps
+(``replay``, ``sweep``: pandas DataFrames at the edge), real images (``open_image``, ``inspect_image``) and
+``validate`` against QEMU. Plots live in ``qsim.plot``.
+
+Names are imported on first use (PEP 562), so ``qsim size`` and ``qsim --version`` never load numpy, pandas or
+numba.
 """
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .cachecfg import CacheConfig, CacheSettings, resolve_cache  # noqa: E402
-from .errors import QsimError  # noqa: E402
-from .geometry import ImageGeometry, measure  # noqa: E402
-from .sizing import size_report  # noqa: E402
-from .units import format_size, parse_size  # noqa: E402
-from .imageopts import ImageOptions  # noqa: E402
-from .trace import Trace  # noqa: E402
-from .traceio import read_trace, write_trace  # noqa: E402
-from .synth import synthesize  # noqa: E402
-from .replay import replay  # noqa: E402
-from .sweep import sweep  # noqa: E402
-from .qcow2 import open_image  # noqa: E402
-from .inspect import inspect_image  # noqa: E402
-from .validate import validate  # noqa: E402
+_EXPORTS = {
+    "CacheConfig": "cachecfg", "CacheSettings": "cachecfg", "resolve_cache": "cachecfg",
+    "QsimError": "errors", "ImageGeometry": "geometry", "measure": "geometry", "size_report": "sizing",
+    "format_size": "units", "parse_size": "units", "ImageOptions": "imageopts",
+    "Scenario": "scenario", "ImageSpec": "scenario", "Grid": "scenario",
+    "Trace": "trace", "read_trace": "traceio", "write_trace": "traceio", "synthesize": "synth",
+    "replay": "replay", "sweep": "sweep", "open_image": "qcow2", "inspect_image": "inspect", "validate": "validate",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "CacheConfig", "CacheSettings", "ImageGeometry", "ImageOptions", "QsimError", "Trace", "format_size",
-    "inspect_image", "measure", "open_image", "parse_size", "read_trace", "replay", "resolve_cache", "size_report",
-    "sweep", "synthesize", "validate", "write_trace",
-]
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qsim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # the function shadows the submodule of the same name, as an eager import did
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

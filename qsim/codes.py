@@ -27,6 +27,9 @@ F_ZERO, F_COMPRESSED, F_COPIED = 1, 2, 4
 # Subcluster types (QEMU's QCow2SubclusterType)
 NORMAL, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, COMPRESSED = range(6)
 
+# Trace file formats qsim reads (``--format``; detected from the content when not given)
+TRACE_FORMATS = ("iolog", "blkparse", "csv", "npz")
+
 # Choices that are part of a replay scenario
 CACHE_MODES = ("writeback", "writethrough")  # a VM's default; qemu-io's (a flush after every write)
 OFFSET_POLICIES = ("error", "skip", "wrap")  # what a request ending beyond the disk gets

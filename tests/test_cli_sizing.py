@@ -82,3 +82,17 @@ def test_bad_input_is_one_clear_line(argv, status, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_sizing_commands_load_no_heavy_module():
+    """qsim --version, size and measure answer without numpy, pandas or numba (they cost ~1 s to import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib\nfrom qsim import cli\n"
+            "for argv in (['size', '1T'], ['measure', '1T'], ['size', '4T', '-o', 'cluster_size=2M']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert cli.main(argv) == 0\n"
+            "print(sorted(m for m in ('numpy', 'pandas', 'numba', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..inspect import guest_map, inspect_image
 from ..units import format_size, human_size
 from .common import RawDefaultsHelp, add_output, print_json, print_table
 
@@ -28,6 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..inspect import guest_map, inspect_image
+
     if args.map:
         extents = guest_map(args.image)
         if args.output == "json":

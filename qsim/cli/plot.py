@@ -7,7 +7,6 @@ import os
 
 from ..errors import QsimError, UsageError
 from ..sizing import coverage_table
-from ..tables import load_frame
 from ..units import parse_size
 from .common import RawDefaultsHelp, size_arg
 
@@ -42,6 +41,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..tables import load_frame
+
     from .. import plot
 
     if os.path.splitext(args.save)[1].lower() not in (".png", ".svg"):

@@ -6,8 +6,6 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from ..progress import progress_bar
-from ..tables import human_table, save_frame
 from .common import RawDefaultsHelp, print_json
 from .scenario_args import add_scenario_options, reading_from_args, scenario_from_args
 from .trace import add_reader_options
@@ -45,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def emit_frame(frame, args: argparse.Namespace) -> None:
+    from ..tables import human_table, save_frame
+
     for note in frame.attrs.get("notes", []):
         print(f"qsim: warning: {note}", file=sys.stderr)
     if args.save:
@@ -60,6 +60,7 @@ def emit_frame(frame, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..progress import progress_bar
     from ..replay import replay, virtual_size_for
 
     reading = reading_from_args(args)

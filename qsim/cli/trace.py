@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..codes import OFFSET_POLICIES, TRACE_FORMATS as FORMATS
 from ..errors import UsageError
-from ..replay import virtual_size_for
-from ..synth import synthesize
-from ..trace import apply_offset_policy, trace_stats, OFFSET_POLICIES
-from ..traceio import FORMATS, read_trace, write_trace
 from ..units import format_size, human_size
 from .common import RawDefaultsHelp, add_output, print_json, print_table, size_arg
 
@@ -28,6 +25,8 @@ def add_reader_options(parser: argparse.ArgumentParser) -> None:
 
 
 def load_trace(args: argparse.Namespace, path: str | None = None):
+    from ..traceio import read_trace
+
     return read_trace(path or args.trace, args.format, args.file, args.action)
 
 
@@ -90,6 +89,9 @@ def parse_count(text: str) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from ..replay import virtual_size_for
+    from ..trace import trace_stats
+
     stats = trace_stats(load_trace(args))
     if args.output == "json":
         print_json(stats)
@@ -117,6 +119,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
+    from ..synth import synthesize
+    from ..traceio import write_trace
+
     trace = synthesize(args.size, parse_count(args.requests), args.pattern, args.bs, args.rw / 100, args.align,
                        args.fsync, args.seed, args.offset)
     write_trace(trace, args.out, args.fio_file)
@@ -125,6 +130,9 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from ..trace import apply_offset_policy
+    from ..traceio import write_trace
+
     trace = load_trace(args)
     if args.size is not None:
         trace = apply_offset_policy(trace, args.size, args.offset_policy)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from ..progress import progress_bar
 from .common import RawDefaultsHelp, print_json
 from .scenario_args import add_scenario_options, reading_from_args, scenario_from_args
 from .trace import add_reader_options
@@ -31,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..progress import progress_bar
     from ..qemu import describe, find_tool
     from ..validate import COMPARED, validate
 

@@ -10,7 +10,7 @@ from .iolog import HEADERS, iter_iolog, read_iolog, write_iolog
 from .npz import read_npz_trace, write_npz_trace
 from .textfile import check_readable, head_lines
 
-FORMATS = ("iolog", "blkparse", "csv", "npz")
+from ..codes import TRACE_FORMATS as FORMATS
 
 
 def detect_format(path: str) -> str:

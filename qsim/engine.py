@@ -177,7 +177,13 @@ class KernelRun:
         self.cnt = np.zeros(ev.COUNTERS_SIZE, dtype=np.int64)
         self.capacity = CHUNK_EVENTS if record else 0
         self.buffers = None  # (events, backing queue) arrays, kept across chunks
-        self.n_keys = int(self.g[ev.G_SLICES_PER_TABLE]) * max(state.geometry.l1_entries, 1)
+
+    @property
+    def n_keys(self) -> int:
+        """One past the largest event key so far: keys are table slot x slices per table + slice, and slots number
+        the tables present or created. Stage 2 starts at this size and grows with it, so its memory follows the
+        tables the image has and the trace creates, not every table the L1 table could address."""
+        return int(self.g[ev.G_SLICES_PER_TABLE]) * max(int(self.st[ev.S_SLOTS]), 1)
 
     @property
     def image(self) -> ImageState:

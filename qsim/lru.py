@@ -144,8 +144,8 @@ def stack_distances(keys: np.ndarray, n_keys: int, tree_size: int = 0) -> np.nda
 
 class _DistanceState:
     def __init__(self, n_keys: int, tree_size: int = 0):
-        # About four times the distinct keys, so compaction is rare; bits and tree stay small enough for L1.
-        size = tree_size if tree_size > n_keys + 1 else max(4 * n_keys, 1 << 16) + 1
+        self.tree_size = tree_size
+        size = self._marks_size(n_keys)
         words = (size >> 6) + 1
         self.bits = np.zeros(words, dtype=np.int64)
         self.tree = np.zeros(words + 1, dtype=np.int32)
@@ -154,6 +154,30 @@ class _DistanceState:
         self.scalars = np.array([0, 0, -1], dtype=np.int64)
         self.hist = np.zeros(n_keys + 2, np.int64)  # accesses by distance, clipped: n_keys + 1 = cold
         self.empty_hist = np.zeros(n_keys + 2, np.int64)  # the same for GET_EMPTY accesses (no disk read)
+
+    def _marks_size(self, n_keys: int) -> int:
+        # About four times the distinct keys, so compaction is rare; bits and tree stay small enough for L1.
+        return self.tree_size if self.tree_size > n_keys + 1 else max(4 * n_keys, 1 << 16) + 1
+
+    def grow(self, n_keys: int) -> None:
+        """Room for keys 0 .. n_keys-1 (more than before): the same distances as if sized so from the start."""
+        old = self.mark_of_key.shape[0]
+        self.mark_of_key = np.concatenate([self.mark_of_key, np.zeros(n_keys - old, np.int64)])
+        for name in ("hist", "empty_hist"):
+            hist = getattr(self, name)
+            grown = np.zeros(n_keys + 2, np.int64)
+            grown[: old + 1] = hist[: old + 1]
+            grown[n_keys + 1] = hist[old + 1]  # the cold bucket moves to the new end
+            setattr(self, name, grown)
+        size = self._marks_size(n_keys)
+        if size > self.key_at.shape[0]:  # more marks: copy them over, then renumber into the larger arrays
+            t = int(self.scalars[D_TIME])
+            bits = np.zeros((size >> 6) + 1, dtype=np.int64)
+            bits[: self.bits.shape[0]] = self.bits
+            key_at = np.zeros(size, dtype=np.int64)
+            key_at[: t + 1] = self.key_at[: t + 1]
+            self.bits, self.key_at, self.tree = bits, key_at, np.zeros(bits.shape[0] + 1, dtype=np.int32)
+            self.scalars[D_TIME] = _compact(self.tree, self.bits, self.key_at, self.mark_of_key, t)
 
     def step(self, keys: np.ndarray, kinds: np.ndarray, keep: bool = True) -> np.ndarray:
         dist = np.empty(len(keys) if keep else 0, dtype=np.int64)
@@ -334,6 +358,8 @@ class CacheModel:
     write-backs get a pass per size only once dirty entries exist."""
 
     def __init__(self, n_keys: int, entries: list[int], direct: bool | None = None):
+        """``n_keys``: keys expected (slice ids 0 .. n_keys-1); the model grows when a larger key comes, so this
+        is a starting size, not a bound, and memory follows the slices the trace really touches."""
         self.n_keys = max(n_keys, 1)
         self.asked = list(entries)
         self.entries = sorted(set(entries))  # each size once: QEMU's rules map many asked sizes to the same cache
@@ -352,6 +378,10 @@ class CacheModel:
     def feed(self, key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray):
         """Add a chunk of events; ``flush_at`` are this chunk's flush positions, ascending (a flush before event j;
         j = len(key) is a flush after the chunk's last event)."""
+        if len(key):
+            top = int(key.max()) + 1
+            if top > self.n_keys:
+                self.grow(max(top, 2 * self.n_keys))
         self.lookups += len(key)
         if self.direct:
             for e, (prev, nxt, resident, dirty, s) in zip(self.entries, self.sims):
@@ -366,6 +396,25 @@ class CacheModel:
             if self.dirty_state is not None:
                 _writebacks_step(key, kind, dist, flush_at, self.flushes, self.entries_array, *self.dirty_state)
         self.flushes += len(flush_at)
+
+    def grow(self, n_keys: int) -> None:
+        """Room for keys 0 .. n_keys-1: every cache's state as if it had been that large from the start."""
+        extra = n_keys - self.n_keys
+        if extra <= 0:
+            return
+        if self.direct:
+            self.sims = [(np.concatenate([prev, np.full(extra, -1, np.int64)]),
+                          np.concatenate([nxt, np.full(extra, -1, np.int64)]),
+                          np.concatenate([resident, np.zeros(extra, np.uint8)]),
+                          np.concatenate([dirty, np.zeros(extra, np.uint8)]), s)
+                         for prev, nxt, resident, dirty, s in self.sims]
+        else:
+            self.distances.grow(n_keys)
+            if self.dirty_state is not None:
+                dirty, last_flushes, written = self.dirty_state
+                self.dirty_state = (np.concatenate([dirty, np.zeros((extra, dirty.shape[1]), np.int64)]),
+                                    np.concatenate([last_flushes, np.zeros(extra, np.int64)]), written)
+        self.n_keys = n_keys
 
     def finish(self) -> list[CacheCounts]:
         """Counters per asked size, in the order asked."""

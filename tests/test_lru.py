@@ -153,3 +153,26 @@ def test_write_backs_for_more_sizes_than_one_word_of_dirty_bits():
             c = ours[entries - 1]
             assert (c.misses, c.writebacks, c.writebacks_at_close) == (ref["misses"], ref["writebacks"],
                                                                        ref["writebacks_at_close"]), entries
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_model_that_grows_counts_as_one_sized_from_the_start(direct):
+    """Stage 2 starts at the slices an image has and grows as the trace creates tables (keys beyond its size):
+    every counter equals a model sized for every key from the start, chunk by chunk, dirt and flushes included."""
+    rng = np.random.default_rng(12)
+    n, n_keys = (20_000, 3000) if direct else (90_000, 40_000)  # past 16k keys the marks' arrays grow too
+    keys = np.minimum(rng.zipf(1.1, n), n_keys) - 1
+    keys = np.where(np.arange(n) < n // 2, keys % 40, keys)  # few keys first, then the rest appear
+    kinds = rng.choice([GET, GET, GET_DIRTY, GET_EMPTY], n).astype(np.uint8)
+    flushes = np.sort(rng.choice(n, 60, replace=False))
+    sizes = [1, 2, 7, 64, 500, 2999, 39_999, 50_000] if not direct else [3, 64, 2999]
+    results = []
+    for start in (n_keys, 1):
+        model = CacheModel(start, sizes, direct=direct)
+        for lo in range(0, n, 7000):
+            hi = min(lo + 7000, n)
+            local = flushes[(flushes >= lo) & (flushes < hi)] - lo
+            model.feed(keys[lo:hi], kinds[lo:hi], local)
+        results.append(model.finish())
+    assert results[0] == results[1]
+    assert results[0][0].misses > results[0][-1].misses > 0

@@ -352,3 +352,17 @@ def test_coarser_slices_share_the_finest_stage_1(case):
     assert [r["l2_cache_entry_size"] for r in rows[True][:4]] == [4 * K, 4 * K, cluster, cluster]
     state = build_image(ImageGeometry(8 * G, cluster, ext), options)
     assert events_nest(t, state, 4 * K) == (case in ("reads", "extended_l2 reads"))
+
+
+def test_memory_follows_the_data_not_the_disk():
+    """A small trace on a 1 EiB disk (2M clusters: 2^30 addressable 4k slices) costs what it costs on a small disk;
+    stage 2 used to size itself by every slice the L1 table could address (23 GB, killed)."""
+    code = ("import resource\nfrom qsim.replay import replay\nfrom qsim.scenario import Scenario\n"
+            "from qsim.imageopts import ImageOptions\nfrom qsim.synth import synthesize\n"
+            "t = synthesize(1 << 44, 20000, 'uniform', '4k', read_share=0.7, seed=1)\n"
+            "rows = replay(t, Scenario.of((None, 1 << 20), None, ImageOptions(cluster_size=2 << 20), 1 << 60)).rows\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, rows[1]['l2_misses'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    peak_mib, misses = int(out[0]), int(out[1])
+    assert peak_mib < 600, f"peak RSS {peak_mib} MiB"
+    assert misses > 10_000  # the writes' tables are real: most 4k reads and writes miss a 1M cache of 4k slices

@@ -22,7 +22,7 @@ cache that fits (its smallest, marked overspent, if none does). Baselines ignore
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
@@ -47,11 +47,13 @@ OPTION_COLUMNS = ["l2_cache_size", "cache_size", "ram_bytes", "l2_cache_entries"
 
 @dataclass(frozen=True, eq=False)
 class Disk:
-    """One disk of the host: its name in the sweep, geometry, and the caches measured for it (``options``, one row
-    per buildable cache in bytes/entries, sorted by RAM). ``span_seconds``: its trace's time span, if known."""
+    """One disk of the host: its name (the sweep's, or ``domain/target`` for a libvirt disk), the name the sweep gave
+    its trace and the trace file, its geometry, and the caches measured for it (``options``, one row per buildable
+    cache in bytes/entries, sorted by RAM). ``span_seconds``: its trace's time span, if known."""
 
     name: str
     trace: str
+    path: str
     geometry: ImageGeometry
     options: pd.DataFrame
     span_seconds: float | None = None
@@ -65,7 +67,7 @@ class Disk:
         if objective == "metadata-bytes":
             return self.options["metadata_bytes"].to_numpy(dtype=float)
         if not self.span_seconds:
-            raise QsimError(f"{self.trace}: --objective misses-per-second needs request times, and this trace has no "
+            raise QsimError(f"{self.path}: --objective misses-per-second needs request times, and this trace has no "
                             "time span (use a fio iolog v3, or CSV with a time column)")
         return self.options["misses"].to_numpy(dtype=float) / self.span_seconds
 
@@ -109,11 +111,11 @@ def disks_from_results(frame: pd.DataFrame, cluster_size: int | None = None, ext
         _one_setup(str(name), rows)
         first = rows.iloc[0]
         geometry = ImageGeometry(int(first.virtual_size), int(first.cluster_size), bool(first.extended_l2))
-        disks.append(disk_from_rows(str(name), str(first.trace), geometry, rows, qemu_version, notes))
+        disks.append(disk_from_rows(str(name), str(name), str(first.trace), geometry, rows, qemu_version, notes))
     return disks, notes
 
 
-def disk_from_rows(name: str, trace: str, geometry: ImageGeometry, rows: pd.DataFrame,
+def disk_from_rows(name: str, trace: str, path: str, geometry: ImageGeometry, rows: pd.DataFrame,
                    qemu_version: str = DEFAULT_QEMU_VERSION, notes: list[str] | None = None) -> Disk:
     """A Disk from its sweep rows: the distinct caches, those libvirt's max_size can build, sorted by RAM."""
     default = resolve_cache(geometry, CacheSettings(), qemu_version)
@@ -137,8 +139,13 @@ def disk_from_rows(name: str, trace: str, geometry: ImageGeometry, rows: pd.Data
         raise QsimError(f"{name}: no measured cache that QEMU builds from cache-size alone")
     table = pd.DataFrame(list(options.values()), columns=OPTION_COLUMNS)
     table = table.sort_values(["ram_bytes", "misses"], kind="stable").reset_index(drop=True)
-    stem = name.rsplit("-", 1)[0] if len(name.rsplit("-", 1)[-1]) == 12 else name
-    return Disk(name, trace, geometry, table, aliases=frozenset({name, stem}))
+    return Disk(name, trace, path, geometry, table, aliases=frozenset({name, trace, trace_stem(trace)}))
+
+
+def trace_stem(trace: str) -> str:
+    """A fleet's trace name without its content hash: ``web01-vda-0123456789ab`` -> ``web01-vda``."""
+    head, _, tail = trace.rpartition("-")
+    return head if head and len(tail) == 12 and all(c in "0123456789abcdef" for c in tail) else trace
 
 
 def _one_setup(name: str, rows: pd.DataFrame) -> None:
@@ -240,7 +247,7 @@ class HostPlan:
             source = disk.info.get("source") or "disk.qcow2"
             paste = pasteable_settings(g, int(o.l2_cache_size), filename=source)
             rows.append({
-                "trace": disk.name, **disk.info,
+                "disk": disk.name, "trace": disk.trace, **disk.info,
                 "virtual_size": g.virtual_size, "cluster_size": g.cluster_size, "extended_l2": g.extended_l2,
                 "cache_size": int(o.cache_size), "l2_cache_size": int(o.l2_cache_size),
                 "ram_bytes": int(o.ram_bytes), "l2_cache_entries": int(o.l2_cache_entries),
@@ -274,6 +281,8 @@ def plan_host(disks: list[Disk], budget: int, objective: str = "misses", constra
     names = [d.name for d in disks]
     if len(set(names)) != len(names):
         raise UsageError(f"two disks share the name {next(n for n in names if names.count(n) > 1)}")
+    if objective == "misses-per-second":
+        disks = [d if d.span_seconds else replace(d, span_seconds=trace_span_seconds(d.path)) for d in disks]
     check_constraint_names(disks, constraints)
     allowed = [allowed_options(d, constraints, qemu_version) for d in disks]
     values = [d.values(objective) for d in disks]
@@ -357,8 +366,13 @@ def _curve(disks, values, problem: Problem, extra: list[int]) -> pd.DataFrame:
 
 def trace_span_seconds(path: str) -> float | None:
     """First to last request time of a trace file (seconds), None when it carries no times."""
+    import os
+
     from .traceio import read_trace
 
+    if not os.path.isfile(path):
+        raise QsimError(f"{path}: --objective misses-per-second needs the trace's time span, and the trace file the "
+                        "sweep read is not there")
     trace = read_trace(path)
     if trace.time is None or len(trace) < 2:
         return None
@@ -371,8 +385,6 @@ def sweep_for_plan(traces: list[tuple[str, ImageGeometry | None]], l2_cache_size
                    ) -> pd.DataFrame:
     """The one place ``qsim plan`` runs a sweep itself: each trace (path) with its disk's geometry (or the
     options' geometry and the trace's own size when None), one row per cache size, named as a fleet names it."""
-    from dataclasses import replace
-
     from .fleet import trace_id
     from .imageopts import ImageOptions
     from .sweep import sweep

@@ -119,7 +119,7 @@ def sweep_rows(name: str, virtual_size: int, curve: dict, cluster=65536, extende
 def test_options_are_the_buildable_caches_counted_as_qemu_allocates_them():
     # 100G, 64k clusters: whole-disk L2 = 12.5M; 512M with 64k: one table, QEMU's 2-entry minimum
     frame = sweep_rows("big", 100 * G, {65536: 900, 100000: 800, 1 << 20: 500, None: 3, 64 << 20: 3})
-    disk = disk_from_rows("big", "t", ImageGeometry(100 * G), frame)
+    disk = disk_from_rows("big", "big", "t", ImageGeometry(100 * G), frame)
     o = disk.options
     assert o["l2_cache_entries"].tolist() == [16, 24, 256, 200]  # 100000 bytes -> 24 x 4k; default = 64M = cover
     assert o["l2_cache_entry_size"].tolist() == [4096, 4096, 4096, 65536]
@@ -143,7 +143,7 @@ def make_fleet():
     }
     disks = []
     for name, (size, curve) in curves.items():
-        disks.append(disk_from_rows(name, f"/t/{name}", ImageGeometry(size), sweep_rows(name, size, curve)))
+        disks.append(disk_from_rows(name, name, f"/t/{name}", ImageGeometry(size), sweep_rows(name, size, curve)))
     return disks
 
 
@@ -238,7 +238,7 @@ def test_other_objectives():
     costs = [d.options["ram_bytes"].tolist() for d in disks]
     values = [(d.options["metadata_bytes"]).tolist() for d in disks]
     assert by_bytes.total_objective == brute_force(costs, values, 5 << 20)[0]
-    with pytest.raises(QsimError, match="misses-per-second needs request times"):
+    with pytest.raises(QsimError, match="/t/web: --objective misses-per-second needs the trace's time span"):
         plan_host(disks, 5 << 20, objective="misses-per-second")
     from dataclasses import replace
 

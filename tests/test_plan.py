@@ -254,3 +254,223 @@ def test_other_objectives():
         [("web", 1310720, 1500), ("db", 524288, 70000), ("logs", 524288, 1990), ("tiny", 393216, 40)]
     assert [(r["trace"], r["ram_bytes"], r["misses"]) for r in plain] == \
         [("web", 524288, 4000), ("db", 1310720, 30000), ("logs", 524288, 1990), ("tiny", 393216, 40)]
+
+
+# --- the command line, on a real fleet result set and the libvirt fixtures ------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from qsim.cli import main  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "libvirt"
+DISK_TRACES = {"web01-vda": (20 * G, "zipf:1.1", 3000), "db01-vda": (40 * G, "zipf:0.9", 4000),
+               "db01-vdb": (100 * G, "uniform", 3000)}
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """Three timed synthetic traces named after the fixture disks, swept as a fleet over two geometries."""
+    from qsim.synth import synthesize
+    from qsim.trace import Trace
+    from qsim.traceio import write_trace
+
+    d = tmp_path_factory.mktemp("fleet")
+    for seed, (name, (size, pattern, requests)) in enumerate(DISK_TRACES.items()):
+        t = synthesize(size, requests, pattern, "4k", read_share=0.6, seed=seed)
+        write_trace(Trace.from_arrays(t.op, t.offset, t.length, np.arange(requests) * (0.01 * (seed + 1))),
+                    str(d / f"{name}.iolog.gz"))
+    results = d / "results"
+    assert main(["sweep", str(d / "*.iolog.gz"), "--cluster-size", "64k,128k", "--extended-l2", "off,on",
+                 "--l2-cache-size", "64k..16M:12,default", "--save", str(results) + "/", "--workers", "1",
+                 "--output", "json"]) == 0
+    return d
+
+
+def run_cli(argv, capsys):
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        status = exc.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_json_from_a_fleet_result_set(fleet, capsys, tmp_path):
+    from qsim.fleet import load_results
+
+    status, out, err = run_cli(["plan", str(fleet / "results"), "--budget", "3M", "--cluster-size", "64k",
+                                "--extended-l2", "off", "--output=json", "--save", str(tmp_path / "plan.json")],
+                               capsys)
+    assert status == 0, err
+    result = json.loads(out)
+    assert json.loads((tmp_path / "plan.json").read_text()) == result
+    assert result["budget"] == 3 << 20 and result["objective"] == "misses"
+    assert [d["trace"][:-13] for d in result["disks"]] == ["db01-vda", "db01-vdb", "web01-vda"]
+    for d in result["disks"]:
+        assert set(d) >= {"trace", "cache_size", "l2_cache_size", "misses", "settings"}
+    assert set(result["baselines"]) >= {"qemu_default", "proportional", "equal"}
+    for name in ("qemu_default", "proportional", "equal"):
+        assert set(result["baselines"][name]) >= {"total_misses", "total_cache_size"}
+    # independently: brute force over the rows of the result set, RAM = entries x entry size + 4 clusters
+    frame = load_results(str(fleet / "results"))
+    frame = frame[(frame.cluster_size == 65536) & ~frame.extended_l2.astype(bool)]
+    costs, values = [], []
+    for _, rows in frame.groupby("trace_id"):
+        rows = rows.drop_duplicates(["l2_cache_entries", "l2_cache_entry_size"])
+        costs.append((rows.l2_cache_ram_bytes + 4 * 65536).tolist())
+        values.append(rows.l2_misses.tolist())
+    assert result["total_misses"] == brute_force(costs, values, 3 << 20)[0]
+    assert sum(d["cache_size"] for d in result["disks"]) == result["budget_used"] <= 3 << 20
+    assert result["total_misses"] <= min(result["baselines"][n]["total_misses"] for n in ("proportional", "equal"))
+    default = result["baselines"]["qemu_default"]
+    assert default["plan_total_objective_at_same_cache_size"] <= default["total_misses"]
+    # the same plan as a CSV, one row per disk
+    assert run_cli(["plan", str(fleet / "results"), "--budget", "3M", "--cluster-size", "64k", "--extended-l2", "off",
+                    "--save", str(tmp_path / "plan.csv")], capsys)[0] == 0
+    table = pd.read_csv(tmp_path / "plan.csv")
+    assert table["cache_size"].tolist() == [d["cache_size"] for d in result["disks"]]
+    assert run_cli(["plot", "plan", str(tmp_path / "plan.json"), "--save", str(tmp_path / "plan.png")], capsys)[0] == 0
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_libvirt_round_trip(fleet, capsys, tmp_path):
+    from qsim.libvirt import read_domain
+
+    before = snapshot(FIXTURES)
+    out_dir = tmp_path / "patched"
+    argv = ["plan", str(fleet / "results"), "--budget", "3M", "--domain", str(FIXTURES / "web01.xml"),
+            "--domain", str(FIXTURES / "db01.xml"), "--images-dir", str(FIXTURES / "images"),
+            "--write-xml", str(out_dir), "--output=json"]
+    status, out, err = run_cli(argv, capsys)
+    assert status == 0, err
+    result = json.loads(out)
+    disks = {d["disk"]: d for d in result["disks"]}
+    assert list(disks) == ["web01/vda", "db01/vda", "db01/vdb"]  # raw disks and the cdrom are left out
+    assert "web01/vdb (raw disk), web01/sda (raw cdrom), db01/vdc (raw disk)" in " ".join(result["notes"])
+    assert (disks["db01/vdb"]["cluster_size"], disks["db01/vdb"]["extended_l2"]) == (128 << 10, True)
+    assert disks["web01/vda"]["current_cache_size"] == 8 << 20 and disks["db01/vda"]["current_cache_size"] is None
+    assert sum(d["ram_bytes"] for d in disks.values()) <= 3 << 20
+    assert snapshot(FIXTURES) == before  # the domain XML and the images are byte-identical
+    for name in ("web01", "db01"):
+        original = (FIXTURES / f"{name}.xml").read_text()
+        patched = (out_dir / f"{name}.xml").read_text()
+        domain = read_domain(str(out_dir / f"{name}.xml"))
+        for disk in domain.disks:
+            want = disks[disk.name]["cache_size"] if disk.is_qcow2 else None
+            assert disk.max_size == want
+            built = resolve_cache(ImageGeometry(disks[disk.name]["virtual_size"], disks[disk.name]["cluster_size"],
+                                                disks[disk.name]["extended_l2"]),
+                                  CacheSettings(cache_size=disk.max_size)) if want else None
+            if built:
+                assert built.l2_cache_entries == disks[disk.name]["l2_cache_entries"]
+        # only metadata_cache lines differ
+        removed = set(original.splitlines()) - set(patched.splitlines())
+        added = set(patched.splitlines()) - set(original.splitlines())
+        assert all("max_size" in line or "driver" in line for line in removed)
+        assert all("max_size" in line or "metadata_cache" in line or "driver" in line for line in added)
+    assert "<!-- the system disk: its cache was raised by hand last year -->" in (out_dir / "web01.xml").read_text()
+    # the patched copy of web01 replaced the KiB setting with bytes, in place in the text
+    assert f"<max_size unit='bytes'>{disks['web01/vda']['cache_size']}</max_size>" in \
+        (out_dir / "web01.xml").read_text()
+    # never in place: writing the copies over their inputs is refused, and nothing changed
+    status, _, err = run_cli(argv[:-3] + ["--write-xml", str(FIXTURES), "--output=json"], capsys)
+    assert status == 1 and "never changes a file in place" in err and err.count("\n") == 1
+    assert snapshot(FIXTURES) == before
+
+
+def test_cli_traces_given_directly_sweep_with_each_images_geometry(fleet, capsys):
+    argv = ["plan", str(fleet / "*.iolog.gz"), "--budget", "3M", "--domain", str(FIXTURES / "db01.xml"),
+            "--images-dir", str(FIXTURES / "images"), "--l2-cache-size", "64k..16M:12,default", "--output=json"]
+    status, out, err = run_cli(argv, capsys)
+    assert status == 0, err
+    direct = json.loads(out)
+    status, out, err = run_cli(["plan", str(fleet / "results")] + argv[2:8] + ["--output=json"], capsys)
+    via_results = json.loads(out)
+    keep = ("disk", "cache_size", "misses", "l2_cache_entries")
+    assert [{k: d[k] for k in keep} for d in direct["disks"]] == [{k: d[k] for k in keep} for d in via_results["disks"]]
+    per_second = json.loads(run_cli(argv[:-1] + ["--objective", "misses-per-second", "--output=json"], capsys)[1])
+    spans = {"db01/vda": 0.02 * 3999, "db01/vdb": 0.03 * 2999}
+    for d in per_second["disks"]:
+        assert d["objective_value"] == pytest.approx(d["misses"] / spans[d["disk"]])
+
+
+def test_cli_human_output_and_help(fleet, capsys):
+    status, out, err = run_cli(["plan", str(fleet / "results"), "--budget", "4M", "--cluster-size", "64k",
+                                "--extended-l2", "off", "--pin", "web01-vda=default"], capsys)
+    assert status == 0, err
+    web = next(line for line in out.splitlines() if line.startswith("  web01-vda-"))
+    assert web.split()[1:6] == ["20G", "64k", "2816k", "40", "x"]  # pinned to its default: 40 x 64k covers 20G
+    assert out.startswith("Plan for 3 disks within 4M of RAM (minimising L2 misses; QEMU 7.2)")
+    assert "QEMU's default" in out and "proportional to disk size" in out and "equal split" in out
+    assert "libvirt: <metadata_cache><max_size unit='bytes'>" in out and "-blockdev '" in out and "-drive " in out
+    assert "a finer sweep (--l2-cache-size 64k..64M:40,default) gives a finer plan" in err
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    help_text = capsys.readouterr().out
+    assert help_text.rstrip().endswith("qsim plot plan plan.json --save plan.png")
+
+
+@pytest.mark.parametrize("extra, status, message", [
+    (["--budget", "64k"], 1, "--budget 64k is below the smallest caches allowed: these 3 disks need at least 960k"),
+    (["--budget", "12Q"], 2, "unknown size suffix"),
+    (["--budget", "3M", "--pin", "nope=1M"], 2, "--pin nope=...: no disk of that name"),
+    (["--budget", "3M", "--pin", "1M"], 2, "--pin 1M: expected DISK=BYTES or DISK=default"),
+    (["--budget", "3M", "--min", "1M", "--min", "2M"], 2, "--min 2M: given twice for every disk"),
+    (["--budget", "3M", "--cluster-size", "64k", "--extended-l2", "off", "--save", "x.txt"], 2,
+     "a plan is saved as .json or .csv"),
+])
+def test_cli_errors_are_one_line(fleet, capsys, extra, status, message):
+    argv = ["plan", str(fleet / "results")] + extra
+    if "--cluster-size" not in extra:
+        argv += ["--cluster-size", "64k", "--extended-l2", "off"]
+    got, out, err = run_cli(argv, capsys)
+    assert got == status and message in err and "Traceback" not in err
+    if "12Q" not in extra:  # qsim's own errors are one line; argparse adds its usage above its line
+        assert err.count("\n") == 1 and err.startswith("qsim plan: error: ")
+
+
+def test_cli_several_geometries_need_choosing(fleet, capsys):
+    status, _, err = run_cli(["plan", str(fleet / "results"), "--budget", "3M"], capsys)
+    assert status == 2 and "swept with several cluster_size (131072, 65536) (choose one with --cluster-size" in err
+
+
+def test_libvirt_errors(tmp_path, fleet, capsys):
+    from qsim.libvirt import parse_scaled, read_domain, read_mapping
+
+    bomb = tmp_path / "bomb.xml"
+    bomb.write_text('<?xml version="1.0"?>\n<!DOCTYPE d [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]>\n'
+                    "<domain><name>&b;</name></domain>\n")
+    with pytest.raises(QsimError, match="bomb.xml: refused: .*DTD"):
+        read_domain(str(bomb))
+    external = tmp_path / "ext.xml"
+    external.write_text('<!DOCTYPE d SYSTEM "file:///etc/passwd"><domain><name>x</name></domain>')
+    with pytest.raises(QsimError, match="ext.xml: refused"):
+        read_domain(str(external))
+    broken = tmp_path / "broken.xml"
+    broken.write_text("<domain>\n  <name>x</name>\n  <devices>\n</domain>\n")
+    with pytest.raises(QsimError, match=r"broken.xml:4: not well-formed XML"):
+        read_domain(str(broken))
+    (tmp_path / "net.xml").write_text("<network><name>default</name></network>")
+    with pytest.raises(QsimError, match="not libvirt domain XML .*<network>"):
+        read_domain(str(tmp_path / "net.xml"))
+    assert [parse_scaled("8", u, "x") for u in (None, "bytes", "b", "KiB", "k", "KB", "MiB", "M", "MB", "GiB")] == \
+        [8, 8, 8, 8192, 8192, 8000, 8 << 20, 8 << 20, 8_000_000, 8 << 30]
+    with pytest.raises(QsimError, match="unknown unit 'parsecs'"):
+        parse_scaled("8", "parsecs", "x")
+    mapping = tmp_path / "map.txt"
+    mapping.write_text("# disk  trace\nweb01/vda  db01-vda\nweb01/vdb\n")
+    with pytest.raises(QsimError, match=r"map.txt:3: expected 'DISK TRACE'"):
+        read_mapping(str(mapping))
+    # a mapping that gives web01's 20G disk the trace swept on 40G: said in one line, with the sweep to run
+    mapping.write_text("web01/vda = db01-vda   # the same workload\n")
+    status, _, err = run_cli(["plan", str(fleet / "results"), "--budget", "3M", "--domain", str(FIXTURES / "web01.xml"),
+                              "--images-dir", str(FIXTURES / "images"), "--map", str(mapping)], capsys)
+    assert status == 1 and err.count("\n") == 1
+    assert "web01/vda: its image is 20G with cluster_size=64k, extended_l2=off, but trace db01-vda-" in err
+    assert "sweep it with --size 20G --cluster-size 64k --extended-l2 off" in err
+    status, _, err = run_cli(["plan", str(fleet / "results"), "--budget", "3M", "--domain", str(FIXTURES / "web01.xml")],
+                             capsys)
+    assert status == 1 and "web01/vda: image /var/lib/libvirt/images/web01-vda.qcow2 not found (--images-dir" in err

@@ -129,6 +129,14 @@ def best_values(problem: Problem, budgets) -> np.ndarray:
     return out
 
 
+def least_cost_for(problem: Problem, target: float) -> int | None:
+    """The smallest budget (bytes) at which the optimum's total value is at most ``target`` (None if never)."""
+    top = (problem.max_cost - problem.min_cost) // problem.unit
+    best, _ = _mckp(_relative_units(problem), problem.value, problem.starts, top, False)
+    reached = np.flatnonzero(best <= target)
+    return None if not len(reached) else problem.min_cost + int(reached[0]) * problem.unit
+
+
 def _relative_units(problem: Problem) -> np.ndarray:
     base = np.repeat(problem.base, np.diff(problem.starts))
     return (problem.cost - base) // problem.unit

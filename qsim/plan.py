@@ -15,9 +15,10 @@ is counted as the host pays for it:
   there QEMU holds one entry more than cache-size says, and the budget counts what it holds.
 
 The split is an exact multiple-choice knapsack (``qsim.knapsack``). Beside it, the same budget under three
-baselines: QEMU's default for every disk (with the RAM it really takes, and the plan at that same RAM), a cache
-proportional to disk size, and an equal split; a baseline's share is rounded down to the disk's largest measured
-cache that fits (its smallest, marked overspent, if none does). Baselines ignore --min/--max/--pin.
+baselines: QEMU's default for every disk (with the RAM it really takes, the plan at that same RAM, and the least
+RAM with which the plan does as well), a cache proportional to disk size, and an equal split; a baseline's share
+is rounded down to the disk's largest measured cache that fits (its smallest, marked overspent, if none does).
+Baselines ignore --min/--max/--pin.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import pandas as pd
 from .cachecfg import DEFAULT_QEMU_VERSION, MIN_REFCOUNT_CACHE_ENTRIES, CacheSettings, resolve_cache
 from .errors import QsimError, UsageError
 from .geometry import ImageGeometry
-from .knapsack import Problem, best_values, solve
+from .knapsack import Problem, best_values, least_cost_for, solve
 from .sizing import pasteable_settings
 from .units import format_size
 
@@ -330,6 +331,7 @@ def _baselines(disks, values, budget, objective, problem) -> dict:
         base = _baseline(disks, values, [int(k[0]) for k in defaults])
         same = best_values(problem, [base["total_cache_size"]])[0]
         base["plan_total_objective_at_same_cache_size"] = None if np.isnan(same) else float(same)
+        base["plan_cache_size_for_same_objective"] = least_cost_for(problem, base["total_objective"])
         out["qemu_default"] = base
     else:
         lacking = [d.name for d, k in zip(disks, defaults) if not len(k)]

@@ -157,7 +157,8 @@ def plan(curve: pd.DataFrame, qemu_default: dict | None = None, budget: int | No
     ax.plot(curve["budget"], curve["plan"], color=OKABE_ITO[0], marker=".", label="qsim plan (optimal split)")
     for k, (name, label) in enumerate((("proportional", "proportional to disk size"), ("equal", "equal split"))):
         fits = curve[name + "_cache_size"] <= curve["budget"]
-        ax.plot(curve["budget"], curve[name].where(fits), color=OKABE_ITO[k + 1], linestyle="--", label=label)
+        ax.plot(curve["budget"], curve[name].where(fits), color=OKABE_ITO[k + 1], linestyle="--",
+                label=label + " (where it keeps to the budget)")
     if qemu_default:
         ax.scatter([qemu_default["total_cache_size"]], [qemu_default["total_objective"]], s=90, marker="s",
                    color=OKABE_ITO[5], zorder=5, label="QEMU's default for every disk")

@@ -196,6 +196,10 @@ def test_baselines_and_the_default_at_the_same_ram():
     assert default["plan_total_objective_at_same_cache_size"] <= default["total_misses"]
     assert plan_host(disks, default["total_cache_size"]).total_misses == \
         default["plan_total_objective_at_same_cache_size"]
+    least = default["plan_cache_size_for_same_objective"]  # the least RAM at which the plan is as good
+    assert plan_host(disks, least).total_misses <= default["total_misses"] < plan_host(disks, least - 1).total_misses
+    # here nothing cheaper is as good: db and logs must cover their disks to reach 7000 and 1960
+    assert least == default["total_cache_size"] == 2883584 + 26476544 + 6815744 + 393216
     for name in ("proportional", "equal"):
         base = plan.baselines[name]
         assert base["total_cache_size"] <= 8 << 20 and base["overspent_disks"] == (["tiny"] if name == "proportional"
@@ -471,6 +475,6 @@ def test_libvirt_errors(tmp_path, fleet, capsys):
     assert status == 1 and err.count("\n") == 1
     assert "web01/vda: its image is 20G with cluster_size=64k, extended_l2=off, but trace db01-vda-" in err
     assert "sweep it with --size 20G --cluster-size 64k --extended-l2 off" in err
-    status, _, err = run_cli(["plan", str(fleet / "results"), "--budget", "3M", "--domain", str(FIXTURES / "web01.xml")],
-                             capsys)
+    status, _, err = run_cli(["plan", str(fleet / "results"), "--budget", "3M",
+                              "--domain", str(FIXTURES / "web01.xml")], capsys)
     assert status == 1 and "web01/vda: image /var/lib/libvirt/images/web01-vda.qcow2 not found (--images-dir" in err

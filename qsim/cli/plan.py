@@ -291,13 +291,13 @@ def _print_human(result: dict) -> None:
     print(f"Plan for {len(disks)} disks within {format_size(result['budget'])} of RAM "
           f"(minimising {OBJECTIVES[objective]}; QEMU {result['qemu_version']})")
     width = max(len(d["disk"]) for d in disks)
-    print(f"  {'disk'.ljust(width)}  {'size':>6} {'cluster':>7}  {'cache-size':>10}  {'L2 cache':<14} {'covers':>7} "
+    print(f"  {'disk'.ljust(width)}  {'size':>6} {'cluster':>8}  {'cache-size':>10}  {'L2 cache':<14} {'covers':>7} "
           f"{'misses':>10}")
     for d in disks:
         l2 = f"{d['l2_cache_entries']} x {format_size(d['l2_cache_entry_size'])}"
         ext = "+ext" if d["extended_l2"] else ""
         print(f"  {d['disk'].ljust(width)}  {format_size(d['virtual_size']):>6} "
-              f"{format_size(d['cluster_size']) + ext:>7}  {format_size(d['cache_size']):>10}  {l2:<14} "
+              f"{format_size(d['cluster_size']) + ext:>8}  {format_size(d['cache_size']):>10}  {l2:<14} "
               f"{100 * d['covered_fraction']:>6.3g}% {d['misses']:>10,}")
     print(f"  {'total'.ljust(width)}  {'':>6} {'':>7}  {format_size(result['budget_used']):>10}  "
           f"{'(RAM held)':<14} {'':>7} {result['total_misses']:>10,}")
@@ -310,8 +310,10 @@ def _print_human(result: dict) -> None:
     if base.get("qemu_default"):
         q = base["qemu_default"]
         same = q["plan_total_objective_at_same_cache_size"]
+        least = q["plan_cache_size_for_same_objective"]
         rows.append(("QEMU's default", f"{q['total_misses']:>10,} misses in {human_size(q['total_cache_size'])} "
-                     f"of RAM (the plan with that RAM: {same:,.6g})"))
+                     f"of RAM (the plan with that RAM: {same:,.6g}; as well as the defaults from "
+                     f"{human_size(least)})"))
     else:
         rows.append(("QEMU's default", base.get("qemu_default_missing", "not measured")))
     for name, label in (("proportional", "proportional to disk size"), ("equal", "equal split")):

@@ -33,8 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "saved by 'qsim plan --save plan.json'; coverage needs no input.", epilog=EXAMPLES,
                        formatter_class=RawDefaultsHelp)
     p.add_argument("kind", choices=KINDS)
-    p.add_argument("table", nargs="?", metavar="TABLE", help="a table saved by qsim sweep/replay (.csv .json .parquet); "
-                   "for plan, the plan's .json")
+    p.add_argument("table", nargs="?", metavar="TABLE",
+                   help="a table saved by qsim sweep/replay (.csv .json .parquet); for plan, the plan's .json")
     p.add_argument("--save", required=True, metavar="FILE", help="output image: .png or .svg")
     p.add_argument("--metric", default="l2_misses", help="mrc: the y axis (l2_misses, l2_disk_reads, "
                    "metadata_read_bytes, l2_hit_ratio, l2_writebacks)")

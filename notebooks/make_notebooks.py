@@ -284,6 +284,137 @@ if have_qemu:
     print("every counter agrees" if agree else "DIFFERENCES above")
 """),
     ],
+    "05-plan-a-host": [
+        md("""
+# 5. One RAM budget for a whole host
+
+Every qcow2 disk of every VM gets its own metadata cache, and the RAM is real: at QEMU's 32 MiB default cap, 100
+large disks hold 3.2 GiB. Each cache is usually sized alone (QEMU's default, the disk's size, by hand). qsim knows
+each disk's exact miss curve from its own workload, so it can answer the host's question: *given B bytes for all of
+these disks, how should they be split to make the fewest metadata reads?*
+
+`qsim plan` (here its library, `qsim.plan`) answers it exactly. Each disk may take only the caches its sweep
+measured, each counted as QEMU allocates it: L2 entries x entry size (4 KiB slices while the cache does not cover
+the disk, whole tables once it does) plus the refcount cache's 4-cluster minimum, which libvirt's
+`<metadata_cache><max_size>` counts too. Choosing one cache per disk within the budget is a multiple-choice
+knapsack; miss curves drop in a cliff where the cache starts covering the disk, so they are not convex and a greedy
+is not optimal: the plan is an exact dynamic programme (`qsim.knapsack`)."""),
+        SETUP,
+        md("""
+## A host of twelve disks
+
+The seven bundled traces (real fio recordings and synthetic ones, 1 GiB to 64 GiB) plus five synthetic disks of
+100 GiB to 2 TiB with different skews: Zipf 0.8 (almost uniform) to 1.3 (a few hot spots), uniform, and a hot spot
+taking 95% of the I/O on 5% of the disk. Every image is metadata-preallocated (a disk in use: every L2 table
+exists)."""),
+        code("""
+from qsim.imageopts import ImageOptions
+from qsim.traceio import read_trace
+bundled = ["fio-randread-4k.iolog.gz", "fio-randrw-mixed-fsync.iolog.gz", "fio-randwrite-4k.iolog.gz",
+           "fio-seqwrite-64k.iolog.gz", "synth-zipf-read-4k.iolog.gz", "synth-hotspot-mixed.csv",
+           "synth-seq-read-1m.iolog.gz"]
+fleet = {name.split(".")[0]: read_trace(f"../traces/{name}") for name in bundled}
+synthetic = {"zipf0.8-200G": ("200G", "zipf:0.8"), "zipf1.3-500G": ("500G", "zipf:1.3"),
+             "uniform-100G": ("100G", "uniform"), "hotspot-1T": ("1T", "hotspot:95/5"),
+             "zipf1.0-2T": ("2T", "zipf:1.0")}
+for seed, (name, (size, pattern)) in enumerate(synthetic.items()):
+    fleet[name] = qsim.synthesize(parse_size(size), 20_000, pattern, "4k/80:64k/20", read_share=0.7, seed=seed)
+
+# One sweep per disk, 40 log-spaced cache sizes and QEMU's default: the points the plan may choose among.
+frames = []
+for name, trace in fleet.items():
+    size = parse_size(synthetic[name][0]) if name in synthetic else None  # else the trace's extent, in whole GiB
+    frame = qsim.sweep(trace, l2_cache_sizes="64k..64M:40,default", options=ImageOptions(preallocation="metadata"),
+                       virtual_size=size, show_progress=False)
+    frame.insert(0, "trace_id", name)
+    frames.append(frame)
+results = pd.concat(frames, ignore_index=True)
+
+from qsim.plan import disks_from_results, plan_host
+disks, notes = disks_from_results(results)
+pd.DataFrame([{"disk": d.name, "size": format_size(d.geometry.virtual_size),
+               "requests": int(results[results.trace_id == d.name].requests.iloc[0]),
+               "measured caches": len(d.options),
+               "QEMU default": format_size(int(d.options[d.options.is_qemu_default].cache_size.iloc[0])),
+               "misses at default": int(d.options[d.options.is_qemu_default].misses.iloc[0])} for d in disks])
+"""),
+        md("""
+## Each disk's miss curve
+
+Misses per request against the RAM the cache takes. Inside one slice size LRU is a stack algorithm, so each curve
+falls monotonically; the last point of the smaller disks is the cliff where the cache covers the whole disk and
+QEMU switches from 4 KiB slices to whole 64 KiB tables."""),
+        code("""
+fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+for k, d in enumerate(disks):
+    requests = int(results[results.trace_id == d.name].requests.iloc[0])
+    ax.plot(d.options.ram_bytes, d.options.misses / requests, marker=".", label=d.name,
+            color=qsim.plot.OKABE_ITO[k % 8], linestyle="-" if k < 8 else "--")
+ax.set_xscale("log", base=2); ax.xaxis.set_major_formatter(qsim.plot.BYTES)
+ax.set_xlabel("cache RAM (L2 entries x entry size + refcount cache)"); ax.set_ylabel("L2 misses per request")
+ax.grid(True, which="both", alpha=.3); ax.legend(fontsize="x-small", ncol=2)
+"""),
+        md("""
+## The plan beside the baselines, at several budgets
+
+The baselines get the same budget: a share proportional to each disk's size, or an equal share, each rounded down
+to the disk's largest measured cache that fits (and up to its smallest where even that does not fit, which then
+overspends: the `RAM` columns say how much each really took)."""),
+        code("""
+rows = []
+for budget in ["4M", "8M", "16M", "32M", "64M", "128M"]:
+    p = plan_host(disks, parse_size(budget))
+    b = p.baselines
+    rows.append({"budget": budget, "plan misses": p.total_misses, "plan RAM": format_size(p.total_ram_bytes),
+                 "proportional misses": b["proportional"]["total_misses"],
+                 "proportional RAM": format_size(b["proportional"]["total_cache_size"]),
+                 "equal misses": b["equal"]["total_misses"], "equal RAM": format_size(b["equal"]["total_cache_size"])})
+    assert p.total_misses <= b["proportional"]["total_misses"] and p.total_misses <= b["equal"]["total_misses"]
+    assert p.total_ram_bytes <= parse_size(budget)
+at_budgets = pd.DataFrame(rows)
+at_budgets
+"""),
+        md("""
+## QEMU's defaults, with the RAM they really take
+
+QEMU's default covers each disk up to 32 MiB of L2 cache, so the defaults take whatever RAM the disks' sizes
+decide. Given exactly that RAM, the plan can only do at least as well (the defaults are one of its choices); the
+interesting number is how much less RAM the plan needs to match them."""),
+        code("""
+plan = plan_host(disks, 64 << 20)
+default = plan.baselines["qemu_default"]
+same_ram = plan_host(disks, default["total_cache_size"])
+assert same_ram.total_misses <= default["total_misses"]
+curve = plan.curve
+enough = default["plan_cache_size_for_same_objective"]
+assert plan_host(disks, enough).total_misses <= default["total_misses"] < plan_host(disks, enough - 1).total_misses
+print(f"QEMU's defaults: {default['total_misses']:,} misses in {default['total_cache_size'] / 2**20:.1f} MiB of RAM")
+print(f"the plan with that RAM: {same_ram.total_misses:,} misses")
+print(f"the plan makes no more misses than the defaults from {enough / 2**20:.1f} MiB on "
+      f"({100 * enough / default['total_cache_size']:.0f}% of their RAM)")
+"""),
+        code("""
+fig = qsim.plot.plan(curve, default, 64 << 20, title="Twelve disks, one budget: the plan and the baselines")
+"""),
+        md("""
+## What to paste, at 64 MiB
+
+Each disk's `cache-size` is the libvirt `<metadata_cache><max_size>` (bytes) that makes QEMU build exactly the
+planned L2 cache and a 4-cluster refcount cache (checked against QEMU's read_cache_sizes); `-drive` and `-blockdev`
+give the same L2 cache with `l2-cache-size`. From the command line, `qsim plan RESULTS/ --budget 64M --domain
+vm.xml --write-xml patched/` also writes patched copies of the domains' XML."""),
+        code("""
+table = pd.DataFrame(plan.disk_rows())
+table.assign(size=table.virtual_size.map(format_size), cache_size=table.cache_size.map(format_size),
+             l2=[f"{n} x {format_size(e)}" for n, e in zip(table.l2_cache_entries, table.l2_cache_entry_size)],
+             covers=(100 * table.covered_fraction).round(2))[
+    ["disk", "size", "cache_size", "l2", "covers", "misses", "is_qemu_default"]]
+"""),
+        code("""
+for row in plan.disk_rows()[:2]:
+    print(row["disk"], row["settings"]["libvirt"], row["settings"]["drive"], sep="\\n  ")
+"""),
+    ],
 }
 
 

@@ -4,6 +4,7 @@
 - ``tradeoff``: per cluster size x extended_l2: RAM to cover the disk, copy-on-write and zero-fill bytes,
   metadata overhead, and L2 misses at a fixed cache size.
 - ``coverage_map``: disk size x cluster size -> L2 cache needed, with QEMU's 32 MiB default as the boundary.
+- ``plan``: a host's total misses against its RAM budget, for ``qsim plan``'s optimal split and its baselines.
 
 Axes carry units (KiB, MiB, GiB); colours are the Okabe-Ito colour-blind-safe palette.
 """
@@ -142,6 +143,38 @@ def coverage_map(frame: pd.DataFrame, title: str | None = None):
         ax.set_title(f"extended_l2={'on' if ext else 'off'}")
         fig.colorbar(image, ax=ax, label="log2(L2 bytes to cover the disk)")
     fig.suptitle(title or "L2 cache needed to cover the disk (outlined: QEMU's 32 MiB default covers it)")
+    return fig
+
+
+def plan(curve: pd.DataFrame, qemu_default: dict | None = None, budget: int | None = None,
+         ylabel: str = "total L2 misses", ax=None, title: str | None = None):
+    """Total misses (or the plan's objective) against the budget: the optimal plan, the proportional and equal
+    splits (drawn where they keep to the budget), QEMU's defaults as one point at the RAM they take (with the
+    plan at that RAM), and the budget asked for. ``curve`` is ``qsim plan``'s curve: budget, plan, proportional,
+    equal, proportional_cache_size, equal_cache_size."""
+    fig, ax = _figure(ax)
+    curve = curve.sort_values("budget")
+    ax.plot(curve["budget"], curve["plan"], color=OKABE_ITO[0], marker=".", label="qsim plan (optimal split)")
+    for k, (name, label) in enumerate((("proportional", "proportional to disk size"), ("equal", "equal split"))):
+        fits = curve[name + "_cache_size"] <= curve["budget"]
+        ax.plot(curve["budget"], curve[name].where(fits), color=OKABE_ITO[k + 1], linestyle="--",
+                label=label + " (where it keeps to the budget)")
+    if qemu_default:
+        ax.scatter([qemu_default["total_cache_size"]], [qemu_default["total_objective"]], s=90, marker="s",
+                   color=OKABE_ITO[5], zorder=5, label="QEMU's default for every disk")
+        same = qemu_default.get("plan_total_objective_at_same_cache_size")
+        if same is not None:
+            ax.scatter([qemu_default["total_cache_size"]], [same], s=90, marker="*", color=OKABE_ITO[0], zorder=6,
+                       label="the plan with the defaults' RAM")
+    if budget is not None:
+        ax.axvline(budget, color=OKABE_ITO[7], linestyle=":", alpha=0.7, label=f"budget {bytes_label(budget)}")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(BYTES)
+    ax.set_xlabel("RAM for all disks' metadata caches (L2 entries x entry size + refcount caches)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title or "One RAM budget for the whole host")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
     return fig
 
 

@@ -16,8 +16,9 @@ EXAMPLES = """examples:
   qsim plot mrc sweep.csv --save mrc.png
   qsim plot tradeoff sweep.csv --cache 1M --save tradeoff.svg
   qsim plot coverage --save coverage.png
+  qsim plan results/ --budget 256M --save plan.json && qsim plot plan plan.json --save plan.png
 """
-KINDS = ("mrc", "tradeoff", "coverage")
+KINDS = ("mrc", "tradeoff", "coverage", "plan")
 NEEDED = {
     "mrc": {"cluster_size", "extended_l2", "l2_cache_ram_bytes", "l2_cache_size_asked"},
     "tradeoff": {"cluster_size", "extended_l2", "l2_cache_bytes", "full_l2_cache_bytes", "cow_write_bytes",
@@ -26,11 +27,13 @@ NEEDED = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plot", help="miss-ratio curve, cluster-size trade-off or coverage map, as PNG/SVG",
-                       description="mrc and tradeoff read a table saved by 'qsim sweep --save'; coverage needs no "
-                       "input.", epilog=EXAMPLES, formatter_class=RawDefaultsHelp)
+    p = sub.add_parser("plot", help="miss-ratio curve, cluster-size trade-off, coverage map or host plan, as PNG/SVG",
+                       description="mrc and tradeoff read a table saved by 'qsim sweep --save'; plan reads the JSON "
+                       "saved by 'qsim plan --save plan.json'; coverage needs no input.", epilog=EXAMPLES,
+                       formatter_class=RawDefaultsHelp)
     p.add_argument("kind", choices=KINDS)
-    p.add_argument("table", nargs="?", metavar="TABLE", help="a table saved by qsim sweep/replay (.csv .json .parquet)")
+    p.add_argument("table", nargs="?", metavar="TABLE",
+                   help="a table saved by qsim sweep/replay (.csv .json .parquet); for plan, the plan's .json")
     p.add_argument("--save", required=True, metavar="FILE", help="output image: .png or .svg")
     p.add_argument("--metric", default="l2_misses", help="mrc: the y axis (l2_misses, l2_disk_reads, "
                    "metadata_read_bytes, l2_hit_ratio, l2_writebacks)")
@@ -47,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
 
     if os.path.splitext(args.save)[1].lower() not in (".png", ".svg"):
         raise UsageError(f"--save {args.save}: plots are written as .png or .svg")
-    if args.kind == "coverage":
+    if args.kind == "plan":
+        fig = _plan_figure(plot, args.table)
+    elif args.kind == "coverage":
         sizes = [parse_size(s, "--disk-sizes") for s in args.disk_sizes.split(",")]
         clusters = [parse_size(s, "--cluster-sizes") for s in args.cluster_sizes.split(",")]
         fig = plot.coverage_map(coverage_table(sizes, clusters))
@@ -70,3 +75,27 @@ def run(args: argparse.Namespace) -> int:
         raise QsimError(f"{args.save}: cannot write ({exc.strerror or exc})") from None
     print(f"wrote {args.save}")
     return 0
+
+
+def _plan_figure(plot, path: str | None):
+    """The plan figure from ``qsim plan --save plan.json``."""
+    import json
+
+    import pandas as pd
+
+    from ..plan import OBJECTIVES
+
+    if not path:
+        raise UsageError("plot plan needs the JSON saved by 'qsim plan ... --save plan.json'")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise QsimError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise QsimError(f"{path}: not a plan saved by 'qsim plan --save FILE.json' ({exc})") from None
+    if not isinstance(saved, dict) or not saved.get("curve") or "baselines" not in saved:
+        raise QsimError(f"{path}: not a plan saved by 'qsim plan --save FILE.json' (no curve)")
+    objective = saved.get("objective", "misses")
+    return plot.plan(pd.DataFrame(saved["curve"]), saved["baselines"].get("qemu_default"), saved.get("budget"),
+                     ylabel="total " + OBJECTIVES.get(objective, objective))

@@ -320,12 +320,14 @@ synthetic = {"zipf0.8-200G": ("200G", "zipf:0.8"), "zipf1.3-500G": ("500G", "zip
 for seed, (name, (size, pattern)) in enumerate(synthetic.items()):
     fleet[name] = qsim.synthesize(parse_size(size), 20_000, pattern, "4k/80:64k/20", read_share=0.7, seed=seed)
 
-# One sweep per disk, 40 log-spaced cache sizes and QEMU's default: the points the plan may choose among.
+# One replay per disk, 40 log-spaced cache sizes and QEMU's default: the points the plan may choose among.
+from qsim.scenario import Scenario, log_spaced_sizes
 frames = []
 for name, trace in fleet.items():
     size = parse_size(synthetic[name][0]) if name in synthetic else None  # else the trace's extent, in whole GiB
-    frame = qsim.sweep(trace, l2_cache_sizes="64k..64M:40,default", options=ImageOptions(preallocation="metadata"),
-                       virtual_size=size, show_progress=False)
+    scenario = Scenario.of(log_spaced_sizes(64 << 10, 64 << 20, 40) + (None,),
+                           options=ImageOptions(preallocation="metadata"), virtual_size=size)
+    frame = qsim.replay(trace, scenario).to_frame()
     frame.insert(0, "trace_id", name)
     frames.append(frame)
 results = pd.concat(frames, ignore_index=True)

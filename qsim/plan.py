@@ -382,25 +382,23 @@ def trace_span_seconds(path: str) -> float | None:
     return span if span > 0 else None
 
 
-def sweep_for_plan(traces: list[tuple[str, ImageGeometry | None]], l2_cache_sizes: str = DEFAULT_PLAN_CACHE_SIZES,
-                   options=None, qemu_version: str = DEFAULT_QEMU_VERSION, offset_policy: str = "error"
-                   ) -> pd.DataFrame:
-    """The one place ``qsim plan`` runs a sweep itself: each trace (path) with its disk's geometry (or the
-    options' geometry and the trace's own size when None), one row per cache size, named as a fleet names it."""
+def sweep_for_plan(traces: list[tuple[str, ImageGeometry | None]], scenario) -> pd.DataFrame:
+    """The one place ``qsim plan`` runs a sweep itself: each trace (path) replayed under ``scenario`` (a
+    ``qsim.scenario.Scenario``: its cache sizes are the plan's options), on its disk's geometry when known (else
+    the scenario's image), one row per cache size, named as a fleet names it."""
     from .fleet import trace_id
-    from .imageopts import ImageOptions
-    from .sweep import sweep
+    from .replay import replay
     from .traceio import read_trace
 
-    options = options or ImageOptions()
     frames = []
     for path, geometry in traces:
-        opts = options if geometry is None else replace(options, cluster_size=geometry.cluster_size,
-                                                        extended_l2=geometry.extended_l2,
-                                                        refcount_bits=geometry.refcount_bits)
-        frame = sweep(read_trace(path), [opts.cluster_size], [opts.extended_l2], l2_cache_sizes, opts,
-                      None if geometry is None else geometry.virtual_size, offset_policy=offset_policy,
-                      qemu_version=qemu_version, show_progress=False)
+        disk = scenario
+        if geometry is not None:
+            options = replace(scenario.image.options, cluster_size=geometry.cluster_size,
+                              extended_l2=geometry.extended_l2, refcount_bits=geometry.refcount_bits)
+            disk = replace(scenario, image=replace(scenario.image, options=options,
+                                                   virtual_size=geometry.virtual_size))
+        frame = replay(read_trace(path), disk).to_frame()
         frame.insert(0, "trace_id", trace_id(path))
         frame["trace"] = path
         frames.append(frame)

@@ -170,9 +170,13 @@ def _sweep_traces(args, paths: list[str], geometries):
 
         geometries = [ImageGeometry(args.size, options.cluster_size, options.extended_l2, options.refcount_bits)
                       for _ in paths]
+    from ..scenario import Scenario
+    from .scenario_args import parse_cache_sizes
+
+    scenario = Scenario.of(parse_cache_sizes(args.l2_cache_size), None, options, qemu_version=args.qemu_version,
+                           offset_policy=args.offset_policy)
     print(f"qsim plan: sweeping {len(paths)} traces over --l2-cache-size {args.l2_cache_size}", file=sys.stderr)
-    return sweep_for_plan(list(zip(paths, geometries or [None] * len(paths))), args.l2_cache_size, options,
-                          args.qemu_version, args.offset_policy)
+    return sweep_for_plan(list(zip(paths, geometries or [None] * len(paths))), scenario)
 
 
 def _libvirt_disks(args, from_results: bool, notes: list[str]):

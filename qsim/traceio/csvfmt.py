@@ -205,126 +205,213 @@ def _seconds(buf, s, e, pow10):
 
 
 @njit(cache=True, nogil=True)
-def _scan(buf, roles, words, codes, pow10, op, offset, length, time, slow, status, has_time):
-    """Parse whole CSV lines into the output arrays. status: requests, first bad line (-1: none), slow times."""
-    n = buf.size
+def _general_row(buf, pos, n, roles, words, codes, pow10, fs, fe):
+    """Any line, by the rules of ``row_problem``: (kind, op, offset, length, time, time exact, time field start,
+    end, next line's start); kind 0 a blank line, 1 a request, -1 a bad line."""
     ncols = roles.size
-    fs = np.empty(ncols, np.int64)
-    fe = np.empty(ncols, np.int64)
+    end = pos
+    while end < n and buf[end] != 10:
+        end += 1
+    nxt = end + 1
+    stop = end - 1 if end > pos and buf[end - 1] == 13 else end
+    blank = True
+    for i in range(pos, stop):
+        if buf[i] != 32 and buf[i] != 9:
+            blank = False
+            break
+    if blank:
+        return 0, 0, 0, 0, 0.0, True, 0, 0, nxt
+    nf = 0
+    i = pos
+    while True:  # one field per turn
+        while i < stop and (buf[i] == 32 or buf[i] == 9):
+            i += 1
+        if i < stop and buf[i] == 34:  # quoted
+            i += 1
+            s = i
+            while i < stop:
+                if buf[i] == 34:
+                    if i + 1 < stop and buf[i + 1] == 34:
+                        i += 2
+                        continue
+                    break
+                i += 1
+            if i >= stop:
+                return -1, 0, 0, 0, 0.0, True, 0, 0, nxt
+            f_end = i
+            i += 1
+            while i < stop and (buf[i] == 32 or buf[i] == 9):
+                i += 1
+            if i < stop and buf[i] != 44:
+                return -1, 0, 0, 0, 0.0, True, 0, 0, nxt
+        else:
+            s = i
+            while i < stop and buf[i] != 44:
+                i += 1
+            f_end = i
+        if nf < ncols:
+            fs[nf], fe[nf] = _strip(buf, s, f_end)
+        nf += 1
+        if i < stop:  # at a comma
+            i += 1
+        else:
+            break
+    if nf != ncols:
+        return -1, 0, 0, 0, 0.0, True, 0, 0, nxt
+    code = 255
+    for j in range(ncols):
+        if roles[j] == 0:
+            code = _op_code(buf, fs[j], fe[j], words, codes, True)
+    if code == 255:
+        return -1, 0, 0, 0, 0.0, True, 0, 0, nxt
+    o = 0
+    ln = 0
+    t = 0.0
+    exact = True
+    ts = 0
+    te = 0
+    for j in range(ncols):
+        r = roles[j]
+        if r == 1 or r == 2:
+            v = _whole(buf, fs[j], fe[j])
+            if code == 3:
+                if v == -1:
+                    return -1, 0, 0, 0, 0.0, True, 0, 0, nxt
+            elif v < 0:
+                return -1, 0, 0, 0, 0.0, True, 0, 0, nxt
+            elif r == 1:
+                o = v
+            else:
+                ln = v
+        elif r == 3:
+            ok, exact, t = _seconds(buf, fs[j], fe[j], pow10)
+            if not ok:
+                return -1, 0, 0, 0, 0.0, True, 0, 0, nxt
+            ts = fs[j]
+            te = fe[j]
+    if code != 3 and (ln <= 0 or ln > 4294967295 or o > 9223372036854775807 - ln):
+        return -1, 0, 0, 0, 0.0, True, 0, 0, nxt
+    return 1, code, o, ln, t, exact, ts, te, nxt
+
+
+@njit(cache=True, nogil=True)
+def _op_code(buf, s, e, words, codes, fold):
+    """The op code of buf[s:e] (``fold``: in any case), 255 if it is no spelling of an op."""
+    if e - s <= 0 or e - s > 8:
+        return 255
+    w = 0
+    for k in range(e - 1, s - 1, -1):
+        c = buf[k]
+        if fold and 65 <= c <= 90:
+            c += 32
+        w = (w << 8) | c
+    for k in range(words.size):
+        if words[k] == w:
+            return codes[k]
+    return 255
+
+
+@njit(cache=True, nogil=True)
+def _scan(buf, roles, words, codes, pow10, op, offset, length, time, slow, status, has_time):
+    """Parse whole CSV lines into the output arrays. status: requests, first bad line (-1: none), slow times.
+
+    The fast path takes what qsim and pandas write when the columns are op,offset,length[,time]: a lowercase op,
+    bare digits (at most 18: no overflow), nothing else; the rest goes to ``_general_row``."""
+    n = np.uint64(buf.size)
+    one = np.uint64(1)
+    comma = np.uint8(44)
+    layout = roles.size >= 3 and roles[0] == 0 and roles[1] == 1 and roles[2] == 2 and (
+        roles.size == 3 or (roles.size == 4 and roles[3] == 3))
+    fs = np.empty(roles.size, np.int64)
+    fe = np.empty(roles.size, np.int64)
     nreq = 0
     nslow = 0
     line = 0
-    pos = 0
+    pos = np.uint64(0)
     status[1] = -1
     while pos < n:
-        end = pos
-        while end < n and buf[end] != 10:
-            end += 1
-        stop = end - 1 if end > pos and buf[end - 1] == 13 else end
-        blank = True
-        for i in range(pos, stop):
-            if buf[i] != 32 and buf[i] != 9:
-                blank = False
-                break
-        bad = False
-        if not blank:
-            nf = 0
+        fast = False
+        code = 255
+        o = 0
+        ln = 0
+        t = 0.0
+        while layout:  # the fast path, once; break leaves it
             i = pos
-            while True:  # one field per turn
-                while i < stop and (buf[i] == 32 or buf[i] == 9):
-                    i += 1
-                if i < stop and buf[i] == 34:  # quoted
-                    i += 1
-                    s = i
-                    while i < stop:
-                        if buf[i] == 34:
-                            if i + 1 < stop and buf[i + 1] == 34:
-                                i += 2
-                                continue
-                            break
-                        i += 1
-                    if i >= stop:
-                        bad = True
-                        break
-                    f_end = i
-                    i += 1
-                    while i < stop and (buf[i] == 32 or buf[i] == 9):
-                        i += 1
-                    if i < stop and buf[i] != 44:
-                        bad = True
-                        break
-                else:
-                    s = i
-                    while i < stop and buf[i] != 44:
-                        i += 1
-                    f_end = i
-                if nf < ncols:
-                    fs[nf], fe[nf] = _strip(buf, s, f_end)
-                nf += 1
-                if i < stop:  # at a comma
-                    i += 1
-                else:
+            while i < n and buf[i] != comma and i - pos < np.uint64(8):
+                i += one
+            if i >= n or buf[i] != comma:
+                break
+            code = _op_code(buf, np.int64(pos), np.int64(i), words, codes, False)
+            if code == 255:
+                break
+            i += one
+            s = i
+            while i < n:
+                d = np.int64(buf[i]) - 48
+                if d < 0 or d > 9:
                     break
-            if not bad and nf != ncols:
-                bad = True
-            code = 255
-            o = 0
-            ln = 0
-            t = 0.0
-            if not bad:
-                for j in range(ncols):
-                    if roles[j] == 0:
-                        s, e = fs[j], fe[j]
-                        if 0 < e - s <= 8:
-                            w = 0
-                            for k in range(e - 1, s - 1, -1):
-                                c = buf[k]
-                                if 65 <= c <= 90:
-                                    c += 32
-                                w = (w << 8) | c
-                            for k in range(words.size):
-                                if words[k] == w:
-                                    code = codes[k]
-                        if code == 255:
-                            bad = True
-                if not bad:
-                    for j in range(ncols):
-                        r = roles[j]
-                        if r == 1 or r == 2:
-                            v = _whole(buf, fs[j], fe[j])
-                            if code == 3:
-                                if v == -1:
-                                    bad = True
-                            elif v < 0:
-                                bad = True
-                            elif r == 1:
-                                o = v
-                            else:
-                                ln = v
-                        elif r == 3:
-                            ok, exact, t = _seconds(buf, fs[j], fe[j], pow10)
-                            if not ok:
-                                bad = True
-                            elif not exact:
-                                slow[nslow, 0] = nreq
-                                slow[nslow, 1] = line
-                                slow[nslow, 2] = fs[j]
-                                slow[nslow, 3] = fe[j]
-                                nslow += 1
-                    if not bad and code != 3 and (ln <= 0 or ln > 4294967295 or o > 9223372036854775807 - ln):
-                        bad = True
-            if not bad:
-                op[nreq] = code
-                offset[nreq] = o
-                length[nreq] = ln
-                if has_time:
-                    time[nreq] = t
-                nreq += 1
-        if bad:
-            status[1] = line
+                o = o * 10 + d
+                i += one
+            if i == s or i - s > np.uint64(18) or i >= n or buf[i] != comma:
+                break
+            i += one
+            s = i
+            while i < n:
+                d = np.int64(buf[i]) - 48
+                if d < 0 or d > 9:
+                    break
+                ln = ln * 10 + d
+                i += one
+            if i == s or i - s > np.uint64(18):
+                break
+            if has_time:
+                if i >= n or buf[i] != comma:
+                    break
+                i += one
+                s = i
+                while i < n and buf[i] != 10 and buf[i] != 13:
+                    i += one
+                ok, exact, t = _seconds(buf, np.int64(s), np.int64(i), pow10)
+                if not ok or not exact:
+                    break
+            if i < n and buf[i] == 13:
+                i += one
+            if i < n and buf[i] != 10:
+                break
+            if code == 3:
+                o = 0
+                ln = 0
+            elif ln <= 0 or ln > 4294967295:
+                break
+            fast = True
+            pos = i + one
             break
+        if not fast:
+            kind, code, o, ln, t, exact, ts, te, nxt = _general_row(buf, np.int64(pos), np.int64(n), roles, words,
+                                                                   codes, pow10, fs, fe)
+            if kind < 0:
+                status[1] = line
+                break
+            if kind == 0:
+                code = 255
+            elif code == 3:
+                o = 0
+                ln = 0
+            if kind == 1 and not exact:
+                slow[nslow, 0] = nreq
+                slow[nslow, 1] = line
+                slow[nslow, 2] = ts
+                slow[nslow, 3] = te
+                nslow += 1
+            pos = np.uint64(nxt)
+        if code != 255:
+            op[nreq] = code
+            offset[nreq] = o
+            length[nreq] = ln
+            if has_time:
+                time[nreq] = t
+            nreq += 1
         line += 1
-        pos = end + 1
     status[0] = nreq
     status[2] = nslow
 

@@ -24,6 +24,7 @@ LINE = re.compile(
 ACTIONS = set("QGIDCMFABXSTPUR") | {"UT", "BS", "m"}
 NUMBERS = ("dev", "cpu", "seq", "time", "pid", "sector", "nsect")
 MAX_SECTOR_DIGITS = 19
+BLOCK_BYTES = 1 << 20  # pandas holds several objects per line of a block: keep blocks small
 
 
 def looks_like_blkparse(lines: list[str]) -> bool:
@@ -44,7 +45,7 @@ def iter_blkparse(path: str, action: str = "Q"):
 
     start_time = None
     found = False
-    for first_line, block, _ in line_blocks(path):
+    for first_line, block, _ in line_blocks(path, BLOCK_BYTES):
         lines = pd.Series(block.tobytes().decode("utf-8", errors="replace").splitlines())
         fields = lines.str.extract(LINE)
         keep = (fields["action"] == action).to_numpy()
@@ -53,6 +54,8 @@ def iter_blkparse(path: str, action: str = "Q"):
         found = True
         fields = fields[keep]
         number = np.flatnonzero(keep) + first_line
+        if block.max() >= 128:  # \d matched other scripts' digits only if there is anything but ASCII
+            _check_ascii(path, fields, number)
         _check_fields(path, fields, number)
         trace, start_time = _requests(path, fields, number, start_time)
         if len(trace):
@@ -61,9 +64,8 @@ def iter_blkparse(path: str, action: str = "Q"):
         raise QsimError(f"{path}: no blkparse lines with action {action} (is it blkparse text output?)")
 
 
-def _check_fields(path: str, fields, number: np.ndarray) -> None:
-    """Every number ASCII (the pattern's \\d also matches other scripts' digits), sectors that fit int64, and no
-    sector-like text that the pattern could not read."""
+def _check_ascii(path: str, fields, number: np.ndarray) -> None:
+    """Every number ASCII (the pattern's \\d also matches other scripts' digits)."""
     for name in NUMBERS:
         column = fields[name]
         present = column.notna().to_numpy()
@@ -72,6 +74,10 @@ def _check_fields(path: str, fields, number: np.ndarray) -> None:
             k = int(np.argmax(bad))
             raise QsimError(f"{path}: line {number[k]}: {name} {shorten(column.iloc[k])} is not written in ASCII "
                             "digits")
+
+
+def _check_fields(path: str, fields, number: np.ndarray) -> None:
+    """Sectors that fit int64, and no sector-like text that the pattern could not read."""
     long = fields["sector"].fillna("").str.len().to_numpy() > MAX_SECTOR_DIGITS
     long |= fields["nsect"].fillna("").str.len().to_numpy() > MAX_SECTOR_DIGITS
     if long.any():

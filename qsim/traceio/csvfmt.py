@@ -43,21 +43,20 @@ def iter_csv_trace(path: str):
     """The trace in chunks of a block of text each (bounded memory whatever the file's size)."""
     roles = None
     has_time = False
-    scratch = Scratch(op=(np.uint8, ()), offset=(np.int64, ()), length=(np.uint32, ()), time=(np.float64, ()),
-                      slow=(np.int64, (4,)))
+    scratch = new_scratch()
     for block in line_blocks(path):
         if roles is None:
-            roles, has_time = _header(path, line_text(block.data, 0))
+            roles, has_time = header_roles(path, line_text(block.data, 0))
             block = skip_first_line(block)
         if block.data.size:
-            trace = _parse_block(path, block, roles, has_time, scratch)
+            trace = parse_block(path, block, roles, has_time, scratch)
             if len(trace):
                 yield trace
     if roles is None:
         raise QsimError(f"{path}: empty file, not a CSV trace")
 
 
-def _header(path: str, text: str) -> tuple[np.ndarray, bool]:
+def header_roles(path: str, text: str) -> tuple[np.ndarray, bool]:
     fields = split_row(text)
     names = [f.strip().lower() for f in fields] if fields is not None else []
     missing = [c for c in REQUIRED if c not in names]
@@ -71,15 +70,22 @@ def _header(path: str, text: str) -> tuple[np.ndarray, bool]:
     return np.array([ROLES.get(n, -1) for n in names], dtype=np.int64), "time" in names
 
 
-def _parse_block(path: str, block: Block, roles: np.ndarray, has_time: bool, scratch: Scratch) -> Trace:
+def new_scratch() -> Scratch:
+    return Scratch(op=(np.uint8, ()), offset=(np.int64, ()), length=(np.uint32, ()), time=(np.float64, ()),
+                   slow=(np.int64, (4,)))
+
+
+def parse_block(path: str, block: Block, roles: np.ndarray, has_time: bool, scratch: Scratch) -> Trace:
+    """The requests of a block of whole lines (the header excluded), or QsimError naming the first bad line."""
     a = scratch.get(block.newlines + 1)
     status = np.zeros(3, np.int64)
     _scan(block.data, roles, _OP_WORDS, _OP_CODES, _POW10, a["op"], a["offset"], a["length"], a["time"], a["slow"],
           status, has_time)
     n, bad_line, n_slow = (int(v) for v in status)
     time = a["time"][:n].copy() if has_time else None
-    if bad_line < 0 and n_slow:
-        bad_line = _slow_times(block.data, time, a["slow"][:n_slow])
+    if n_slow:  # all on lines before the scan's first bad line, if any
+        slow_bad = _slow_times(block.data, time, a["slow"][:n_slow])
+        bad_line = slow_bad if slow_bad >= 0 else bad_line
     if bad_line >= 0:
         text = line_text(block.data, bad_line)
         problem = row_problem(text, roles) or "cannot be read as a CSV trace line"

@@ -82,18 +82,23 @@ def _chunks(path: str):
     version = iolog_version(path)
     if version is None:
         raise QsimError(f"{path}: line 1: expected 'fio version 2 iolog' or 'fio version 3 iolog'")
-    scratch = Scratch(op=(np.uint8, ()), offset=(np.int64, ()), length=(np.uint32, ()), usec=(np.int64, ()),
-                      change=(np.int64, (3,)))
+    scratch = new_scratch()
     for block in line_blocks(path):
         if block.first_line == 1:  # the header, checked above
             block = skip_first_line(block)
         if block.data.size:
-            chunk = _parse_block(path, block, version, scratch)
+            chunk = parse_block(path, block, version, scratch)
             if chunk is not None:
                 yield chunk
 
 
-def _parse_block(path: str, block: Block, version: int, scratch: Scratch) -> _Chunk | None:
+def new_scratch() -> Scratch:
+    return Scratch(op=(np.uint8, ()), offset=(np.int64, ()), length=(np.uint32, ()), usec=(np.int64, ()),
+                   change=(np.int64, (3,)))
+
+
+def parse_block(path: str, block: Block, version: int, scratch: Scratch) -> _Chunk | None:
+    """The requests of a block of whole lines (the header excluded), or QsimError naming the first bad line."""
     a = scratch.get(block.newlines + 1)
     status = np.zeros(3, np.int64)
     _scan(block.data, version, a["op"], a["offset"], a["length"], a["usec"], a["change"], status)

@@ -49,12 +49,15 @@ def read_npz_trace(path: str) -> Trace:
 
 
 def _tag(value: np.ndarray) -> str | None:
-    return str(value) if value.shape == () and value.dtype.kind == "U" else None
+    ok = isinstance(value, np.ndarray) and value.shape == () and value.dtype.kind == "U"
+    return str(value) if ok else None
 
 
 def _checked(path: str, columns: dict[str, np.ndarray]) -> Trace:
     n = None
     for name, column in columns.items():
+        if not isinstance(column, np.ndarray):
+            raise QsimError(f"{path}: damaged binary trace (member {name} is not an array)")
         if column.ndim != 1:
             raise QsimError(f"{path}: damaged binary trace (column {name} has shape {column.shape}, not one "
                             "dimension)")

@@ -30,6 +30,17 @@ NORMAL, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, COMPRESSED = range
 # Trace file formats qsim reads (``--format``; detected from the content when not given)
 TRACE_FORMATS = ("iolog", "blkparse", "csv", "npz")
 
+# The most requests ``qsim trace synth`` makes (in memory, about 40 bytes each while generating: 4 GB here)
+MAX_SYNTH_REQUESTS = 100_000_000
+
+# qsim plan: what a host's split minimises, and the cache sizes it sweeps when it runs the sweep itself
+PLAN_OBJECTIVES = {
+    "misses": "L2 misses",
+    "metadata-bytes": "metadata bytes read and written",
+    "misses-per-second": "L2 misses per second of trace time",
+}
+DEFAULT_PLAN_CACHE_SIZES = "64k..64M:40,default"
+
 # Choices that are part of a replay scenario
 CACHE_MODES = ("writeback", "writethrough")  # a VM's default; qemu-io's (a flush after every write)
 OFFSET_POLICIES = ("error", "skip", "wrap")  # what a request ending beyond the disk gets

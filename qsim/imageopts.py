@@ -80,8 +80,7 @@ def parse_image_options(text: str | None, allowed: tuple[str, ...] | None = None
                 raise UsageError(f"-o fill={value}: must be between 0 and 1")
             fields["fill"] = share
         elif key == "seed":
-            try:
-                fields[key] = int(value)
-            except ValueError:
-                raise UsageError(f"-o seed={value}: expected a whole number") from None
+            if not (value.isascii() and value.isdigit()) or len(value) > 30:
+                raise UsageError(f"-o seed={value[:40]}: expected a whole number from 0")
+            fields[key] = int(value)
     return ImageOptions(**fields)  # type: ignore[arg-type]

@@ -29,18 +29,13 @@ import numpy as np
 import pandas as pd
 
 from .cachecfg import DEFAULT_QEMU_VERSION, MIN_REFCOUNT_CACHE_ENTRIES, CacheSettings, resolve_cache
+from .codes import DEFAULT_PLAN_CACHE_SIZES, PLAN_OBJECTIVES as OBJECTIVES
 from .errors import QsimError, UsageError
 from .geometry import ImageGeometry
 from .knapsack import Problem, best_values, least_cost_for, solve
 from .sizing import pasteable_settings
 from .units import format_size
 
-OBJECTIVES = {
-    "misses": "L2 misses",
-    "metadata-bytes": "metadata bytes read and written",
-    "misses-per-second": "L2 misses per second of trace time",
-}
-DEFAULT_PLAN_CACHE_SIZES = "64k..64M:40,default"
 CURVE_POINTS = 48
 OPTION_COLUMNS = ["l2_cache_size", "cache_size", "ram_bytes", "l2_cache_entries", "l2_cache_entry_size",
                   "covered_fraction", "misses", "metadata_bytes", "is_qemu_default"]

@@ -179,8 +179,20 @@ def plan(curve: pd.DataFrame, qemu_default: dict | None = None, budget: int | No
 
 
 def save_figure(fig, path: str) -> None:
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Write the figure as PNG or SVG (by the suffix) through qsim.safeio: atomically, never through a link."""
+    import os
+
+    from .errors import QsimError
+    from .safeio import atomic_path
+
+    kind = os.path.splitext(path)[1].lower().lstrip(".")
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=kind or "png")
+    except OSError as exc:
+        raise QsimError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
 
 
 def _figure(ax):

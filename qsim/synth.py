@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .codes import MAX_SYNTH_REQUESTS
 from .errors import UsageError
 from .trace import FLUSH, READ, WRITE, Trace
-from .units import parse_size
+from .units import parse_number, parse_size
 
 PATTERNS = ("seq", "uniform", "zipf", "hotspot")
+MAX_REQUESTS = MAX_SYNTH_REQUESTS  # made in memory (about 40 bytes each while generating)
 
 
 @dataclass(frozen=True)
@@ -36,10 +38,12 @@ class BlockSizes:
                 size, _, weight = item.partition("/")
                 sizes.append(parse_size(size, "--bs"))
                 try:
-                    weights.append(float(weight) if weight else math.nan)
-                except ValueError:
-                    raise UsageError(f"--bs {text}: weight {weight!r} is not a number (bssplit: 4k/50:64k/50)") \
-                        from None
+                    weights.append(parse_number(weight, "--bs") if weight else math.nan)
+                except UsageError:
+                    raise UsageError(f"--bs {text[:60]}: weight {weight[:20]!r} is not a number (bssplit: "
+                                     "4k/50:64k/50)") from None
+                if weights[-1] < 0:
+                    raise UsageError(f"--bs {text[:60]}: weight {weight[:20]} is negative (bssplit: 4k/50:64k/50)")
             given = sum(w for w in weights if not math.isnan(w))
             missing = sum(1 for w in weights if math.isnan(w))
             rest = max(100.0 - given, 0.0) / missing if missing else 0.0
@@ -48,7 +52,7 @@ class BlockSizes:
             low, _, high = text.partition("-")
             lo, hi = parse_size(low, "--bs"), parse_size(high, "--bs")
             if lo > hi:
-                raise UsageError(f"--bs {text}: the range goes down")
+                raise UsageError(f"--bs {text[:60]}: the range goes down")
             sizes = [lo]
             while sizes[-1] * 2 <= hi:
                 sizes.append(sizes[-1] * 2)
@@ -56,9 +60,9 @@ class BlockSizes:
         else:
             sizes, weights = [parse_size(text, "--bs")], [1.0]
         if any(s <= 0 or s > 2**32 - 1 for s in sizes):
-            raise UsageError(f"--bs {text}: block sizes must be from 1 byte to 4G - 1")
+            raise UsageError(f"--bs {text[:60]}: block sizes must be from 1 byte to 4G - 1")
         if sum(weights) <= 0:
-            raise UsageError(f"--bs {text}: the weights add up to nothing")
+            raise UsageError(f"--bs {text[:60]}: the weights add up to nothing")
         return cls(tuple(sizes), tuple(weights))
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -80,19 +84,19 @@ class Pattern:
         kind, _, arg = text.strip().lower().partition(":")
         kind = {"sequential": "seq", "random": "uniform", "rand": "uniform"}.get(kind, kind)
         if kind not in PATTERNS:
-            raise UsageError(f"--pattern {text}: expected one of seq, uniform, zipf[:ALPHA], hotspot[:IO/DISK]")
+            raise UsageError(f"--pattern {text[:60]}: expected one of seq, uniform, zipf[:ALPHA], hotspot[:IO/DISK]")
         if kind == "zipf" and arg:
             try:
-                alpha = float(arg)
-            except ValueError:
-                raise UsageError(f"--pattern {text}: zipf takes a number, e.g. zipf:1.2") from None
+                alpha = parse_number(arg, "--pattern")
+            except UsageError:
+                raise UsageError(f"--pattern {text[:60]}: zipf takes a number, e.g. zipf:1.2") from None
             if alpha <= 0:
-                raise UsageError(f"--pattern {text}: the zipf exponent must be positive")
+                raise UsageError(f"--pattern {text[:60]}: the zipf exponent must be positive")
             return cls(kind, zipf_alpha=alpha)
         if kind == "hotspot" and arg:
-            m = re.fullmatch(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?)", arg)
+            m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)/([0-9]+(?:\.[0-9]+)?)", arg, re.ASCII)
             if not m or not (0 < float(m.group(1)) <= 100 and 0 < float(m.group(2)) <= 100):
-                raise UsageError(f"--pattern {text}: hotspot takes IO%/DISK%, e.g. hotspot:90/10")
+                raise UsageError(f"--pattern {text[:60]}: hotspot takes IO%/DISK%, e.g. hotspot:90/10")
             return cls(kind, hot_io_share=float(m.group(1)) / 100, hot_disk_share=float(m.group(2)) / 100)
         return cls(kind)
 
@@ -112,10 +116,15 @@ def synthesize(
     size; ``flush_every`` N adds a flush after every N writes (fio's fsync=N)."""
     pattern = Pattern.parse(pattern) if isinstance(pattern, str) else pattern
     sizes = BlockSizes.parse(bs) if isinstance(bs, str) else bs
-    if requests < 0:
-        raise UsageError("--requests must not be negative")
-    if not 0 <= read_share <= 1:
+    if not 0 <= requests <= MAX_REQUESTS:
+        raise UsageError(f"--requests {requests}: expected 0 to {MAX_REQUESTS:,} requests (a trace is made in "
+                         "memory, about 40 bytes per request)")
+    if not 0 <= read_share <= 1:  # NaN fails too
         raise UsageError("--rw (share of reads) must be between 0 and 100")
+    if flush_every < 0:
+        raise UsageError(f"--fsync {flush_every}: must not be negative (0: no flushes)")
+    if seed < 0:
+        raise UsageError(f"--seed {seed}: a seed is a whole number from 0")
     align = align or min(sizes.sizes)
     span = virtual_size - offset
     slots = (span - max(sizes.sizes)) // align + 1  # aligned starts at which the largest block still fits

@@ -7,6 +7,7 @@ import os
 import pandas as pd
 
 from .errors import QsimError, UsageError
+from .safeio import atomic_path
 from .units import format_size, human_size
 
 SUMMARY_COLUMNS = ["cluster_size", "extended_l2", "l2_cache_size_asked", "l2_cache_bytes", "l2_cache_entry_size",
@@ -19,21 +20,24 @@ AMOUNT_COLUMNS = {"metadata_read_bytes", "metadata_write_bytes", "cow_read_bytes
 
 
 def save_frame(frame: pd.DataFrame, path: str) -> None:
-    """Write CSV, JSON (records) or Parquet, chosen by the suffix."""
+    """Write CSV, JSON (records) or Parquet, chosen by the suffix, through qsim.safeio (atomically, never through
+    a link or over an image)."""
     suffix = os.path.splitext(path)[1].lower()
+    if suffix not in (".csv", ".json", ".parquet"):
+        raise UsageError(f"--save {path}: unknown suffix for a table (use .csv, .json or .parquet)")
+    if suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise QsimError("writing Parquet needs pyarrow: pip install pyarrow (or save as .csv / .json)") from None
     try:
-        if suffix == ".csv":
-            frame.to_csv(path, index=False)
-        elif suffix == ".json":
-            frame.to_json(path, orient="records", indent=2)
-        elif suffix == ".parquet":
-            try:
-                frame.to_parquet(path, index=False)
-            except ImportError:
-                raise QsimError("writing Parquet needs pyarrow: pip install pyarrow (or save as .csv / .json)") \
-                    from None
-        else:
-            raise UsageError(f"--save {path}: unknown suffix (use .csv, .json, .parquet, .png or .svg)")
+        with atomic_path(path) as tmp:
+            if suffix == ".csv":
+                frame.to_csv(tmp, index=False)
+            elif suffix == ".json":
+                frame.to_json(tmp, orient="records", indent=2)
+            else:
+                frame.to_parquet(tmp, index=False)
     except OSError as exc:
         raise QsimError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
@@ -59,6 +63,8 @@ def load_frame(path: str) -> pd.DataFrame:
     """Read a table qsim saved (.csv, .json, .parquet)."""
     if not os.path.exists(path):
         raise QsimError(f"{path}: no such file")
+    if not os.path.isfile(path):  # a FIFO would block the reader, a folder is no table
+        raise QsimError(f"{path}: not a regular file, not a table")
     suffix = os.path.splitext(path)[1].lower()
     try:
         if suffix == ".csv":

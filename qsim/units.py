@@ -7,14 +7,17 @@ fraction or suffix, and results below 2**63.
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import UsageError
 
 _SUFFIX_SHIFT = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 _FORMAT_SUFFIXES = (("E", 60), ("P", 50), ("T", 40), ("G", 30), ("M", 20), ("k", 10))
-_DECIMAL = re.compile(r"^\s*(\d+)(\.\d*)?([a-zA-Z]?)$")
-_HEX = re.compile(r"^\s*0[xX]([0-9a-fA-F]+)$")
+_DECIMAL = re.compile(r"^\s*([0-9]+)(\.[0-9]*)?([a-zA-Z]?)$", re.ASCII)  # ASCII digits only, as strtosz
+_HEX = re.compile(r"^\s*0[xX]([0-9a-fA-F]+)$", re.ASCII)
+_WHOLE = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
 MAX_SIZE = 2**63 - 1
 
 
@@ -25,6 +28,8 @@ def parse_size(text: str | int, what: str = "size") -> int:
             raise UsageError(f"{what}: {text} is out of range (0 .. 8E-1)")
         return text
     s = str(text).strip()
+    if len(s) > 100:
+        raise UsageError(f"{what}: {s[:40]!r}... is not a size")
     hexm = _HEX.match(s)
     if hexm:
         value = int(hexm.group(1), 16)
@@ -85,6 +90,26 @@ def parse_percent(text: str, what: str = "coverage") -> float:
     if not 0 < value <= 1:
         raise UsageError(f"{what}: {text!r} must be more than 0% and at most 100%")
     return value
+
+
+def parse_whole(text: str | int, what: str, minimum: int = 0, maximum: int | None = None) -> int:
+    """A whole number written in ASCII digits (``int()`` would take ``١٠`` and ``1_0``), within the bounds."""
+    s = str(text).strip()
+    if not _WHOLE.fullmatch(s) or len(s) > 30:
+        raise UsageError(f"{what}: {s[:40]!r} is not a whole number")
+    value = int(s)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise UsageError(f"{what}: {value} is out of range (expected {bound})")
+    return value
+
+
+def parse_number(text: str | float, what: str) -> float:
+    """A finite decimal number written in ASCII (``float()`` would take ``nan``, ``inf`` and ``١٠``)."""
+    s = str(text).strip()
+    if not _NUMBER.fullmatch(s) or len(s) > 40 or not math.isfinite(float(s)):
+        raise UsageError(f"{what}: {s[:40]!r} is not a number")
+    return float(s)
 
 
 def is_power_of_two(n: int) -> bool:

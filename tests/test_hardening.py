@@ -131,3 +131,78 @@ def test_ctrl_c_during_validate_stops_cleanly_and_removes_scratch_files(tmp_path
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1] == "qsim validate: interrupted" and "Traceback" not in err
     assert not list(tmp_path.glob("qsim-validate-*"))
+
+
+ABSURD = [
+    (["replay", TRACE, "-o", "fill=0.5,seed=-1"], "qsim replay: error: -o seed=-1: expected a whole number from 0"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "10", "--seed", "-1"],
+     "qsim trace synth: error: argument --seed: -1 is out of range (expected at least 0)"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "nan"],
+     "qsim trace synth: error: --requests 'nan': expected a count such as 1000, 250k or 1M"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "inf"],
+     "qsim trace synth: error: --requests 'inf': expected a count such as 1000, 250k or 1M"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "1e30"],
+     "qsim trace synth: error: --requests 1e30: at most 100,000,000 requests (qsim makes the trace in memory); "
+     "for more, write several traces"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "1e9"],
+     "qsim trace synth: error: --requests 1e9: at most 100,000,000 requests (qsim makes the trace in memory); "
+     "for more, write several traces"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "10", "--bs", "4k/50:64k/50:1M/-10"],
+     "qsim trace synth: error: --bs 4k/50:64k/50:1M/-10: weight -10 is negative (bssplit: 4k/50:64k/50)"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "10", "--bs", "4k/inf:64k/1"],
+     "qsim trace synth: error: --bs 4k/inf:64k/1: weight 'inf' is not a number (bssplit: 4k/50:64k/50)"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "10", "--fsync", "-1"],
+     "qsim trace synth: error: argument --fsync: -1 is out of range (expected at least 0)"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "10", "--rw", "nan"],
+     "qsim trace synth: error: argument --rw: 'nan' is not a number"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "10", "--pattern", "zipf:nan"],
+     "qsim trace synth: error: --pattern zipf:nan: zipf takes a number, e.g. zipf:1.2"),
+    (["trace", "synth", "x.csv", "--size", "1G", "--requests", "10", "--pattern", "hotspot:٩٠/10"],
+     "qsim trace synth: error: --pattern hotspot:٩٠/10: hotspot takes IO%/DISK%, e.g. hotspot:90/10"),
+    (["plot", "coverage", "--cluster-sizes", "3k", "--save", "c.png"],
+     "qsim plot: error: --cluster-sizes: 3k is not a qcow2 cluster size (a power of two from 512 to 2M)"),
+    (["size", "١٠"], "qsim size: error: argument SIZE: SIZE: '١٠' is not a size (expected a number of bytes with an "
+                     "optional suffix k, M, G, T, P or E, as in 512, 64k, 1.5G, 4T)"),
+    (["size", "1T", "--coverage", "50%", "--l2-cache-size", "8M"],
+     "qsim size: error: --coverage and --l2-cache-size both choose the L2 cache size; give one of them"),
+    (["size", "1T", "--coverage", "50%", "--cache-size", "8M"],
+     "qsim size: error: --coverage and --cache-size both choose the L2 cache size; give one of them"),
+    (["replay", TRACE, "--save", "x.png"],
+     "qsim replay: error: --save x.png: unknown suffix for a table (use .csv, .json or .parquet)"),
+]
+
+
+@pytest.mark.parametrize("argv, message", ABSURD, ids=[" ".join(a)[:50] for a, _ in ABSURD])
+def test_absurd_arguments_are_one_exact_line(tmp_path, monkeypatch, capsys, argv, message):
+    from qsim.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        status = main(argv)
+    except SystemExit as exc:  # argparse
+        status = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err[-1] == message, err
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("text", ["١٠", "１０", "1_0", "٣k", "1.٥G", "0x１", "1" * 200])
+def test_sizes_take_ascii_digits_only(text):
+    from qsim.errors import UsageError
+    from qsim.units import parse_size
+
+    with pytest.raises(UsageError, match="is not a size"):
+        parse_size(text)
+
+
+def test_whole_numbers_and_numbers_are_ascii_and_finite():
+    from qsim.errors import UsageError
+    from qsim.units import parse_number, parse_whole
+
+    assert parse_whole(" 12 ", "--x") == 12 and parse_number("1e3", "--x") == 1000.0
+    for text in ("١٠", "1_0", "1.0", "", "-"):
+        with pytest.raises(UsageError, match="is not a whole number"):
+            parse_whole(text, "--x")
+    for text in ("nan", "inf", "-inf", "1e400", "١", "1_0", "0x10"):
+        with pytest.raises(UsageError, match="is not a number"):
+            parse_number(text, "--x")

@@ -23,7 +23,7 @@ SWEEP_TABLE_SUFFIXES = (".parquet", ".json", ".csv")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from ..plan import DEFAULT_PLAN_CACHE_SIZES, OBJECTIVES
+    from ..codes import DEFAULT_PLAN_CACHE_SIZES, PLAN_OBJECTIVES as OBJECTIVES
 
     p = sub.add_parser(
         "plan", help="split one RAM budget over many disks' L2 caches for the fewest misses",

@@ -7,7 +7,9 @@ import os
 
 from ..errors import QsimError, UsageError
 from ..sizing import coverage_table
-from ..units import parse_size
+from ..geometry import MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE
+from ..safeio import check_output_path
+from ..units import format_size, is_power_of_two, parse_size
 from .common import RawDefaultsHelp, size_arg
 
 EXAMPLES = """examples:
@@ -50,12 +52,21 @@ def run(args: argparse.Namespace) -> int:
 
     if os.path.splitext(args.save)[1].lower() not in (".png", ".svg"):
         raise UsageError(f"--save {args.save}: plots are written as .png or .svg")
+    check_output_path(args.save)  # before the work, and again when written
     if args.kind == "plan":
         fig = _plan_figure(plot, args.table)
     elif args.kind == "coverage":
         sizes = [parse_size(s, "--disk-sizes") for s in args.disk_sizes.split(",")]
         clusters = [parse_size(s, "--cluster-sizes") for s in args.cluster_sizes.split(",")]
-        fig = plot.coverage_map(coverage_table(sizes, clusters))
+        for cluster in clusters:
+            if not (is_power_of_two(cluster) and MIN_CLUSTER_SIZE <= cluster <= MAX_CLUSTER_SIZE):
+                raise UsageError(f"--cluster-sizes: {format_size(cluster)} is not a qcow2 cluster size (a power of "
+                                 f"two from {format_size(MIN_CLUSTER_SIZE)} to {format_size(MAX_CLUSTER_SIZE)})")
+        table = coverage_table(sizes, clusters)
+        if table.empty:
+            raise UsageError("--disk-sizes: QEMU refuses every disk size given with these cluster sizes "
+                             "(too large for the L1 table)")
+        fig = plot.coverage_map(table)
     else:
         if not args.table:
             raise UsageError(f"plot {args.kind} needs a TABLE saved by 'qsim sweep --save FILE.csv'")
@@ -69,10 +80,7 @@ def run(args: argparse.Namespace) -> int:
             fig = plot.miss_ratio_curve(frame, args.metric)
         else:
             fig = plot.tradeoff(frame, args.cache)
-    try:
-        plot.save_figure(fig, args.save)
-    except OSError as exc:
-        raise QsimError(f"{args.save}: cannot write ({exc.strerror or exc})") from None
+    plot.save_figure(fig, args.save)
     print(f"wrote {args.save}")
     return 0
 

@@ -60,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
         return _largest_disk(args, opts)
     geometry = ImageGeometry(args.size, opts.cluster_size, opts.extended_l2, opts.refcount_bits)
     settings = CacheSettings(args.l2_cache_size, args.l2_cache_entry_size, args.cache_size, args.refcount_cache_size)
+    if args.coverage and (args.l2_cache_size is not None or args.cache_size is not None):
+        given = "--l2-cache-size" if args.l2_cache_size is not None else "--cache-size"
+        raise UsageError(f"--coverage and {given} both choose the L2 cache size; give one of them")
     coverage = parse_percent(args.coverage, "--coverage") if args.coverage else None
     report = size_report(geometry, settings, str(version), coverage)
     if args.output == "json":

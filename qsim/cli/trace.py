@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..codes import OFFSET_POLICIES, TRACE_FORMATS as FORMATS
-from ..errors import UsageError
-from ..units import format_size, human_size
+from ..codes import MAX_SYNTH_REQUESTS as MAX_REQUESTS, OFFSET_POLICIES, TRACE_FORMATS as FORMATS
+from ..errors import QsimError, UsageError
+from ..safeio import check_output_path
+from ..units import format_size, human_size, parse_number, parse_whole
 from .common import RawDefaultsHelp, add_output, print_json, print_table, size_arg
 
 EXAMPLES = """examples:
@@ -53,13 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="seq, uniform, zipf[:ALPHA] (default alpha 1.2) or hotspot[:IO/DISK] (default 90/10)")
     synth.add_argument("--size", required=True, type=size_arg("--size"), help="disk size the requests cover")
     synth.add_argument("--offset", type=size_arg("--offset"), default=0, help="start of the region (default 0)")
-    synth.add_argument("--requests", required=True, help="number of requests, e.g. 1M or 250k (k/M = 1000s here)")
+    synth.add_argument("--requests", required=True,
+                       help=f"number of requests, e.g. 1M or 250k (k/M = 1000s here), at most {MAX_REQUESTS // 10**6}M")
     synth.add_argument("--bs", default="4k", help="block size: 4k, a range 4k-64k, or fio bssplit 4k/50:64k/50")
-    synth.add_argument("--rw", type=float, default=100.0, metavar="READ%",
+    synth.add_argument("--rw", type=_percent_arg, default=100.0, metavar="READ%",
                        help="share of reads in percent, like fio's rwmixread (default 100: reads only)")
     synth.add_argument("--align", type=size_arg("--align"), help="offset alignment (default: smallest block size)")
-    synth.add_argument("--fsync", type=int, default=0, metavar="N", help="a flush after every N writes (fio's fsync)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--fsync", type=_whole_arg("--fsync"), default=0, metavar="N",
+                       help="a flush after every N writes (fio's fsync; 0: none)")
+    synth.add_argument("--seed", type=_whole_arg("--seed"), default=0, help="random seed, a whole number from 0")
     synth.add_argument("--fio-file", default="/dev/vda", help="file name written into an iolog (default /dev/vda)")
     synth.set_defaults(run=run_synth)
 
@@ -76,16 +79,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_count(text: str) -> int:
-    """A request count: 1000, 250k, 1M, 1.5M (decimal multiples: counts are not bytes)."""
+    """A request count: 1000, 250k, 1M, 1.5M, 1e6 (decimal multiples: counts are not bytes), at most
+    synth.MAX_REQUESTS."""
     s = text.strip().lower()
     scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(s[-1:], 1)
     try:
-        value = float(s[:-1] if scale > 1 else s) * scale
-    except ValueError:
-        raise UsageError(f"--requests {text!r}: expected a count such as 1000, 250k or 1M") from None
+        value = parse_number(s[:-1] if scale > 1 else s, "--requests") * scale
+    except UsageError:
+        raise UsageError(f"--requests {text[:40]!r}: expected a count such as 1000, 250k or 1M") from None
     if value < 0 or value != int(value):
-        raise UsageError(f"--requests {text!r}: expected a whole, non-negative count")
+        raise UsageError(f"--requests {text[:40]!r}: expected a whole, non-negative count")
+    if value > MAX_REQUESTS:
+        raise UsageError(f"--requests {text[:40]}: at most {MAX_REQUESTS:,} requests (qsim makes the trace in "
+                         "memory); for more, write several traces")
     return int(value)
+
+
+def _whole_arg(what: str, minimum: int = 0):
+    def parse(text: str) -> int:
+        try:
+            return parse_whole(text, what, minimum)
+        except UsageError as exc:  # argparse says which option already
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{what}: ")) from None
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _percent_arg(text: str) -> float:
+    try:
+        value = parse_number(text, "--rw")
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--rw: ")) from None
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value:g} is not a share of reads from 0 to 100")
+    return value
+
+
+_percent_arg.__name__ = "percentage"
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -117,13 +148,17 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def run_synth(args: argparse.Namespace) -> int:
     from ..synth import synthesize
-    from ..traceio import write_trace
+    from ..traceio import format_for_output, write_trace
 
-    trace = synthesize(args.size, parse_count(args.requests), args.pattern, args.bs, args.rw / 100, args.align,
-                       args.fsync, args.seed, args.offset)
+    format_for_output(args.out)  # a name that says no format is refused before any work
+    check_output_path(args.out)
+    try:
+        trace = synthesize(args.size, parse_count(args.requests), args.pattern, args.bs, args.rw / 100, args.align,
+                           args.fsync, args.seed, args.offset)
+    except MemoryError:
+        raise QsimError(f"not enough memory for --requests {args.requests}; write fewer requests per trace") from None
     write_trace(trace, args.out, args.fio_file)
     print(f"wrote {len(trace)} requests to {args.out}")
     return 0
@@ -131,14 +166,13 @@ def run_synth(args: argparse.Namespace) -> int:
 
 def run_convert(args: argparse.Namespace) -> int:
     from ..trace import apply_offset_policy
-    from ..traceio import write_trace
+    from ..traceio import format_for_output, write_trace
 
+    format_for_output(args.out)
+    check_output_path(args.out)  # refused before reading a large input, and again when written
     trace = load_trace(args)
     if args.size is not None:
         trace = apply_offset_policy(trace, args.size, args.offset_policy)
     write_trace(trace, args.out, args.fio_file)
     print(f"wrote {len(trace)} requests to {args.out}")
     return 0
-
-
-

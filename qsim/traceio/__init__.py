@@ -4,24 +4,22 @@ from __future__ import annotations
 
 from ..errors import QsimError
 from ..trace import Trace
-from .blkparse import looks_like_blkparse, read_blkparse
-from .csvfmt import read_csv_trace, write_csv_trace
+from .blkparse import iter_blkparse, looks_like_blkparse, read_blkparse
+from .csvfmt import iter_csv_trace, read_csv_trace, write_csv_trace
 from .iolog import HEADERS, iter_iolog, read_iolog, write_iolog
 from .npz import read_npz_trace, write_npz_trace
-from .textfile import check_readable, head_lines
+from .textfile import check_readable, gather, head_lines
 
 from ..codes import TRACE_FORMATS as FORMATS
 
 
 def detect_format(path: str) -> str:
     check_readable(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic.startswith(b"PK"):
-        return "npz"
     lines = head_lines(path, 20)
     if not lines:
         raise QsimError(f"{path}: empty file, not a trace")
+    if lines[0].startswith("PK"):
+        return "npz"
     if lines[0].strip() in HEADERS:
         return "iolog"
     if lines[0].strip().lower().replace(" ", "").startswith("op,"):
@@ -40,26 +38,43 @@ def read_trace(path: str, format: str | None = None, file: str | None = None, ac
     check_readable(path)
     if fmt == "iolog":
         return read_iolog(path, file)
-    if fmt == "csv":
-        return read_csv_trace(path)
     if fmt == "npz":
         return read_npz_trace(path)
+    return _whole(path, _streams(path, fmt, file, action))
+
+
+def _streams(path: str, fmt: str, file: str | None, action: str):
+    if fmt == "iolog":
+        return iter_iolog(path, file)
+    if fmt == "csv":
+        return iter_csv_trace(path)
     if fmt == "blkparse":
-        return read_blkparse(path, action)
+        return iter_blkparse(path, action)
+    if fmt == "npz":
+        return iter([read_npz_trace(path)])
     raise QsimError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}", 2)
+
+
+def _whole(path: str, chunks) -> Trace:
+    from ..trace import concat
+
+    parts = gather(path, chunks)
+    return concat(parts) if parts else Trace.from_arrays([], [], [], None, path)
 
 
 def iter_trace(path: str, format: str | None = None, file: str | None = None, action: str = "Q",
                chunk_requests: int = 1 << 21):
-    """The trace in chunks of Trace: fio iologs stream from disk (bounded memory whatever the file's size); other
-    formats are read whole and handed out in slices."""
+    """The trace in chunks of at most ``chunk_requests`` requests; iolog, CSV and blkparse text stream from disk
+    (bounded memory whatever the file's size), .npz is read whole."""
     fmt = format or detect_format(path)
-    if fmt == "iolog":
-        yield from iter_iolog(path, file, chunk_requests)
-        return
-    whole = read_trace(path, fmt, file, action)
-    for start in range(0, max(len(whole), 1), chunk_requests):
-        yield whole.select(slice(start, start + chunk_requests))
+    check_readable(path)
+    empty = True
+    for chunk in _streams(path, fmt, file, action):
+        for start in range(0, len(chunk), chunk_requests):
+            empty = False
+            yield chunk.select(slice(start, start + chunk_requests)) if len(chunk) > chunk_requests else chunk
+    if empty:
+        yield Trace.from_arrays([], [], [], None, path)
 
 
 def format_for_output(path: str) -> str:

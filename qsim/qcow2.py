@@ -58,7 +58,8 @@ MAX_SNAPSHOT_EXTRA = 1024
 MAX_SNAPSHOTS_BYTES = 1024 * MAX_SNAPSHOTS
 MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
-CHUNK_BITS = 20  # reference counts are kept per 2^20 host clusters that something references
+CHUNK_BITS = 18  # reference counts (uint8, saturating) are kept per 2^18 host clusters that something references
+SATURATED = 255
 CORRUPT = 'QEMU: "Image is corrupt"'
 
 # The header in spec order (docs/interop/qcow2.txt, as tests/qemu-iotests/qcow2_format.py declares it): name,
@@ -458,11 +459,12 @@ def in_use(path: str) -> bool:
 
 
 def _decode_refcounts(raw: np.ndarray, bits: int) -> np.ndarray:
+    """One refcount block's values, unsigned, in native byte order and their own width (as compact as stored)."""
     if bits >= 8:
-        return raw.view(f">u{bits // 8}").astype(np.int64 if bits < 64 else np.uint64)
+        return raw.view(f">u{bits // 8}").astype(f"u{bits // 8}")
     per_byte = 8 // bits
     shifts = np.arange(per_byte, dtype=np.uint8) * bits  # low bits first, as QEMU's get_refcount_ro0..2
-    return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1).astype(np.int64)
+    return ((raw[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1).astype(np.uint8)
 
 
 class Qcow2Image:
@@ -715,6 +717,7 @@ class _Check:
         self.bits = img.header.cluster_bits
         self.chunks: dict[int, np.ndarray] = {}
         self.what: dict[int, str] = {}  # a name for metadata clusters, for the message
+        self.many: dict[int, int] = {}  # exact counts of clusters referenced 255 times or more
 
     def corrupt(self, where: str, problem: str, qemu: str = "Image is corrupt") -> QsimError:
         return _refuse(self.img.path, where, problem, qemu)
@@ -732,16 +735,32 @@ class _Check:
         self.add_clusters(np.arange(first, last + 1, dtype=np.int64))
 
     def add_clusters(self, clusters: np.ndarray) -> None:
+        """One more reference to each cluster (a cluster may appear several times). Counts are uint8 per chunk;
+        a count that reaches 255 moves to ``self.many`` (exact), so the common case costs a byte per cluster."""
         if not len(clusters):
             return
+        clusters = np.asarray(clusters, dtype=np.int64)
         chunk = clusters >> CHUNK_BITS
         lo, hi = int(chunk.min()), int(chunk.max())
+        mask = (1 << CHUNK_BITS) - 1
         for k in ([lo] if lo == hi else np.unique(chunk).tolist()):
             sel = clusters if lo == hi else clusters[chunk == k]
             counts = self.chunks.get(k)
             if counts is None:
-                counts = self.chunks[k] = np.zeros(1 << CHUNK_BITS, dtype=np.uint16)
-            np.add.at(counts, sel & ((1 << CHUNK_BITS) - 1), 1)
+                counts = self.chunks[k] = np.zeros(1 << CHUNK_BITS, dtype=np.uint8)
+            local, n = np.unique(sel & mask, return_counts=True)
+            total = counts[local].astype(np.int64) + n
+            full = total >= SATURATED
+            if full.any():
+                for c, t in zip((local[full] + (k << CHUNK_BITS)).tolist(), total[full].tolist()):
+                    self.many[c] = self.many.get(c, SATURATED) + t - SATURATED
+                total = np.minimum(total, SATURATED)
+            counts[local] = total.astype(np.uint8)
+
+    def count(self, cluster: int) -> int:
+        counts = self.chunks.get(cluster >> CHUNK_BITS)
+        n = int(counts[cluster & ((1 << CHUNK_BITS) - 1)]) if counts is not None else 0
+        return self.many.get(cluster, n) if n == SATURATED else n
 
     def data_refs(self, index: int, offset: int, d: np.ndarray, b, active: bool) -> None:
         img = self.img
@@ -841,7 +860,7 @@ class _Check:
                 self.add(offset, cs, f"refcount block {index}")
                 blocks.append((index, offset >> self.bits))
         for index, cluster in blocks:
-            n = int(self.chunks[cluster >> CHUNK_BITS][cluster & ((1 << CHUNK_BITS) - 1)])
+            n = self.count(cluster)
             if n != 1:
                 raise self.corrupt(f"refcount table at {h.refcount_table_offset:#x}, entry {index}",
                                    f"refcount block at {cluster * cs:#x} is also used as "
@@ -850,10 +869,13 @@ class _Check:
             used = np.flatnonzero(counts)
             clusters = (np.int64(k) << CHUNK_BITS) + used
             stored = img.refcount_of(clusters)
-            bad = stored < counts[used].astype(np.uint64)
+            made = counts[used].astype(np.uint64)
+            for i in np.flatnonzero(made == SATURATED).tolist():
+                made[i] = self.many[int(clusters[i])]
+            bad = stored < made
             if bad.any():
                 c = int(clusters[np.flatnonzero(bad)[0]])
-                n = int(counts[used][np.flatnonzero(bad)[0]])
+                n = int(made[np.flatnonzero(bad)[0]])
                 raise self.corrupt(f"host cluster {c} at {c * cs:#x}", f"referenced {n} times ("
                                    f"{self.what.get(c, 'data')}{' and more' if n > 1 else ''}) but its refcount is "
                                    f"{int(stored[np.flatnonzero(bad)[0]])}")

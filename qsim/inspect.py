@@ -296,14 +296,14 @@ class _Layer:
         self.img = None
         if fmt == "qcow2":
             self.img = open_image(path)
-            self.size = self.img.header.size
+            self.size = self.img.header.size // 512 * 512  # QEMU sees whole sectors (bs->total_sectors)
             self.data_path = self.img.data_file or path
             name = self.img.header.backing_file
             if name:
                 self.below = _Layer(backing_path(path, name), self.img.header.backing_format, depth + 1, seen)
         elif fmt == "raw":
             os.close(open_regular(path, "backing file"))
-            self.size = os.stat(path).st_size
+            self.size = os.stat(path).st_size // 512 * 512
             self.data_path = path
         else:
             raise QsimError(f"{path}: backing format {fmt} is not mapped by qsim (qcow2 and raw are)")

@@ -396,6 +396,9 @@ def _read_snapshots(r: _Reader, h: Header) -> tuple[tuple[Snapshot, ...], int]:
         if offset - h.snapshots_offset > MAX_SNAPSHOTS_BYTES:
             raise _refuse(r.path, f"snapshot table at {h.snapshots_offset:#x}", "larger than QEMU's 64 MiB limit",
                           "Snapshot table is too big")
+        if h.version >= 3 and extra < 16:
+            raise _refuse(r.path, f"snapshot table entry {i} at {start:#x}", f"{extra} bytes of extra data, a "
+                          "version 3 snapshot needs 16", "Image is corrupt: snapshot table entry is incomplete")
         out.append(Snapshot(ident, name, l1_offset, l1_size, start))
     return tuple(out), offset - h.snapshots_offset
 
@@ -431,6 +434,11 @@ def _read_bitmap_directory(r: _Reader, h: Header) -> list[tuple[int, int]]:
         if bad:
             raise _refuse(r.path, f"{where}, entry at +{pos:#x}", f"bitmap {name!r} is invalid",
                           f"Bitmap '{name}' doesn't satisfy the constraints")
+        serialized = -(-(-(-(h.size // 512 * 512) // (1 << gran))) // 64) * 8  # hbitmap bits for the disk, in 64-bit words
+        if not flags & 1 and t_size != -(-serialized // cs):
+            raise _refuse(r.path, f"{where}, entry at +{pos:#x}", f"bitmap {name!r} has a table of {t_size} "
+                          f"clusters, a {h.size}-byte disk needs {-(-serialized // cs)}",
+                          f"Could not read bitmap '{name}' from image: Invalid argument")
         tables.append((t_off, t_size))
         pos += entry_bytes
     if count != nb:

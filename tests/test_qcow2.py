@@ -229,3 +229,103 @@ def test_backing_chain_replay_matches_qemu(tmp_path, qemu_img, qemu_io, name, l2
     assert {k: v.qsim[k] for k in v.compared} == {k: v.qemu[k] for k in v.compared}
     assert v.qsim["l2_lookups"] > replay(trace, image=image_from_qcow2(open_image(top)),
                                          l2_cache_sizes=[l2], cache_mode=mode).rows[0]["l2_lookups"]
+
+
+# --- issue 19's reproducers ------------------------------------------------------------------------------------------
+
+def test_unaligned_l2_entry_is_corrupt_not_data(tmp_path):
+    path = patched(tmp_path, 0x40000, ">Q", 0x8000000000050200)  # guest cluster 0 -> host 0x50200
+    for call in (open_image, inspect_image, lambda p: list(guest_map(p, (7, 2)))):
+        with pytest.raises(QsimError, match=r"L2 table at 0x40000, entry 0: cluster allocation offset 0x50200 "
+                                            r"unaligned \(QEMU: \"Image is corrupt"):
+            call(path)
+    proc = subprocess.run([sys.executable, "-m", "qsim", "inspect", path, "--map"], capture_output=True, text=True)
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_huge_sparse_file_costs_nothing_for_its_holes(tmp_path):
+    """A small image truncated to a huge sparse size: no refcount per host cluster, no table per hole."""
+    import tracemalloc
+
+    path = tmp_path / "huge.qcow2"
+    shutil.copyfile(FIXTURES / "small-64k.qcow2", path)
+    for size in (1 << 50, 1 << 44, 1 << 40):  # 1 PiB where the file system allows it
+        try:
+            os.truncate(path, size)
+            break
+        except OSError:
+            continue
+    tracemalloc.start()
+    try:
+        info = inspect_image(str(path))
+        extents = list(guest_map(str(path), (7, 2)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info["file_bytes"] == os.path.getsize(path) and extents[0]["data"]
+    assert peak < 32 * M, peak
+
+
+def _chain(tmp_path, qemu_img, qemu_io, name="base.qcow2"):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
+    subprocess.run([qemu_io, "-c", "write -q -P 1 0 64k", str(base)], check=True, capture_output=True)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "qcow2", str(top), "1G"],
+                   check=True)
+    return base, top
+
+
+@pytest.mark.qemu
+def test_nul_in_backing_file_name_ends_it_as_in_qemu(tmp_path, qemu_img, qemu_io):
+    base, top = _chain(tmp_path, qemu_img, qemu_io)
+    data = bytearray(top.read_bytes())
+    offset, size = struct.unpack_from(">QI", data, 8)
+    data[offset + size: offset + size + 3] = b"\0zz"
+    struct.pack_into(">I", data, 16, size + 3)
+    top.write_bytes(bytes(data))
+    assert subprocess.run([qemu_img, "info", str(top)], capture_output=True).returncode == 0
+    assert inspect_image(str(top))["backing_file"] == "base.qcow2"
+    theirs = subprocess.run([qemu_img, "map", "--output=json", str(top)], capture_output=True, text=True).stdout
+    ours = subprocess.run([sys.executable, "-m", "qsim", "inspect", str(top), "--map", "--output=json",
+                           "--qemu-version", "7.2"], capture_output=True, text=True).stdout
+    assert ours == theirs and '"depth": 1' in ours
+
+
+@pytest.mark.qemu
+def test_backing_loop_and_fifo_are_refused_at_once(tmp_path, qemu_img, qemu_io):
+    base, top = _chain(tmp_path, qemu_img, qemu_io)
+    subprocess.run([qemu_img, "rebase", "-u", "-b", "top.qcow2", "-F", "qcow2", str(base)], check=True)
+    trace = str(TRACES / "fio-randwrite-4k.iolog.gz")
+    for argv in (["validate", trace, "--image", str(top), "--offset-policy", "wrap"], ["inspect", str(top), "--map"]):
+        proc = subprocess.run([sys.executable, "-m", "qsim", *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "infinite loop" in proc.stderr and "Traceback" not in proc.stderr, argv
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    subprocess.run([qemu_img, "rebase", "-u", "-b", "fifo", "-F", "qcow2", str(top)], check=True)
+    info = inspect_image(str(top))  # does not block: the chain lists the FIFO as an error
+    assert "FIFO" in info["backing_chain"][0]["error"]
+    for argv in (["validate", trace, "--image", str(top), "--offset-policy", "wrap"], ["inspect", str(top), "--map"],
+                 ["replay", trace, "--image", str(top), "--backing-chain", "--offset-policy", "wrap"]):
+        proc = subprocess.run([sys.executable, "-m", "qsim", *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "FIFO" in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
+
+
+@pytest.mark.qemu
+def test_external_data_file_reader_view_and_validate_leaves_it_alone(tmp_path, qemu_img, qemu_io):
+    path, data = tmp_path / "img.qcow2", tmp_path / "data.raw"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", f"data_file={data}", str(path), "1G"], check=True)
+    subprocess.run([qemu_io, "-c", "write -q -P 7 0 64k", "-c", "write -q -P 7 100M 4k", str(path)], check=True,
+                   capture_output=True)
+    img = open_image(str(path))
+    assert img.has_data_file and img.data_file == str(data) and img.data_bytes == data.stat().st_size
+    theirs = json.loads(subprocess.run([qemu_img, "map", "--output=json", str(path)], capture_output=True,
+                                       text=True).stdout)
+    ours = list(guest_map(str(path), (7, 2)))
+    assert ours == theirs and ours[0] == {"start": 0, "length": 65536, "depth": 0, "present": True, "zero": False,
+                                          "data": True, "offset": 0}  # guest cluster 0 at host offset 0 is data
+    before = (path.read_bytes(), data.read_bytes(), data.stat().st_mtime_ns)
+    trace = str(TRACES / "fio-randwrite-4k.iolog.gz")
+    proc = subprocess.run([sys.executable, "-m", "qsim", "validate", trace, "--image", str(path), "--offset-policy",
+                           "wrap"], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in proc.stderr
+    assert (path.read_bytes(), data.read_bytes(), data.stat().st_mtime_ns) == before

@@ -403,8 +403,9 @@ def _read_snapshots(r: _Reader, h: Header) -> tuple[tuple[Snapshot, ...], int]:
     return tuple(out), offset - h.snapshots_offset
 
 
-def _read_bitmap_directory(r: _Reader, h: Header) -> list[tuple[int, int]]:
-    """bitmap_list_load + check_dir_entry: the bitmap directory QEMU reads at open. Returns (table offset, size)."""
+def _read_bitmap_directory(r: _Reader, h: Header) -> list[tuple[int, int, np.ndarray]]:
+    """bitmap_list_load + check_dir_entry + bitmap_table_load: the bitmaps QEMU reads at open. Returns, per bitmap,
+    its table's offset and size and the data clusters it names."""
     nb, size, offset = h.bitmaps
     where = f"bitmap directory at {offset:#x}"
     if size == 0:
@@ -439,7 +440,16 @@ def _read_bitmap_directory(r: _Reader, h: Header) -> list[tuple[int, int]]:
             raise _refuse(r.path, f"{where}, entry at +{pos:#x}", f"bitmap {name!r} has a table of {t_size} "
                           f"clusters, a {h.size}-byte disk needs {-(-serialized // cs)}",
                           f"Could not read bitmap '{name}' from image: Invalid argument")
-        tables.append((t_off, t_size))
+        raw_table = r.read(t_off, t_size * 8, f"bitmap table of {name!r}")
+        table = np.frombuffer(raw_table, ">u8").astype(np.uint64)
+        offsets = table & np.uint64(0x00FFFFFFFFFFFE00)
+        bad = ((table & np.uint64(0xFF000000000001FE)) != 0) | ((offsets != 0) & (
+            ((table & np.uint64(1)) != 0) | ((offsets & np.uint64(cs - 1)) != 0)))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise _refuse(r.path, f"bitmap table of {name!r} at {t_off:#x}, entry {i}", f"invalid entry "
+                          f"{int(table[i]):#x}", f"Could not read bitmap '{name}' from image: Invalid argument")
+        tables.append((t_off, t_size, offsets[offsets != 0]))
         pos += entry_bytes
     if count != nb:
         raise _refuse(r.path, where, f"{count} bitmaps, the header extension names {nb}",
@@ -500,13 +510,13 @@ class Qcow2Image:
         if h.has_data_file:
             name = h.data_file
             self.data_file = name if os.path.isabs(name) else os.path.join(os.path.dirname(self.path), name)
-            self.data_bytes = None
-            try:
-                st = os.stat(self.data_file)
-                if stat.S_ISREG(st.st_mode):
-                    self.data_bytes = st.st_size
-            except OSError:
-                pass
+            try:  # QEMU opens the data file with the image (qcow2_do_open): missing is refused there
+                fd = open_regular(self.data_file, "data file")
+            except QsimError as exc:
+                raise _refuse(self.path, f"external data file {name!r}", str(exc).split(": ", 1)[-1],
+                              f"Could not open '{self.data_file}'") from None
+            self.data_bytes = os.fstat(fd).st_size
+            os.close(fd)
         self.snapshots: tuple[Snapshot, ...] = ()
         self.snapshots_bytes = 0
         self._refblocks: OrderedDict = OrderedDict()
@@ -850,8 +860,12 @@ class _Check:
         self.add(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
         if h.crypto_header:
             self.add(h.crypto_header[0], h.crypto_header[1], "crypto header")
-        for t_off, t_size in getattr(img, "bitmap_tables", ()):
+        if h.bitmaps:  # qcow2_check_bitmaps_refcounts
+            self.add(h.bitmaps[2], h.bitmaps[1], "bitmap directory")
+        for t_off, t_size, data in getattr(img, "bitmap_tables", ()):
             self.add(t_off, t_size * 8, "bitmap table")
+            for offset in data.tolist():
+                self.add(offset, cs, "bitmap data")
         file_clusters = -(-img.file_bytes // cs)
         blocks = []
         for index in np.flatnonzero(img.reftable).tolist():

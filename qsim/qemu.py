@@ -212,8 +212,6 @@ def scratch_copy(image: str, path: str, workdir: str) -> tuple[str, ...]:
     extra: list[str] = []
     sparse_copy(image, path)
     if img.has_data_file:
-        if img.data_bytes is None:
-            raise QsimError(f"{image}: external data file {img.data_file} is missing or not a regular file")
         data_copy = os.path.join(workdir, "data.raw")
         sparse_copy(img.data_file, data_copy)
         extra += ["data-file.driver=file", f"data-file.filename={data_copy}"]

@@ -116,7 +116,7 @@ def _mutants(name: str, data: bytes, rng: np.random.Generator):
             values |= {2, 3}
         if fname == "compression_type":
             values |= {2}
-        for v in sorted(values)[:3 if name not in ("plain", "ext") else 6]:
+        for v in sorted(values)[:2 if name not in ("plain", "ext") else 4]:
             m = put(fmt, off, v)
             if m is not None and m != data:
                 out.append((f"{name}:{fname}={v:#x}", m))
@@ -140,7 +140,7 @@ def _mutants(name: str, data: bytes, rng: np.random.Generator):
         used = [(i, e) for i, e in entries if e]
         for i, e in used[:2 if name in ("plain", "ext") else 1]:
             at = l2 + entry_bytes * i
-            for label, target in targets.items():
+            for label, target in list(targets.items())[:None if name in ("plain", "ext") else 3]:
                 out.append((f"{name}:l2[{t}][{i}]->{label}", put("Q", at, (e & (1 << 63)) | target)))
             out.append((f"{name}:l2[{t}][{i}] unaligned", put("Q", at, e + 0x200)))
             out.append((f"{name}:l2[{t}][{i}] reserved", put("Q", at, e | 0x10)))
@@ -161,7 +161,7 @@ def _mutants(name: str, data: bytes, rng: np.random.Generator):
         out.append((f"{name}:reftable[{j}] beyond eof", put("Q", at, len(data) + 16 * cs)))
         out.append((f"{name}:reftable[{j}] zero", put("Q", at, 0)))
         width = 1 << f.get("refcount_order", 4) if version == 3 else 16
-        if width == 16:
+        if width == 16 and name in ("plain", "ext", "snap"):
             for c in (0, 1, 3, len(data) // cs - 1):
                 old = struct.unpack_from(">H", data, rb + 2 * c)[0]
                 for v in {0, 2, old + 1}:
@@ -176,13 +176,23 @@ def _mutants(name: str, data: bytes, rng: np.random.Generator):
     areas += [(x, x + 256) for x in lay["l2"][:2]] + [(x & ~0x1FF, (x & ~0x1FF) + 64) for x in lay["refblocks"][:1]]
     if f["snapshots_offset"]:
         areas.append((f["snapshots_offset"], f["snapshots_offset"] + 64))
-    for k in range(12 if name in ("plain", "ext", "snap") else 5):
+    for k in range(8 if name in ("plain", "ext", "snap") else 3):
         b = bytearray(data)
         for _ in range(int(rng.integers(1, 4))):
             lo, hi = areas[int(rng.integers(len(areas)))]
             b[int(rng.integers(lo, min(hi, len(b))))] = int(rng.integers(256))
         out.append((f"{name}:random {k}", bytes(b)))
     return [(label, m) for label, m in out if m is not None and m != data]
+
+
+QEMU10 = "/opt/qemu-10.0/usr/bin/qemu-img"
+
+
+def _newer_qemu_img() -> str | None:
+    """A second qemu-img (QEMU >= 8.2 prints "compressed"): from QSIM_QEMU_PREFIXES as CI sets it, or /opt."""
+    dirs = os.environ.get("QSIM_QEMU_PREFIXES", "").split(":")[1:] or [os.path.dirname(QEMU10)]
+    tools = [os.path.join(d, "qemu-img") for d in dirs if os.access(os.path.join(d, "qemu-img"), os.X_OK)]
+    return tools[0] if tools else None
 
 
 def _qemu_verdict(qemu_img: str, path: Path) -> dict:
@@ -229,7 +239,8 @@ def test_mutants_against_qemu_verdicts(tmp_path, qemu_img, qemu_io):
 
     tally = {"qemu refuses": 0, "qemu corrupt": 0, "qemu sound": 0, "qsim refuses": 0, "qsim stricter": 0,
              "maps compared": 0, "skipped (key or dirty)": 0}
-    failures = []
+    failures, stricter = [], []
+    newer = _newer_qemu_img()
     previous = signal.signal(signal.SIGALRM, _alarm)
     tracemalloc.start()
     try:
@@ -284,13 +295,19 @@ def test_mutants_against_qemu_verdicts(tmp_path, qemu_img, qemu_io):
                                     f" but qsim {sorted(missing)} accepted it")
             elif qsim_refused:
                 tally["qsim stricter"] += 1
+                stricter.append(label)
             elif v["map"] == 0:
                 tally["maps compared"] += 1
                 if outcomes["map"][1] != v["map_out"]:
                     failures.append(f"{label}: map differs from qemu-img map")
+                if newer is not None:
+                    theirs = _run([newer, "map", "-f", "qcow2", "--output=json", str(path)])
+                    ours = _qsim(["inspect", str(path), "--map", "--output=json", "--qemu-version", "10.0"])[1]
+                    if theirs.returncode == 0 and ours != theirs.stdout:
+                        failures.append(f"{label}: map differs from {newer} map")
     finally:
         tracemalloc.stop()
         signal.signal(signal.SIGALRM, previous)
-    print(f"\n{len(cases)} mutants of {len(bases)} images: {tally}")
+    print(f"\n{len(cases)} mutants of {len(bases)} images: {tally}\nqsim stricter than QEMU: {stricter}")
     assert not failures, f"{len(failures)} of {len(cases)} mutants:\n" + "\n".join(failures[:40])
-    assert len(cases) >= 500 and tally["qemu refuses"] + tally["qemu corrupt"] >= 100
+    assert len(cases) >= 400 and tally["qemu refuses"] + tally["qemu corrupt"] >= 100

@@ -329,3 +329,49 @@ def test_external_data_file_reader_view_and_validate_leaves_it_alone(tmp_path, q
                            "wrap"], capture_output=True, text=True, timeout=300)
     assert "Traceback" not in proc.stderr
     assert (path.read_bytes(), data.read_bytes(), data.stat().st_mtime_ns) == before
+
+
+def _qemu_img_builds():
+    """Every qemu-img the suite runs against: QSIM_QEMU_PREFIXES (as CI sets it), else the one on PATH and
+    QEMU 10.0 under /opt when it is there."""
+    prefixes = os.environ.get("QSIM_QEMU_PREFIXES")
+    dirs = prefixes.split(":") if prefixes else [os.path.dirname(shutil.which("qemu-img") or ""),
+                                                 "/opt/qemu-10.0/usr/bin"]
+    return [os.path.join(d, "qemu-img") for d in dirs if d and os.access(os.path.join(d, "qemu-img"), os.X_OK)]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("tool", _qemu_img_builds() or ["qemu-img"])
+def test_map_prints_what_each_qemu_img_prints(tmp_path, qemu_img, qemu_io, tool):
+    """Byte for byte, for the version selected (--qemu-version) and for the one found (default)."""
+    from qsim.inspect import qemu_img_version
+
+    version = qemu_img_version(tool)
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    raw, over_raw = tmp_path / "base.raw", tmp_path / "over-raw.qcow2"
+    ext, packed = tmp_path / "ext.qcow2", tmp_path / "packed.qcow2"
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", str(base), "1G"], check=True)
+    subprocess.run([qemu_io, "-c", "write -q -P 1 0 128k", "-c", "write -q -z 600M 64k", str(base)], check=True,
+                   capture_output=True)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top), "2G"],
+                   check=True)
+    subprocess.run([qemu_io, "-c", "write -q -P 3 64k 128k", "-c", "write -q -z 700M 64k", str(top)], check=True,
+                   capture_output=True)
+    with open(raw, "wb") as f:
+        f.truncate(256 * M)
+        f.seek(M)
+        f.write(b"x" * 4096)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", str(over_raw), "512M"],
+                   check=True)
+    subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-o", "cluster_size=128k,extended_l2=on", str(ext),
+                    "1G"], check=True)
+    subprocess.run([qemu_io, "-c", "write -q -P 3 1M 4k", "-c", "write -q -z 512M 4k", str(ext)], check=True,
+                   capture_output=True)
+    subprocess.run([qemu_img, "convert", "-c", "-O", "qcow2", str(base), str(packed)], check=True)
+    for image in (top, over_raw, ext, packed):
+        theirs = subprocess.run([tool, "map", "--output=json", str(image)], capture_output=True, text=True)
+        assert theirs.returncode == 0, theirs.stderr
+        ours = subprocess.run([sys.executable, "-m", "qsim", "inspect", str(image), "--map", "--output=json",
+                               "--qemu-version", f"{version[0]}.{version[1]}"], capture_output=True, text=True)
+        assert ours.stdout == theirs.stdout, (image.name, version)
+        assert ('"compressed"' in ours.stdout) == (version >= (8, 2))

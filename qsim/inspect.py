@@ -1,48 +1,100 @@
-"""``qsim inspect``: what a real qcow2 image holds, how its data is laid out, and the L2 cache it needs."""
+"""``qsim inspect``: what a real qcow2 image holds, how its data is laid out, and the L2 cache it needs.
+
+Both the summary and ``--map`` walk the L2 tables one at a time (``Qcow2Image.iter_tables``), so memory stays
+bounded by one table and the run being built, however large the disk: ``--map`` streams the way ``qemu-img map``
+does and prints exactly what ``qemu-img map --output=json`` prints (7.2's keys; ``"compressed"`` from 8.2 on).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+from typing import Iterator
 
 import numpy as np
 
 from .cachecfg import resolve_cache
 from .errors import QsimError
-from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO, Qcow2Image, open_image
+from .qcow2 import L2E_OFFSET_MASK, MAGIC, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Qcow2Image, open_image
+from .qcow2 import open_regular
 
 MAX_CHAIN = 16
+DATA, ZERO, COMPRESSED_DATA, UNALLOCATED, UNALLOCATED_AT, ZERO_AT = 1, 2, 3, 0, 4, 5
+WITH_HOST = (DATA, UNALLOCATED_AT, ZERO_AT)
+MAP_KEYS_72 = ("start", "length", "depth", "present", "zero", "data")
+COMPRESSED_KEY_SINCE = (8, 2)  # qemu-img map --output=json prints "compressed" from QEMU 8.2 on
 
 
-def _popcount32(values: np.ndarray) -> int:
+def _popcount(values: np.ndarray) -> int:
     return int(np.unpackbits(values.astype(">u4").view(np.uint8)).sum()) if values.size else 0
 
 
-def classify(img: Qcow2Image) -> dict[str, np.ndarray]:
-    """Per entry of every allocated table: normal (data at a host offset), zero, compressed (boolean arrays)."""
-    d = img.l2_descriptors
+def entry_kinds(img: Qcow2Image, index: int, d: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Kind and host offset of each cluster of one L2 table (one row per subcluster with extended_l2)."""
+    g = img.geometry
     compressed = (d & np.uint64(OFLAG_COMPRESSED)) != 0
-    host = np.where(compressed, 0, d & np.uint64(L2E_OFFSET_MASK))
-    if img.geometry.extended_l2:
-        zero_bits = img.l2_bitmaps >> np.uint64(32)
-        alloc_bits = img.l2_bitmaps & np.uint64(0xFFFFFFFF)
-        zero = (zero_bits == np.uint64(0xFFFFFFFF)) & ~compressed
-        normal = (host != 0) & (alloc_bits != 0)
-    else:
+    host = np.where(compressed, np.uint64(0), d & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
+    has_host = host != 0
+    if img.has_data_file:  # host offset 0 is valid data there: COPIED tells it from unallocated (qcow2.h)
+        has_host |= ~compressed & ((d & np.uint64(OFLAG_COPIED)) != 0)
+    if b is None:
         zero = ((d & np.uint64(OFLAG_ZERO)) != 0) & ~compressed
-        normal = (host != 0) & ~zero
-    return {"host": host, "normal": normal, "zero": zero, "compressed": compressed}
+        kind = np.select([compressed, zero & has_host, zero, has_host], [COMPRESSED_DATA, ZERO_AT, ZERO, DATA],
+                         UNALLOCATED)
+        return kind, host
+    spc = g.subclusters_per_cluster
+    sc = np.arange(spc, dtype=np.uint64)
+    alloc = ((b[:, None] >> sc) & np.uint64(1)).astype(bool)
+    zero = ((b[:, None] >> (sc + np.uint64(32))) & np.uint64(1)).astype(bool)
+    hh = has_host[:, None]
+    kind = np.select([zero & hh, alloc & hh, zero, hh], [ZERO_AT, DATA, ZERO, UNALLOCATED_AT], UNALLOCATED)
+    kind = np.where(compressed[:, None], COMPRESSED_DATA, kind).reshape(-1)
+    host = np.where(hh, host[:, None] + (np.arange(spc) * g.subcluster_size)[None, :], 0).reshape(-1)
+    return kind, host
 
 
 def inspect_image(path: str) -> dict:
     """The facts ``qsim inspect`` prints, as a plain dict (sizes in bytes)."""
     img = open_image(path)
     h, g = img.header, img.geometry
-    c = classify(img)
     cs = g.cluster_size
-    normal_hosts = c["host"][c["normal"]].astype(np.int64)  # guest order: tables in L1 order, entries in order
-    runs = int(1 + np.count_nonzero(np.diff(normal_hosts) != cs)) if normal_hosts.size else 0
+    tables = normal = zero = compressed = runs = normal_total = sub_alloc = sub_zero = 0
+    last_host = None
+    per_table = g.l2_entries_per_table
+    for index, _, d, b in img.iter_tables(within_disk=False):
+        tables += 1
+        if index >= g.l1_entries:
+            continue
+        n = min(per_table, g.clusters - index * per_table)
+        d = d[:n]
+        is_c = (d & np.uint64(OFLAG_COMPRESSED)) != 0
+        host = np.where(is_c, np.uint64(0), d & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
+        has_host = host != 0
+        if img.has_data_file:
+            has_host |= ~is_c & ((d & np.uint64(OFLAG_COPIED)) != 0)
+        if b is not None:
+            b = b[:n]
+            alloc_bits = b & np.uint64(0xFFFFFFFF)
+            is_z = ((b >> np.uint64(32)) == np.uint64(0xFFFFFFFF)) & ~is_c
+            is_n = has_host & (alloc_bits != 0)
+            sub_alloc += _popcount(alloc_bits)
+            sub_zero += _popcount(b >> np.uint64(32))
+        else:
+            is_z = ((d & np.uint64(OFLAG_ZERO)) != 0) & ~is_c
+            is_n = has_host & ~is_z
+        normal += int(is_n.sum())
+        zero += int(is_z.sum())
+        compressed += int(is_c.sum())
+        hosts = host[is_n]
+        if hosts.size:
+            breaks = int(np.count_nonzero(np.diff(hosts) != cs))
+            runs += breaks + (0 if last_host is not None and int(hosts[0]) == last_host + cs else 1)
+            last_host = int(hosts[-1])
+            normal_total += hosts.size
     refblocks = int(img.refblock_present.sum())
-    metadata = cs + h.l1_size * 8 + len(img.l2_tables) * cs + h.refcount_table_clusters * cs + refblocks * cs
+    metadata = cs + h.l1_size * 8 + tables * cs + h.refcount_table_clusters * cs + refblocks * cs
     default = resolve_cache(g)
     info = {
         "path": path,
@@ -61,32 +113,38 @@ def inspect_image(path: str) -> dict:
         "corrupt": bool(h.incompatible_features & 2),
         "file_bytes": img.file_bytes,
         "l1_entries": h.l1_size,
-        "l1_entries_used": int(len(img.l2_tables)),
-        "l2_tables": int(len(img.l2_tables)),
+        "l1_entries_used": tables,
+        "l2_tables": tables,
         "clusters": g.clusters,
-        "clusters_allocated": int(c["normal"].sum()),
-        "clusters_zero": int(c["zero"].sum()),
-        "clusters_compressed": int(c["compressed"].sum()),
-        "clusters_unallocated": int(g.clusters - c["normal"].sum() - c["zero"].sum() - c["compressed"].sum()),
+        "clusters_allocated": normal,
+        "clusters_zero": zero,
+        "clusters_compressed": compressed,
+        "clusters_unallocated": int(g.clusters - normal - zero - compressed),
         "host_runs": runs,
-        "fragmented_share": (runs - 1) / max(int(normal_hosts.size) - 1, 1) if runs else 0.0,
+        "fragmented_share": (runs - 1) / max(normal_total - 1, 1) if runs else 0.0,
         "refcount_table_bytes": h.refcount_table_clusters * cs,
         "refcount_blocks": refblocks,
         "metadata_bytes": metadata,
         "metadata_share_of_file": metadata / img.file_bytes if img.file_bytes else 0.0,
-        "l2_cache_for_allocated_tables": int(len(img.l2_tables)) * cs,
+        "l2_cache_for_allocated_tables": tables * cs,
         "full_l2_cache_bytes": g.full_l2_cache_bytes,
         "default_l2_cache_bytes": default.l2_cache_bytes,
         "default_l2_cache_entries": default.l2_cache_entries,
         "default_l2_cache_entry_size": default.l2_cache_entry_size,
-        "default_covers_allocated_tables": default.l2_cache_ram_bytes >= len(img.l2_tables) * cs,
+        "default_covers_allocated_tables": default.l2_cache_ram_bytes >= tables * cs,
         "warnings": list(img.warnings),
         "backing_chain": backing_chain(img),
     }
     if g.extended_l2:
-        info["subclusters_allocated"] = _popcount32(img.l2_bitmaps & np.uint64(0xFFFFFFFF))
-        info["subclusters_zero"] = _popcount32(img.l2_bitmaps >> np.uint64(32))
+        info["subclusters_allocated"] = sub_alloc
+        info["subclusters_zero"] = sub_zero
+    img.close()
     return info
+
+
+def backing_path(img_path: str, name: str) -> str:
+    """Where QEMU looks for a backing file named ``name`` in the image at ``img_path``."""
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(img_path), name)
 
 
 def backing_chain(img: Qcow2Image) -> list[dict]:
@@ -95,118 +153,93 @@ def backing_chain(img: Qcow2Image) -> list[dict]:
     current = img
     while current is not None and current.header.backing_file and len(chain) < MAX_CHAIN:
         name = current.header.backing_file
-        path = name if os.path.isabs(name) else os.path.join(os.path.dirname(current.path), name)
+        path = backing_path(current.path, name)
         entry = {"path": path, "format": current.header.backing_format, "readable": os.access(path, os.R_OK)}
         chain.append(entry)
         if os.path.realpath(path) in seen:
-            entry["error"] = "loop in the backing chain"
+            entry["error"] = f"Backing file '{name}' creates an infinite loop"
             break
         seen.add(os.path.realpath(path))
         current = None
         if entry["readable"] and entry["format"] in (None, "qcow2"):
             try:
+                if entry["format"] is None and _probe(path) != "qcow2":
+                    entry["format"] = "raw"
+                    entry["virtual_size"] = os.stat(path).st_size
+                    continue
                 current = open_image(path)
                 entry["format"] = "qcow2"
                 entry["virtual_size"] = current.header.size
             except QsimError as exc:
                 entry["error"] = str(exc)
         elif entry["readable"]:
-            entry["virtual_size"] = os.path.getsize(path)
+            try:
+                os.close(open_regular(path, "backing file"))
+                entry["virtual_size"] = os.stat(path).st_size
+            except QsimError as exc:
+                entry["error"] = str(exc)
     return chain
 
 
-DATA, ZERO, COMPRESSED_DATA, UNALLOCATED, UNALLOCATED_AT, ZERO_AT = 1, 2, 3, 0, 4, 5
-
-
-def guest_map(path: str) -> list[dict]:
-    """Guest -> host extents as ``qemu-img map --output=json`` prints them for this image (depth 0): runs of data
-    (host-contiguous), zeroes, compressed data and unallocated space; subcluster-exact with extended_l2."""
-    img = open_image(path)
-    g = img.geometry
-    cs = g.cluster_size
-    c = classify(img)
-    entries = g.l2_entries_per_table
-    keep = img.l2_tables < g.l1_entries
-    first_cluster = (img.l2_tables[keep][:, None] * entries + np.arange(entries)).reshape(-1)
-    host = c["host"][keep].reshape(-1).astype(np.int64)
-    zero = c["zero"][keep].reshape(-1)
-    kind = np.select([c["normal"][keep].reshape(-1), zero & (host != 0), zero, c["compressed"][keep].reshape(-1)],
-                     [DATA, ZERO_AT, ZERO, COMPRESSED_DATA], UNALLOCATED)
-    unit = cs
-    starts = first_cluster * cs
-    if g.extended_l2:  # expand to subclusters: allocated / zero / unallocated (with a host offset or not)
-        spc = g.subclusters_per_cluster
-        unit = g.subcluster_size
-        bitmaps = img.l2_bitmaps[keep].reshape(-1)
-        sc = np.arange(spc, dtype=np.uint64)
-        alloc = ((bitmaps[:, None] >> sc) & np.uint64(1)).astype(bool)
-        zero = ((bitmaps[:, None] >> (sc + np.uint64(32))) & np.uint64(1)).astype(bool)
-        has_host = (host != 0)[:, None]
-        sub_kind = np.select([zero & has_host, alloc & has_host, zero, has_host], [ZERO_AT, DATA, ZERO, UNALLOCATED_AT],
-                             UNALLOCATED)
-        sub_kind = np.where((kind == COMPRESSED_DATA)[:, None], COMPRESSED_DATA, sub_kind)
-        kind = sub_kind.reshape(-1)
-        starts = (starts[:, None] + np.arange(spc) * unit).reshape(-1)
-        host = np.where(host[:, None] != 0, host[:, None] + np.arange(spc) * unit, 0).reshape(-1)
-    inside = starts < g.virtual_size
-    kind, starts, host = kind[inside], starts[inside], host[inside]
-    # Segments are the table entries plus the gaps between allocated tables (unallocated); merge neighbours.
-    seg_start = np.concatenate([starts, [0], starts + unit])
-    seg_kind = np.concatenate([kind, [UNALLOCATED], np.full(len(kind), -1)])
-    order = np.argsort(seg_start, kind="stable")
-    seg_start, seg_kind = seg_start[order], seg_kind[order]
-    seg_host = np.concatenate([host, [0], np.zeros(len(kind), np.int64)])[order]
-    # A -1 marker is the end of an entry: if nothing starts there, unallocated space begins there.
-    is_marker = seg_kind == -1
-    starts_here = np.zeros(len(seg_start), bool)
-    starts_here[:-1] = seg_start[1:] == seg_start[:-1]
-    drop = is_marker & (starts_here | (seg_start >= g.virtual_size))
-    seg_start, seg_kind, seg_host = seg_start[~drop], seg_kind[~drop], seg_host[~drop]
-    seg_kind = np.where(seg_kind == -1, UNALLOCATED, seg_kind)
-    seg_start, index = np.unique(seg_start, return_index=True)
-    seg_kind, seg_host = seg_kind[index], seg_host[index]
-    seg_end = np.append(seg_start[1:], g.virtual_size)
-    with_host = (seg_kind == DATA) | (seg_kind == UNALLOCATED_AT) | (seg_kind == ZERO_AT)
-    contiguous = np.zeros(len(seg_start), bool)
-    contiguous[1:] = (seg_kind[1:] == seg_kind[:-1]) & (
-        ~with_host[1:] | (seg_host[1:] == seg_host[:-1] + (seg_start[1:] - seg_start[:-1])))
-    run_first = np.flatnonzero(~contiguous)
-    run_last = np.append(run_first[1:] - 1, len(seg_start) - 1)
-    out: list[dict] = []
-    recurse = looks_metadata_preallocated(img)
-    fd = os.open(path, os.O_RDONLY)
+def _probe(path: str) -> str:
+    """qcow2 when the file starts with the qcow2 magic, else raw (a regular file only: never blocks)."""
+    fd = open_regular(path, "backing file")
     try:
-        for a, b in zip(run_first.tolist(), run_last.tolist()):
-            k = int(seg_kind[a])
-            start, length = int(seg_start[a]), int(seg_end[b] - seg_start[a])
-            base = {"depth": 0, "present": k in (DATA, ZERO, ZERO_AT, COMPRESSED_DATA),
-                    "zero": k in (ZERO, ZERO_AT, UNALLOCATED, UNALLOCATED_AT), "data": k in (DATA, COMPRESSED_DATA),
-                    "compressed": k == COMPRESSED_DATA}
-            if k == DATA and recurse:  # QEMU then asks the file too: data in a host hole reads as zeroes
-                for part_start, part_length, host_offset, hole in _host_holes(fd, start, length, int(seg_host[a])):
-                    _append(out, dict(start=part_start, length=part_length, **base, offset=host_offset) | {
-                        "zero": hole})
-            elif k in (DATA, UNALLOCATED_AT, ZERO_AT):
-                _append(out, dict(start=start, length=length, **base, offset=int(seg_host[a])))
-            else:
-                _append(out, dict(start=start, length=length, **base))
+        return "qcow2" if os.pread(fd, 4, 0) == MAGIC else "raw"
     finally:
         os.close(fd)
-    return [{key: e[key] for key in ("start", "length", "depth", "present", "zero", "data", "compressed", "offset")
-             if key in e} for e in out]
 
 
-def looks_metadata_preallocated(img: Qcow2Image) -> bool:
-    """qcow2_detect_metadata_preallocation: the refcounts claim clearly more clusters than the host file has
-    allocated (st_blocks), so QEMU's block status also asks the file which data reads as zeroes."""
-    cs = img.geometry.cluster_size
-    real_clusters = os.stat(img.path).st_blocks * 512 // cs
-    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-    return int(np.count_nonzero(img.refcounts)) >= threshold
+# --- qemu-img map -------------------------------------------------------------------------------------------------
+
+def qemu_img_version(qemu_img: str | None = None) -> tuple[int, int]:
+    """The version of ``qemu-img`` (or the one on PATH); 7.2 when there is none."""
+    tool = qemu_img or shutil.which("qemu-img")
+    if tool is None:
+        return (7, 2)
+    try:
+        out = subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return (7, 2)
+    m = re.search(r"version (\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (7, 2)
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)\.(\d+)(\.\d+)?", text.strip())
+    if not m:
+        raise QsimError(f"QEMU version {text!r}: expected MAJOR.MINOR, e.g. 7.2 or 10.0", status=2)
+    return int(m.group(1)), int(m.group(2))
+
+
+def _image_runs(img: Qcow2Image) -> Iterator[tuple[int, int, int, int]]:
+    """(start, length, kind, host) runs of one qcow2 image alone, in guest order, covering the whole disk."""
+    g = img.geometry
+    unit = g.subcluster_size if g.extended_l2 else g.cluster_size
+    table_span = g.l2_entries_per_table * g.cluster_size
+    pos = 0
+    for index, _, d, b in img.iter_tables():
+        first = index * table_span
+        if first > pos:
+            yield pos, first - pos, UNALLOCATED, 0
+        kind, host = entry_kinds(img, index, d, b)
+        n = min(len(kind), -(-(g.virtual_size - first) // unit))
+        kind, host = kind[:n], host[:n]
+        starts = first + np.arange(n, dtype=np.int64) * unit
+        new = np.ones(n, bool)
+        with_host = np.isin(kind, WITH_HOST)
+        new[1:] = (kind[1:] != kind[:-1]) | (with_host[1:] & (host[1:] != host[:-1] + unit))
+        heads = np.flatnonzero(new)
+        ends = np.append(starts[heads[1:]], min(first + n * unit, g.virtual_size))
+        for a, e in zip(heads.tolist(), ends.tolist()):
+            yield int(starts[a]), e - int(starts[a]), int(kind[a]), int(host[a])
+        pos = int(ends[-1]) if n else first
+    if pos < g.virtual_size:
+        yield pos, g.virtual_size - pos, UNALLOCATED, 0
 
 
 def _host_holes(fd: int, start: int, length: int, host: int):
-    """Split a data extent where the image file has holes (SEEK_DATA / SEEK_HOLE: reads nothing, changes nothing)."""
+    """Split a data extent where the file has holes (SEEK_DATA / SEEK_HOLE: reads nothing, changes nothing)."""
     pos, end = host, host + length
     while pos < end:
         try:
@@ -223,14 +256,142 @@ def _host_holes(fd: int, start: int, length: int, host: int):
         pos = hole
 
 
-def _append(out: list[dict], entry: dict) -> None:
-    """Add an extent, merging it into the previous one when QEMU would print them as one."""
-    if out:
-        last = out[-1]
-        same = all(last.get(k) == entry.get(k) for k in ("present", "zero", "data", "compressed", "depth"))
-        joined = ("offset" in last) == ("offset" in entry) and (
-            "offset" not in entry or last["offset"] + last["length"] == entry["offset"])
-        if same and joined and last["start"] + last["length"] == entry["start"]:
-            last["length"] += entry["length"]
+def looks_metadata_preallocated(img: Qcow2Image) -> bool:
+    """qcow2_detect_metadata_preallocation: the refcounts claim clearly more clusters than the host file has
+    allocated (st_blocks), so QEMU's block status also asks the file which data reads as zeroes. Counted one
+    refcount block at a time, stopping at the threshold, as QEMU does."""
+    cs = img.geometry.cluster_size
+    real_clusters = os.stat(img.path).st_blocks * 512 // cs
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    file_clusters = -(-img.file_bytes // cs)
+    per = 1 << img.refblock_bits
+    used = 0
+    for index in np.flatnonzero(img.refblock_present).tolist():
+        first = index * per
+        if first >= file_clusters:
+            break
+        values = img.refblock(index)
+        used += int(np.count_nonzero(values[: file_clusters - first]))
+        if used >= threshold:
+            return True
+    return False
+
+
+class _Layer:
+    """One image of the chain as ``qemu-img map`` sees it: its extents, and the layer below."""
+
+    def __init__(self, path: str, fmt: str | None, depth: int, seen: set[str]):
+        self.path, self.depth = path, depth
+        real = os.path.realpath(path)
+        if real in seen:
+            raise QsimError(f"{path}: backing file creates an infinite loop (QEMU: \"Backing file '{path}' creates "
+                            "an infinite loop.\")")
+        if depth > MAX_CHAIN:
+            raise QsimError(f"{path}: backing chain deeper than {MAX_CHAIN} images")
+        seen.add(real)
+        if fmt is None:
+            fmt = _probe(path)
+        self.format = fmt
+        self.below = None
+        self.img = None
+        if fmt == "qcow2":
+            self.img = open_image(path)
+            self.size = self.img.header.size // 512 * 512  # QEMU sees whole sectors (bs->total_sectors)
+            self.data_path = self.img.data_file or path
+            name = self.img.header.backing_file
+            if name:
+                self.below = _Layer(backing_path(path, name), self.img.header.backing_format, depth + 1, seen)
+        elif fmt == "raw":
+            os.close(open_regular(path, "backing file"))
+            self.size = os.stat(path).st_size // 512 * 512
+            self.data_path = path
+        else:
+            raise QsimError(f"{path}: backing format {fmt} is not mapped by qsim (qcow2 and raw are)")
+
+    def runs(self, start: int, end: int) -> Iterator[tuple[int, int, bool, bool, bool, bool, int | None, int]]:
+        """(start, length, present, zero, data, compressed, offset or None, depth) for [start, end)."""
+        if self.img is None:  # raw: the file's own data and holes, offset = guest offset
+            fd = open_regular(self.data_path, "backing file")
+            try:
+                for s, n, host, hole in _host_holes(fd, start, min(end, self.size) - start, start):
+                    yield s, n, True, hole, not hole, False, host, self.depth
+            finally:
+                os.close(fd)
             return
-    out.append(entry)
+        recurse = looks_metadata_preallocated(self.img)
+        fd = open_regular(self.data_path, "data file") if recurse else -1
+        try:
+            for s, n, kind, host in _clip(_image_runs(self.img), start, end):
+                if kind in (DATA, ZERO, ZERO_AT, COMPRESSED_DATA):
+                    offset = host if kind in WITH_HOST else None
+                    if kind == DATA and recurse:
+                        for ps, pn, ph, hole in _host_holes(fd, s, n, host):
+                            yield ps, pn, True, hole, True, False, ph, self.depth
+                    else:
+                        yield s, n, True, kind in (ZERO, ZERO_AT), kind in (DATA, COMPRESSED_DATA), \
+                            kind == COMPRESSED_DATA, offset, self.depth
+                    continue
+                offset = host if kind == UNALLOCATED_AT else None
+                if self.below is None:
+                    yield s, n, False, True, False, False, offset, self.depth
+                    continue
+                inside = max(0, min(s + n, self.below.size) - s)
+                if inside:
+                    yield from self.below.runs(s, s + inside)  # QEMU asks the backing file; its answer counts
+                if inside < n:  # beyond the end of the backing file: reads as zeroes, from this layer
+                    yield s + inside, n - inside, False, True, False, False, offset, self.depth
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+
+def _clip(runs, start: int, end: int):
+    for s, n, kind, host in runs:
+        if s + n <= start:
+            continue
+        if s >= end:
+            break
+        a, e = max(s, start), min(s + n, end)
+        yield a, e - a, kind, host + (a - s) if kind in WITH_HOST else host
+
+
+def guest_map(path: str, qemu_version: tuple[int, int] | None = None) -> Iterator[dict]:
+    """Guest -> host extents exactly as ``qemu-img map --output=json`` prints them (backing files included, at
+    their depth; subcluster-exact with extended_l2), one dict at a time. ``qemu_version`` picks the keys (7.2 has
+    no ``compressed``); default: the qemu-img on PATH."""
+    version = qemu_version or qemu_img_version()
+    with_compressed = version >= COMPRESSED_KEY_SINCE
+    top = _Layer(path, "qcow2", 0, set())
+    current = None
+    for s, n, present, zero, data, compressed, offset, depth in top.runs(0, top.size):
+        if n <= 0:
+            continue
+        if current is not None and (current["present"], current["zero"], current["data"], current["depth"],
+                                    current.get("compressed"), "offset" in current) == (
+                present, zero, data, depth, compressed if with_compressed else None, offset is not None) and (
+                offset is None or current["offset"] + current["length"] == offset):
+            current["length"] += n
+            continue
+        if current is not None:
+            yield current
+        current = {"start": s, "length": n, "depth": depth, "present": present, "zero": zero, "data": data}
+        if with_compressed:
+            current["compressed"] = compressed
+        if offset is not None:
+            current["offset"] = offset
+    if current is None:  # a zero-length disk: qemu-img prints its empty first entry
+        current = {"start": 0, "length": 0, "depth": 0, "present": False, "zero": False, "data": False}
+        if with_compressed:
+            current["compressed"] = False
+    yield current
+
+
+def format_map_entry(e: dict) -> str:
+    """One entry as qemu-img's dump_map_entry prints it (without the separator)."""
+    text = ", ".join(f'"{k}": {_json_value(e[k])}' for k in ("start", "length", "depth", "present", "zero", "data",
+                                                               "compressed", "offset") if k in e)
+    return "{ " + text + "}"
+
+
+def _json_value(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)

@@ -6,10 +6,13 @@ replays at thousands of requests per second (not millions), so this is for check
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -83,9 +86,10 @@ def commands(trace: Trace) -> str:
 
 
 def run_qemu_io(image: str, trace: Trace, l2_cache_size: int | None, l2_cache_entry_size: int | None,
-                cache_mode: str, workdir: str, progress: Callable[[int], None] | None = None) -> QemuCounts:
+                cache_mode: str, workdir: str, progress: Callable[[int], None] | None = None,
+                extra_opts: tuple[str, ...] = ()) -> QemuCounts:
     """Replay ``trace`` on ``image`` through qemu-io with cache tracing and count the events."""
-    opts = ["driver=qcow2", "file.driver=file", f"file.filename={image}", "cache-clean-interval=0"]
+    opts = ["driver=qcow2", "file.driver=file", f"file.filename={image}", "cache-clean-interval=0", *extra_opts]
     if l2_cache_size is not None:
         opts.append(f"l2-cache-size={l2_cache_size}")
     if l2_cache_entry_size is not None:
@@ -153,37 +157,128 @@ def parse_cache_trace(log: str) -> dict[str, int]:
     return c
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same clean stop as Ctrl-C (scratch files removed, one line, no traceback)."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_cleanly():
+    """While scratch files exist, SIGTERM raises ``Terminated`` (a KeyboardInterrupt) so ``finally`` cleans up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def replay_in_qemu(trace: Trace, virtual_size: int, options: ImageOptions, l2_cache_size: int | None = None,
                    l2_cache_entry_size: int | None = None, cache_mode: str = "writeback",
                    image: str | None = None, progress=None) -> QemuCounts:
-    """Build the image (or copy ``image``: the original is never touched) in a scratch directory, replay, clean up."""
-    workdir = tempfile.mkdtemp(prefix="qsim-validate-")
-    try:
-        path = os.path.join(workdir, "image.qcow2")
-        if image is not None:
-            shutil.copyfile(image, path)
-            _copy_relative_backing(image, workdir)
-        else:
-            create_image(path, virtual_size, options, workdir)
-        return run_qemu_io(path, trace, l2_cache_size, l2_cache_entry_size, cache_mode, workdir, progress)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    """Build the image (or copy ``image``) in a scratch directory, replay, clean up (also on Ctrl-C and SIGTERM).
+
+    The user's files are never written: qemu-io runs on a copy of the image and, with an external data file, on
+    a copy of the data file (qemu-io writes guest data there); backing files are opened read-only where they are
+    (QEMU never writes a backing file it opened read-only), after qsim has checked the whole chain."""
+    with _sigterm_stops_cleanly():
+        workdir = tempfile.mkdtemp(prefix="qsim-validate-")
+        try:
+            path = os.path.join(workdir, "image.qcow2")
+            extra: tuple[str, ...] = ()
+            if image is not None:
+                extra = scratch_copy(image, path, workdir)
+            else:
+                create_image(path, virtual_size, options, workdir)
+            return run_qemu_io(path, trace, l2_cache_size, l2_cache_entry_size, cache_mode, workdir, progress,
+                               extra)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _copy_relative_backing(image: str, workdir: str) -> None:
-    """A backing file named relative to the image must sit beside the scratch copy too (QEMU opens backing files
-    read-only, so one named by an absolute path is used where it is)."""
+def scratch_copy(image: str, path: str, workdir: str) -> tuple[str, ...]:
+    """Copy ``image`` (sparse) to ``path``, and its external data file beside it; check its backing chain (every
+    link a readable regular file, no loop). Returns the qemu-io ``--image-opts`` that point QEMU at the copies and,
+    read-only, at the original backing file."""
+    from .inspect import backing_path
     from .qcow2 import open_image
 
-    name = open_image(image).header.backing_file
-    if name and not os.path.isabs(name):
-        source = os.path.join(os.path.dirname(os.path.abspath(image)), name)
-        target = os.path.normpath(os.path.join(workdir, name))
-        if not target.startswith(os.path.abspath(workdir) + os.sep):
-            raise QsimError(f"{image}: backing file {name} lies outside the image's folder; use an absolute name")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(source, target)
-        _copy_relative_backing(source, os.path.dirname(target))
+    img = open_image(image)
+    extra: list[str] = []
+    sparse_copy(image, path)
+    if img.has_data_file:
+        data_copy = os.path.join(workdir, "data.raw")
+        sparse_copy(img.data_file, data_copy)
+        extra += ["data-file.driver=file", f"data-file.filename={data_copy}"]
+    name = img.header.backing_file
+    if name:
+        below = os.path.abspath(backing_path(image, name))
+        _check_chain(image, img)
+        extra += [f"backing.file.filename={below}", "backing.file.driver=file", "backing.read-only=on"]
+        fmt = img.header.backing_format
+        if fmt:
+            extra.append(f"backing.driver={fmt}")
+    img.close()
+    return tuple(extra)
+
+
+def _check_chain(image: str, img) -> None:
+    """Every backing file below ``image`` is a readable regular file (never a FIFO: opening it would block), and
+    the chain has no loop (QEMU: "Backing file ... creates an infinite loop")."""
+    from .inspect import MAX_CHAIN, backing_path
+    from .qcow2 import MAGIC, open_image, open_regular
+
+    seen = {os.path.realpath(image)}
+    current, where = img, image
+    while current is not None and current.header.backing_file:
+        name = current.header.backing_file
+        below = backing_path(where, name)
+        if os.path.realpath(below) in seen:
+            raise QsimError(f"{image}: backing file {below} creates an infinite loop (QEMU: \"Backing file "
+                            f"'{name}' creates an infinite loop.\")")
+        if len(seen) > MAX_CHAIN:
+            raise QsimError(f"{image}: backing chain deeper than {MAX_CHAIN} images")
+        seen.add(os.path.realpath(below))
+        fd = open_regular(below, "backing file")
+        head = os.pread(fd, 4, 0)
+        os.close(fd)
+        fmt = current.header.backing_format or ("qcow2" if head == MAGIC else "raw")
+        current, where = (open_image(below), below) if fmt == "qcow2" else (None, below)
+
+
+def sparse_copy(source: str, target: str) -> None:
+    """Copy a regular file, keeping its holes (SEEK_DATA/SEEK_HOLE), so a sparse 2 TiB image costs what it holds."""
+    from .qcow2 import open_regular
+
+    fd_in = open_regular(source)
+    try:
+        size = os.fstat(fd_in).st_size
+        fd_out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd_out, size)
+            pos = 0
+            while pos < size:
+                try:
+                    data = os.lseek(fd_in, pos, os.SEEK_DATA)
+                except OSError:
+                    break
+                end = os.lseek(fd_in, data, os.SEEK_HOLE)
+                while data < end:
+                    chunk = os.pread(fd_in, min(end - data, 8 << 20), data)
+                    if not chunk:
+                        break
+                    os.pwrite(fd_out, chunk, data)
+                    data += len(chunk)
+                pos = end
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
 
 
 def describe(options: ImageOptions, virtual_size: int) -> str:

@@ -9,11 +9,15 @@ from .csvfmt import read_csv_trace, write_csv_trace
 from .iolog import HEADERS, iter_iolog, read_iolog, write_iolog
 from .npz import read_npz_trace, write_npz_trace
 from .textfile import check_readable, head_lines
+from . import registry
 
-FORMATS = ("iolog", "blkparse", "csv", "npz")
+FORMATS = ("iolog", "blkparse", "csv", "npz") + registry.FORMATS
 
 
 def detect_format(path: str) -> str:
+    found = registry.detect_first(path)  # binary, zstd, blktrace per-CPU sets
+    if found:
+        return found
     check_readable(path)
     with open(path, "rb") as f:
         magic = f.read(4)
@@ -28,15 +32,23 @@ def detect_format(path: str) -> str:
         return "csv"
     if looks_like_blkparse(lines):
         return "blkparse"
+    found = registry.detect_last(path, lines)  # headerless public traces, QEMU logs
+    if found:
+        return found
     raise QsimError(f"{path}: line 1: unknown trace format {lines[0][:60]!r} (expected a fio iolog header "
                     "'fio version 3 iolog', a CSV header 'op,offset,length', blkparse text or a qsim .npz; "
                     "force one with --format)")
 
 
-def read_trace(path: str, format: str | None = None, file: str | None = None, action: str = "Q") -> Trace:
+def read_trace(path: str, format: str | None = None, file: str | None = None, action: str = "Q",
+               device: str | None = None, volume: str | None = None) -> Trace:
     """Load a trace; ``format`` forces one of FORMATS, ``file`` picks a file in a multi-file iolog, ``action`` the
-    blkparse action kept."""
+    blkparse/blktrace action kept, ``device`` a BlockBackend of a QEMU log, ``volume`` a volume of an msr, alibaba
+    or tencent trace."""
     fmt = format or detect_format(path)
+    if fmt in registry.FORMATS:
+        return registry.read_formats(path, fmt, action, device, volume)
+    registry.check_selection(path, fmt, device, volume)
     check_readable(path)
     if fmt == "iolog":
         return read_iolog(path, file)
@@ -50,10 +62,14 @@ def read_trace(path: str, format: str | None = None, file: str | None = None, ac
 
 
 def iter_trace(path: str, format: str | None = None, file: str | None = None, action: str = "Q",
-               chunk_requests: int = 1 << 21):
-    """The trace in chunks of Trace: fio iologs stream from disk (bounded memory whatever the file's size); other
-    formats are read whole and handed out in slices."""
+               chunk_requests: int = 1 << 21, device: str | None = None, volume: str | None = None):
+    """The trace in chunks of Trace: fio iologs and the registry's formats stream from disk (bounded memory
+    whatever the file's size); other formats are read whole and handed out in slices."""
     fmt = format or detect_format(path)
+    if fmt in registry.FORMATS:
+        yield from registry.iter_formats(path, fmt, action, device, volume, chunk_requests)
+        return
+    registry.check_selection(path, fmt, device, volume)
     if fmt == "iolog":
         yield from iter_iolog(path, file, chunk_requests)
         return

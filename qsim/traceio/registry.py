@@ -1,0 +1,95 @@
+"""The trace formats beyond qsim's own (QEMU logs, public block traces, binary captures): detection and dispatch.
+
+``qsim.traceio`` asks here first (binary and zstd files, which its text sniffing cannot look at) and last (text
+formats that have no header to recognise), and hands these formats' reading to the modules named in FORMATS.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Iterator
+
+from ..errors import QsimError, UsageError
+from ..trace import Trace, concat
+from . import alibaba, blktrace, msr, qemulog, streams, tencent, vscsi
+from .textfile import check_readable
+
+FORMATS = ("qemu-log", "vscsi", "blktrace", "msr", "alibaba", "tencent")
+SELECTOR = {"qemu-log": "--device", "msr": "--volume", "alibaba": "--volume", "tencent": "--volume"}
+TEXT_DETECTORS = (("msr", msr.looks_like_msr), ("alibaba", alibaba.looks_like_alibaba),
+                  ("tencent", tencent.looks_like_tencent))
+SURVEYS = {"qemu-log": qemulog.survey_qemulog, "msr": msr.survey_msr, "alibaba": alibaba.survey_alibaba,
+           "tencent": tencent.survey_tencent}
+QEMU_LOG_PROBE = 1 << 20  # a libvirt domain log can start with a long command line and other messages
+
+
+def detect_first(path: str) -> str | None:
+    """Formats to recognise before any text sniffing: blktrace (also NAME for NAME.blktrace.*), vscsi, and what a
+    zstd file holds."""
+    if not os.path.exists(path) and blktrace.per_cpu_files(path):
+        return "blktrace"
+    check_readable(path)
+    kind = streams.compression(path)
+    head = streams.head_bytes(path, 64 * 1024)
+    if blktrace.byte_order(head) is not None:
+        return "blktrace"
+    if vscsi.vscsi_version(head, os.path.getsize(path) if kind is None else None):
+        return "vscsi"
+    if kind == "zstd":
+        found = detect_last(path, head.decode("utf-8", errors="replace").splitlines()[:20])
+        if found:
+            return found
+        raise QsimError(f"{path}: zstd-compressed, and not a format qsim reads through zstd ({', '.join(FORMATS)}); "
+                        "decompress it first (zstd -d) or give --format")
+    return None
+
+
+def detect_last(path: str, lines: list[str]) -> str | None:
+    """Text formats without a header of their own, from the first lines (a QEMU log from its first MiB)."""
+    for name, looks in TEXT_DETECTORS:
+        if looks(lines):
+            return name
+    if qemulog.looks_like_qemulog(streams.head_bytes(path, QEMU_LOG_PROBE)):
+        return "qemu-log"
+    return None
+
+
+def check_selection(path: str, fmt: str, device: str | None, volume: str | None) -> None:
+    """--device and --volume apply to the formats that hold several BlockBackends / volumes."""
+    for option, value in (("--device", device), ("--volume", volume)):
+        if value is not None and SELECTOR.get(fmt) != option:
+            where = {"--device": "QEMU trace logs", "--volume": "msr, alibaba and tencent traces"}[option]
+            raise UsageError(f"{option}: applies to {where}; {path} is read as {fmt}")
+
+
+def iter_formats(path: str, fmt: str, action: str = "Q", device: str | None = None, volume: str | None = None,
+                 chunk_requests: int = streams.CHUNK_RECORDS) -> Iterator[Trace]:
+    check_selection(path, fmt, device, volume)
+    if fmt != "blktrace" or os.path.exists(path):
+        check_readable(path)
+    if fmt == "qemu-log":
+        return qemulog.iter_qemulog(path, device)
+    if fmt == "vscsi":
+        return vscsi.iter_vscsi(path, chunk_requests)
+    if fmt == "blktrace":
+        return blktrace.iter_blktrace(path, action)
+    if fmt == "msr":
+        return msr.iter_msr(path, volume)
+    if fmt == "alibaba":
+        return alibaba.iter_alibaba(path, volume)
+    if fmt == "tencent":
+        return tencent.iter_tencent(path, volume)
+    raise QsimError(f"--format {fmt!r}: not one of {', '.join(FORMATS)}", 2)
+
+
+def read_formats(path: str, fmt: str, action: str = "Q", device: str | None = None,
+                 volume: str | None = None) -> Trace:
+    parts = list(iter_formats(path, fmt, action, device, volume))
+    return replace(concat(parts), source=path) if parts else Trace.from_arrays([], [], [], source=path)
+
+
+def survey(path: str, fmt: str) -> list[dict] | None:
+    """The volumes (BlockBackends, host disks, devices) a file holds with their request counts, or None for formats
+    that hold one."""
+    return SURVEYS[fmt](path) if fmt in SURVEYS else None

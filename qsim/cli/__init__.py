@@ -7,9 +7,9 @@ import sys
 
 from .. import __version__
 from ..errors import QsimError
-from . import inspect, measure, plot, replay, size, sweep, trace, validate
+from . import capture, inspect, measure, plot, replay, size, sweep, trace, validate
 
-SUBCOMMANDS = [size, measure, inspect, trace, replay, sweep, validate, plot]
+SUBCOMMANDS = [size, measure, inspect, trace, replay, sweep, validate, plot, capture]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,9 +50,11 @@ def parse_device(text: str) -> int:
                          "(qsim trace info LOG lists them)") from None
 
 
-def raw_chunks(path: str, chunk_bytes: int = 32 << 20) -> Iterator[streams.Raw]:
+def raw_chunks(path: str, chunk_bytes: int = 32 << 20, start: int = 0, end: int | None = None,
+               first_line: int = 1) -> Iterator[streams.Raw]:
+    """The log's requests (of an uncompressed log: bytes start .. end, which begin at line ``first_line``)."""
     timed = None  # whether the log's lines carry timestamps (decided by the first one)
-    for first_line, block in streams.line_blocks(path, chunk_bytes):
+    for first_line, block in streams.line_blocks(path, chunk_bytes, start, end, first_line):
         lines = block.split(b"\n")
         ops, offsets, lengths, ticks, keys, where = [], [], [], [], [], []
         for i in [i for i, line in enumerate(lines) if b"blk_co_p" in line]:

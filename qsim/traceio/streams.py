@@ -75,10 +75,17 @@ def read_exactly(f: IO[bytes], size: int) -> bytes:
     return b"".join(parts)
 
 
-def byte_chunks(path: str, chunk_bytes: int = 64 << 20) -> Iterator[bytes]:
-    """The decompressed file in blocks of about ``chunk_bytes``."""
+def byte_chunks(path: str, chunk_bytes: int = 64 << 20, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """The decompressed file in blocks of about ``chunk_bytes`` (of an uncompressed file: bytes start .. end)."""
     with open_stream(path) as f:
+        if start or end is not None:
+            f.seek(start)
+        left = None if end is None else end - start
         while True:
+            if left is not None:
+                if left <= 0:
+                    return
+                chunk_bytes = min(chunk_bytes, left)
             try:
                 block = read_exactly(f, chunk_bytes)
             except (OSError, EOFError) as exc:
@@ -87,13 +94,17 @@ def byte_chunks(path: str, chunk_bytes: int = 64 << 20) -> Iterator[bytes]:
                 raise QsimError(f"{path}: damaged compressed data ({exc})") from None
             if not block:
                 return
+            if left is not None:
+                left -= len(block)
             yield block
 
 
-def line_blocks(path: str, chunk_bytes: int = 32 << 20) -> Iterator[tuple[int, bytes]]:
-    """(number of the block's first line, block of whole lines): the text in pieces cut at line ends."""
-    line, rest = 1, b""
-    for block in byte_chunks(path, chunk_bytes):
+def line_blocks(path: str, chunk_bytes: int = 32 << 20, start: int = 0, end: int | None = None,
+                first_line: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(number of the block's first line, block of whole lines): the text in pieces cut at line ends (of an
+    uncompressed file, bytes start .. end, whose first line is number ``first_line``)."""
+    line, rest = first_line, b""
+    for block in byte_chunks(path, chunk_bytes, start, end):
         block = rest + block
         cut = block.rfind(b"\n") + 1
         if cut == 0:

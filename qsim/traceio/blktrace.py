@@ -6,7 +6,8 @@ u16 pdu_len, in the byte order of the machine that traced (the magic tells which
 action (__BLK_TA_QUEUE = 1 ...), the high 16 bits its category (BLK_TC_READ, WRITE, FLUSH, DISCARD, NOTIFY ...).
 
 As ``blkparse -i NAME`` does, ``NAME`` (or any ``NAME.blktrace.N``) means every per-CPU file ``NAME.blktrace.*``,
-merged by time (ties, rare at nanoseconds, by device, CPU and sequence, as blkparse 1.2.0 prints them), streamed with bounded memory: each file is read in chunks and records are handed
+merged by (time, device, sequence) as blkparse's sort tree orders them (blkparse's output of exact ties
+in time across CPUs, rare at nanoseconds, also depends on how it batches its reads), streamed with bounded memory: each file is read in chunks and records are handed
 out once every file has read past their time. One action is kept (Q by default, the request as queued) and ops
 follow blkparse's RWBS, as the blkparse text reader does: discard, else write, else read when there are bytes; a
 zero-byte flush is a flush, other zero-byte records (and notes: process names, messages) are skipped. Record
@@ -97,7 +98,7 @@ class _CpuFile:
             raise QsimError(f"{path}: not a blktrace file (no blk_io_trace magic 0x65617407 at byte 0)")
         self.columns: dict[str, np.ndarray] = {k: np.empty(0, dtype=t) for k, t in
                                                 (("time", np.int64), ("device", np.uint32),
-                                                 ("sequence", np.uint32), ("cpu", np.uint32), ("op", np.uint8), ("offset", np.int64),
+                                                 ("sequence", np.uint32), ("op", np.uint8), ("offset", np.int64),
                                                  ("length", np.uint32))}
 
     @property
@@ -147,7 +148,7 @@ class _CpuFile:
         offset = rec["sector"].astype(np.int64) * SECTOR
         offset[flush] = 0
         new = {"time": rec["time"].astype(np.int64), "device": rec["device"].astype(np.uint32),
-               "sequence": rec["sequence"].astype(np.uint32), "cpu": rec["cpu"].astype(np.uint32), "op": op, "offset": offset,
+               "sequence": rec["sequence"].astype(np.uint32), "op": op, "offset": offset,
                "length": nbytes.astype(np.uint32)}
         for k, v in new.items():
             self.columns[k] = np.concatenate([self.columns[k], v]) if len(self.columns[k]) else v
@@ -181,7 +182,7 @@ def iter_blktrace(path: str, action: str = "Q", chunk_bytes: int = 48 << 20) -> 
         parts = [c.take_before(horizon) for c in cpus]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if len(merged["time"]):
-            order = np.lexsort((merged["sequence"], merged["cpu"], merged["device"], merged["time"]))
+            order = np.lexsort((merged["sequence"], merged["device"], merged["time"]))
             if t0 is None:
                 t0 = int(merged["time"][order[0]])
             yield Trace(merged["op"][order], merged["offset"][order], merged["length"][order],

@@ -96,9 +96,7 @@ def _bad(path: str, number: int, line: bytes) -> QsimError:
                      f"(expected {SHAPE}): {text[:160]!r}")
 
 
-def iter_qemulog(path: str, device: str | None = None, volume: str | None = None) -> Iterator[Trace]:
-    if volume is not None:
-        raise UsageError(f"--volume: {path} is a QEMU trace log; choose a BlockBackend with --device")
+def iter_qemulog(path: str, device: str | None = None) -> Iterator[Trace]:
     found = False
     for trace in streams.select(path, raw_chunks(path), device, "--device", TICK_SECONDS, show_device,
                                 parse_device):

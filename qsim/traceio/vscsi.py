@@ -10,7 +10,6 @@ Parsed with numpy structured dtypes straight from the file's bytes, in chunks.
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
@@ -46,22 +45,16 @@ def vscsi_version(head: bytes, file_size: int | None) -> int | None:
 
 
 def iter_vscsi(path: str, chunk_records: int = streams.CHUNK_RECORDS) -> Iterator[Trace]:
-    kind = streams.compression(path)
-    size = os.path.getsize(path) if kind is None else None
-    version = vscsi_version(streams.head_bytes(path, 40 * PROBE_RECORDS), size)
+    version = vscsi_version(streams.head_bytes(path, 40 * PROBE_RECORDS), None)  # a cut file: say so below
     if version is None:
         raise QsimError(f"{path}: not a vscsi trace (record 1's version field is neither v1 nor v2)")
     dtype = LAYOUTS[version]
     t0, first = None, 0
     with streams.open_stream(path) as f:
         while True:
-            if kind is None:
-                records = np.fromfile(f, dtype=dtype, count=chunk_records)
-                tail = b"" if len(records) == chunk_records else f.read()
-            else:
-                data = streams.read_exactly(f, chunk_records * dtype.itemsize)
-                whole = len(data) - len(data) % dtype.itemsize
-                records, tail = np.frombuffer(data, dtype=dtype, count=whole // dtype.itemsize), data[whole:]
+            data = streams.read_exactly(f, chunk_records * dtype.itemsize)
+            whole = len(data) - len(data) % dtype.itemsize
+            records, tail = np.frombuffer(data, dtype=dtype, count=whole // dtype.itemsize), data[whole:]
             if tail:
                 raise QsimError(f"{path}: record {first + len(records) + 1}: the file ends inside a record "
                                 f"({len(tail)} of {dtype.itemsize} bytes; truncated?)")

@@ -11,7 +11,7 @@ in time across CPUs, rare at nanoseconds, also depends on how it batches its rea
 out once every file has read past their time. One action is kept (Q by default, the request as queued) and ops
 follow blkparse's RWBS, as the blkparse text reader does: discard, else write, else read when there are bytes; a
 zero-byte flush is a flush, other zero-byte records (and notes: process names, messages) are skipped. Record
-boundaries are found by a small compiled loop (the payloads make records variable-length); everything else is numpy.
+boundaries depend on each payload, so one compiled pass walks the records and writes the kept ones' columns.
 """
 
 from __future__ import annotations
@@ -60,27 +60,56 @@ def byte_order(head: bytes) -> np.dtype | None:
     return None
 
 
+@njit(cache=True, inline="always")
+def _u32(buf, at, big):
+    if big:
+        return (np.uint32(buf[at]) << 24) | (np.uint32(buf[at + 1]) << 16) | (np.uint32(buf[at + 2]) << 8) \
+            | np.uint32(buf[at + 3])
+    return (np.uint32(buf[at + 3]) << 24) | (np.uint32(buf[at + 2]) << 16) | (np.uint32(buf[at + 1]) << 8) \
+        | np.uint32(buf[at])
+
+
+@njit(cache=True, inline="always")
+def _u64(buf, at, big):
+    if big:
+        return (np.uint64(_u32(buf, at, big)) << 32) | np.uint64(_u32(buf, at + 4, big))
+    return (np.uint64(_u32(buf, at + 4, big)) << 32) | np.uint64(_u32(buf, at, big))
+
+
 @njit(cache=True)
-def _split_records(buf, big_endian, out):
-    """Copy the 48-byte headers of the whole records in ``buf`` to ``out``; return (count, bytes used, bad record
-    position or -1)."""
-    pos, n, size = 0, 0, len(buf)
-    limit = len(out) // 48
-    while pos + 48 <= size and n < limit:
-        if big_endian:
-            magic = (buf[pos] << 24) | (buf[pos + 1] << 16) | (buf[pos + 2] << 8)
-            pdu = (buf[pos + 46] << 8) | buf[pos + 47]
-        else:
-            magic = (buf[pos + 3] << 24) | (buf[pos + 2] << 16) | (buf[pos + 1] << 8)
-            pdu = buf[pos + 46] | (buf[pos + 47] << 8)
-        if magic != 0x65617400:
-            return n, pos, pos
+def _decode(buf, big, action, op, offset, length, time, device, sequence):
+    """Walk the whole records in ``buf`` (48-byte header + pdu_len), keeping those of ``action`` as columns.
+    Returns (records walked, kept, bytes used, position of a record without the magic or -1, its version or -1)."""
+    pos, n, kept, size = 0, 0, 0, len(buf)
+    while pos + 48 <= size:
+        magic = _u32(buf, pos, big)
+        if magic & 0xFFFFFF00 != 0x65617400:
+            return n, kept, pos, pos, -1
+        if magic & 0xFF != 0x07:
+            return n, kept, pos, pos, magic & 0xFF
+        pdu = (np.uint32(buf[pos + 46]) << 8) | np.uint32(buf[pos + 47]) if big else \
+            (np.uint32(buf[pos + 47]) << 8) | np.uint32(buf[pos + 46])
         if pos + 48 + pdu > size:
             break
-        out[n * 48:(n + 1) * 48] = buf[pos:pos + 48]
+        what = _u32(buf, pos + 28, big)
+        category = what >> 16
+        if (what & 0xFFFF) == action and (category & 0x400) == 0:  # not a note (BLK_TC_NOTIFY)
+            nbytes = _u32(buf, pos + 24, big)
+            if nbytes > 0 or (category & 0x4) != 0:
+                if nbytes == 0:
+                    op[kept] = 3  # FLUSH
+                    offset[kept] = 0
+                else:
+                    op[kept] = 2 if category & 0x2000 else (1 if category & 0x2 else 0)  # DISCARD, WRITE, READ
+                    offset[kept] = np.int64(_u64(buf, pos + 16, big)) * 512
+                length[kept] = nbytes
+                time[kept] = np.int64(_u64(buf, pos + 8, big))
+                device[kept] = _u32(buf, pos + 36, big)
+                sequence[kept] = _u32(buf, pos + 4, big)
+                kept += 1
         n += 1
         pos += 48 + pdu
-    return n, pos, -1
+    return n, kept, pos, -1, -1
 
 
 class _CpuFile:
@@ -89,7 +118,9 @@ class _CpuFile:
     def __init__(self, path: str, action: int, chunk_bytes: int):
         self.path, self.action, self.chunk_bytes = path, action, chunk_bytes
         self.stream = streams.open_stream(path)
-        self.rest = b""
+        self.buffer = bytearray(chunk_bytes)
+        self.carry = np.empty(0, dtype=np.uint8)  # the start of a record cut by the chunk's end
+        self.rest = 0
         self.position = 0  # file offset of ``rest``
         self.records = 0
         self.done = False
@@ -107,49 +138,32 @@ class _CpuFile:
 
     def read_more(self) -> None:
         """Read the next chunk; at the end of the file, ``done``."""
-        data = streams.read_exactly(self.stream, self.chunk_bytes)
-        if not data:
+        got = streams.read_into(self.path, self.stream, self.buffer)
+        if not got:
             self.done = True
             self.stream.close()
             if self.rest:
                 raise QsimError(f"{self.path}: record {self.records + 1} (byte {self.position}): the file ends inside "
-                                f"a record ({len(self.rest)} bytes; truncated?)")
+                                f"a record ({self.rest} bytes; truncated?)")
             return
-        buf = np.frombuffer(self.rest + data, dtype=np.uint8)
-        headers = np.empty((len(buf) // HEADER + 1) * HEADER, dtype=np.uint8)
-        n, used, bad = _split_records(buf, self.dtype is BE, headers)
-        if bad >= 0:
+        buf = np.frombuffer(self.buffer, dtype=np.uint8, count=got)
+        if self.rest:
+            buf = np.concatenate([self.carry, buf])
+        m = len(buf) // HEADER
+        cols = (np.empty(m, np.uint8), np.empty(m, np.int64), np.empty(m, np.uint32), np.empty(m, np.int64),
+                np.empty(m, np.uint32), np.empty(m, np.uint32))
+        n, kept, used, bad, version = _decode(buf, self.dtype is BE, self.action, *cols)
+        if bad >= 0 and version < 0:
             raise QsimError(f"{self.path}: record {self.records + n + 1} (byte {self.position + bad}): no "
                             "blk_io_trace magic (damaged file, or not blktrace output)")
-        rec = np.frombuffer(headers, dtype=self.dtype, count=n)
-        versions = rec["magic"] & 0xFF
-        if (versions != VERSION).any():
-            k = int(np.argmax(versions != VERSION))
-            raise QsimError(f"{self.path}: record {self.records + k + 1}: blktrace version {int(versions[k])}, "
-                            f"qsim reads version {VERSION} (blktrace 1.x)")
-        self.rest = bytes(buf[used:])
+        if bad >= 0:
+            raise QsimError(f"{self.path}: record {self.records + n + 1}: blktrace version {version}, qsim reads "
+                            f"version {VERSION} (blktrace 1.x)")
+        self.carry = buf[used:].copy()
+        self.rest = len(self.carry)
         self.position += used
         self.records += n
-        self._append(rec)
-
-    def _append(self, rec: np.ndarray) -> None:
-        action = rec["action"]
-        category = action >> 16
-        keep = ((action & 0xFFFF) == self.action) & ((category & TC_NOTIFY) == 0)
-        rec, category = rec[keep], category[keep]
-        nbytes = rec["bytes"]
-        op = np.where(category & TC_DISCARD, DISCARD, np.where(category & TC_WRITE, WRITE, READ)).astype(np.uint8)
-        empty = nbytes == 0
-        if empty.any():
-            op[empty & ((category & TC_FLUSH) != 0)] = FLUSH
-            usable = ~empty | (op == FLUSH)
-            rec, op, nbytes = rec[usable], op[usable], nbytes[usable]
-        flush = op == FLUSH
-        offset = rec["sector"].astype(np.int64) * SECTOR
-        offset[flush] = 0
-        new = {"time": rec["time"].astype(np.int64), "device": rec["device"].astype(np.uint32),
-               "sequence": rec["sequence"].astype(np.uint32), "op": op, "offset": offset,
-               "length": nbytes.astype(np.uint32)}
+        new = dict(zip(("op", "offset", "length", "time", "device", "sequence"), (c[:kept] for c in cols)))
         for k, v in new.items():
             self.columns[k] = np.concatenate([self.columns[k], v]) if len(self.columns[k]) else v
 

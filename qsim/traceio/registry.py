@@ -7,11 +7,12 @@ formats that have no header to recognise), and hands these formats' reading to t
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Iterator
 
 from ..errors import QsimError, UsageError
-from ..trace import Trace, concat
+import numpy as np
+
+from ..trace import Trace
 from . import alibaba, blktrace, msr, qemulog, streams, tencent, vscsi
 from .textfile import check_readable
 
@@ -85,8 +86,20 @@ def iter_formats(path: str, fmt: str, action: str = "Q", device: str | None = No
 
 def read_formats(path: str, fmt: str, action: str = "Q", device: str | None = None,
                  volume: str | None = None) -> Trace:
-    parts = list(iter_formats(path, fmt, action, device, volume))
-    return replace(concat(parts), source=path) if parts else Trace.from_arrays([], [], [], source=path)
+    """The whole trace. Joined one column at a time, dropping each column's chunks once joined, so the peak is the
+    chunks plus one column (about 29 bytes per request), not twice the trace."""
+    columns: dict[str, list] = {"op": [], "offset": [], "length": [], "time": []}
+    for part in iter_formats(path, fmt, action, device, volume):
+        for name, parts in columns.items():
+            parts.append(getattr(part, name))
+    if not columns["op"]:
+        return Trace.from_arrays([], [], [], source=path)
+    joined = {}
+    for name in ("time", "offset", "length", "op"):
+        parts = columns.pop(name)
+        joined[name] = None if any(p is None for p in parts) else np.concatenate(parts)
+        del parts
+    return Trace(joined["op"], joined["offset"], joined["length"], joined["time"], path)
 
 
 def survey(path: str, fmt: str) -> list[dict] | None:

@@ -75,6 +75,22 @@ def read_exactly(f: IO[bytes], size: int) -> bytes:
     return b"".join(parts)
 
 
+def read_into(path: str, f: IO[bytes], buffer: bytearray) -> int:
+    """Fill ``buffer`` from ``f`` (short only at the end of the stream); the number of bytes read."""
+    view, got = memoryview(buffer), 0
+    while got < len(buffer):
+        try:
+            n = f.readinto(view[got:])
+        except (OSError, EOFError) as exc:
+            raise QsimError(f"{path}: cannot read ({exc})") from None
+        except Exception as exc:  # zstandard.ZstdError and friends
+            raise QsimError(f"{path}: damaged compressed data ({exc})") from None
+        if not n:
+            break
+        got += n
+    return got
+
+
 def byte_chunks(path: str, chunk_bytes: int = 64 << 20, start: int = 0, end: int | None = None) -> Iterator[bytes]:
     """The decompressed file in blocks of about ``chunk_bytes`` (of an uncompressed file: bytes start .. end)."""
     with open_stream(path) as f:

@@ -118,9 +118,8 @@ class _CpuFile:
     def __init__(self, path: str, action: int, chunk_bytes: int):
         self.path, self.action, self.chunk_bytes = path, action, chunk_bytes
         self.stream = streams.open_stream(path)
-        self.buffer = bytearray(chunk_bytes)
-        self.carry = np.empty(0, dtype=np.uint8)  # the start of a record cut by the chunk's end
-        self.rest = 0
+        self.buffer = np.empty(chunk_bytes, dtype=np.uint8)  # reused, never zeroed
+        self.rest = 0  # bytes at the buffer's start carried over from the last read
         self.position = 0  # file offset of ``rest``
         self.records = 0
         self.done = False
@@ -138,7 +137,7 @@ class _CpuFile:
 
     def read_more(self) -> None:
         """Read the next chunk; at the end of the file, ``done``."""
-        got = streams.read_into(self.path, self.stream, self.buffer)
+        got = streams.read_into(self.path, self.stream, self.buffer[self.rest:])
         if not got:
             self.done = True
             self.stream.close()
@@ -146,9 +145,7 @@ class _CpuFile:
                 raise QsimError(f"{self.path}: record {self.records + 1} (byte {self.position}): the file ends inside "
                                 f"a record ({self.rest} bytes; truncated?)")
             return
-        buf = np.frombuffer(self.buffer, dtype=np.uint8, count=got)
-        if self.rest:
-            buf = np.concatenate([self.carry, buf])
+        buf = self.buffer[:self.rest + got]
         m = len(buf) // HEADER
         cols = (np.empty(m, np.uint8), np.empty(m, np.int64), np.empty(m, np.uint32), np.empty(m, np.int64),
                 np.empty(m, np.uint32), np.empty(m, np.uint32))
@@ -159,8 +156,10 @@ class _CpuFile:
         if bad >= 0:
             raise QsimError(f"{self.path}: record {self.records + n + 1}: blktrace version {version}, qsim reads "
                             f"version {VERSION} (blktrace 1.x)")
-        self.carry = buf[used:].copy()
-        self.rest = len(self.carry)
+        self.rest = len(buf) - used
+        if self.rest > len(self.buffer) // 2:  # a record whose payload does not fit: grow the buffer
+            self.buffer = np.concatenate([self.buffer, np.empty(len(self.buffer), dtype=np.uint8)])
+        self.buffer[:self.rest] = buf[used:]  # the start of a record cut by the chunk's end, kept for the next read
         self.position += used
         self.records += n
         new = dict(zip(("op", "offset", "length", "time", "device", "sequence"), (c[:kept] for c in cols)))
@@ -176,7 +175,7 @@ class _CpuFile:
         return out
 
 
-def iter_blktrace(path: str, action: str = "Q", chunk_bytes: int = 48 << 20) -> Iterator[Trace]:
+def iter_blktrace(path: str, action: str = "Q", chunk_bytes: int = 16 << 20) -> Iterator[Trace]:
     code = ACTIONS.get(action)
     if code is None:
         raise UsageError(f"--action {action!r}: not a blktrace action ({', '.join(ACTIONS)})")
@@ -196,7 +195,10 @@ def iter_blktrace(path: str, action: str = "Q", chunk_bytes: int = 48 << 20) -> 
         parts = [c.take_before(horizon) for c in cpus]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         if len(merged["time"]):
-            order = np.lexsort((merged["sequence"], merged["device"], merged["time"]))
+            order = np.argsort(merged["time"], kind="stable")  # the per-file runs are sorted: a linear merge
+            times = merged["time"][order]
+            if len(cpus) > 1 and (times[1:] == times[:-1]).any():  # exact ties: blkparse's full order
+                order = np.lexsort((merged["sequence"], merged["device"], merged["time"]))
             if t0 is None:
                 t0 = int(merged["time"][order[0]])
             yield Trace(merged["op"][order], merged["offset"][order], merged["length"][order],

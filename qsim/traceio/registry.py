@@ -97,7 +97,8 @@ def read_formats(path: str, fmt: str, action: str = "Q", device: str | None = No
     joined = {}
     for name in ("time", "offset", "length", "op"):
         parts = columns.pop(name)
-        joined[name] = None if any(p is None for p in parts) else np.concatenate(parts)
+        joined[name] = None if any(p is None for p in parts) else parts[0] if len(parts) == 1 else \
+            np.concatenate(parts)
         del parts
     return Trace(joined["op"], joined["offset"], joined["length"], joined["time"], path)
 

@@ -21,7 +21,7 @@ from .textfile import check_readable
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ZSTD_HINT = "pip install zstandard (or pip install 'qsim[zstd]')"
-CHUNK_RECORDS = 1 << 21
+CHUNK_RECORDS = 1 << 20
 
 
 def compression(path: str) -> str | None:
@@ -75,7 +75,7 @@ def read_exactly(f: IO[bytes], size: int) -> bytes:
     return b"".join(parts)
 
 
-def read_into(path: str, f: IO[bytes], buffer: bytearray) -> int:
+def read_into(path: str, f: IO[bytes], buffer) -> int:
     """Fill ``buffer`` from ``f`` (short only at the end of the stream); the number of bytes read."""
     view, got = memoryview(buffer), 0
     while got < len(buffer):

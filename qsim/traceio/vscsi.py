@@ -80,7 +80,7 @@ def iter_vscsi(path: str, chunk_records: int = streams.CHUNK_RECORDS) -> Iterato
         raise QsimError(f"{path}: not a vscsi trace (record 1's version field is neither v1 nor v2)")
     dtype = LAYOUTS[version]
     t0, first = None, 0
-    buffer = bytearray(chunk_records * dtype.itemsize)
+    buffer = np.empty(chunk_records * dtype.itemsize, dtype=np.uint8)  # reused, never zeroed
     with streams.open_stream(path) as f:
         while True:
             got = streams.read_into(path, f, buffer)

@@ -235,7 +235,8 @@ def test_msr_cambridge():
     assert t.length.tolist() == [4096, 8192, 65536, 4096]
     assert t.time.tolist() == pytest.approx([0, 0.0042894, 0.0245496, 1.3438371], abs=1e-9)
     one_line_error(lambda: read_trace(path, volume="hm"), "an MSR volume is HOST_DISK")
-    one_line_error(lambda: read_trace(path, volume="web_0"), r"--volume web_0 is not in the file \(it has: hm_0, hm_1\)")
+    one_line_error(lambda: read_trace(path, volume="web_0"),
+                   r"--volume web_0 is not in the file \(it has: hm_0, hm_1\)")
     one_line_error(lambda: read_trace(path, device="0x1"), "--device: applies to QEMU trace logs")
 
 
@@ -308,6 +309,12 @@ def test_unknown_and_binary_garbage_are_one_line(tmp_path):
     pytest.importorskip("zstandard")
     import zstandard
 
+    cut = tmp_path / "cut.csv.zst"
+    cut.write_bytes((FIX / "alibaba.csv.zst").read_bytes()[:60])
+    one_line_error(lambda: read_trace(str(cut), format="alibaba"), "the zstd data ends inside a frame")
+    cut_gz = tmp_path / "cut.log.gz"
+    cut_gz.write_bytes(gzip.compress(Path(QEMU72).read_bytes())[:-30])
+    one_line_error(lambda: read_trace(str(cut_gz), format="qemu-log"), "cannot read .Compressed file ended")
     iolog_zst = tmp_path / "t.iolog.zst"
     iolog_zst.write_bytes(zstandard.ZstdCompressor().compress(b"fio version 2 iolog\n/dev/vda read 0 4096\n"))
     one_line_error(lambda: read_trace(str(iolog_zst)), "zstd-compressed, and not a format qsim reads through zstd")

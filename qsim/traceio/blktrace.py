@@ -6,18 +6,18 @@ u16 pdu_len, in the byte order of the machine that traced (the magic tells which
 action (__BLK_TA_QUEUE = 1 ...), the high 16 bits its category (BLK_TC_READ, WRITE, FLUSH, DISCARD, NOTIFY ...).
 
 As ``blkparse -i NAME`` does, ``NAME`` (or any ``NAME.blktrace.N``) means every per-CPU file ``NAME.blktrace.*``,
-merged by (time, device, sequence) as blkparse's sort tree orders them (blkparse's output of exact ties
-in time across CPUs, rare at nanoseconds, also depends on how it batches its reads), streamed with bounded memory: each file is read in chunks and records are handed
-out once every file has read past their time. One action is kept (Q by default, the request as queued) and ops
-follow blkparse's RWBS, as the blkparse text reader does: discard, else write, else read when there are bytes; a
-zero-byte flush is a flush, other zero-byte records (and notes: process names, messages) are skipped. Record
-boundaries depend on each payload, so one compiled pass walks the records and writes the kept ones' columns.
+merged by (time, device, sequence) as blkparse's sort tree orders them (blkparse's output of exact ties in time
+across CPUs, rare at nanoseconds, also depends on how it batches its reads), streamed with bounded memory: each
+file is read in chunks and records are handed out once every file has read past their time. One action is kept
+(Q by default, the request as queued) and ops follow blkparse's RWBS, as the blkparse text reader does: discard,
+else write, else read when there are bytes; a zero-byte flush is a flush, other zero-byte records (and notes:
+process names, messages) are skipped. Record boundaries depend on each payload, so one compiled pass walks the
+records and writes the kept ones' columns.
 """
 
 from __future__ import annotations
 
 import glob
-import os
 import re
 from typing import Iterator
 
@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import QsimError, UsageError
-from ..trace import DISCARD, FLUSH, READ, WRITE, Trace
+from ..trace import Trace
 from . import streams
 
 MAGIC, VERSION = 0x65617400, 0x07

@@ -48,8 +48,53 @@ def open_stream(path: str) -> IO[bytes]:
         except ImportError:
             raw.close()
             raise QsimError(f"{path}: zstd-compressed; reading it needs the zstandard package: {ZSTD_HINT}") from None
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)  # type: ignore[return-value]
+        return io.BufferedReader(ZstdReader(path, raw, zstandard), 1 << 20)  # type: ignore[return-value]
     return raw
+
+
+class ZstdReader(io.RawIOBase):
+    """A zstd file's decompressed bytes (frame after frame), and an error when the file ends inside a frame
+    (zstandard's own stream reader ends quietly there, which would cut a trace short without a word)."""
+
+    def __init__(self, path: str, raw, zstandard):
+        self.path, self.raw, self.zstandard = path, raw, zstandard
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.pending = b""
+        self.started = False  # some input of the current frame was fed
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            block = self.raw.read(1 << 20)
+            if not block:
+                if self.started and not self.dobj.eof:
+                    raise QsimError(f"{self.path}: the zstd data ends inside a frame (truncated file?)")
+                return 0
+            self.pending = self._feed(block)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def _feed(self, block: bytes) -> bytes:
+        out = []
+        while block:
+            self.started = True
+            try:
+                out.append(self.dobj.decompress(block))
+            except self.zstandard.ZstdError as exc:
+                raise QsimError(f"{self.path}: damaged zstd data ({exc})") from None
+            block = self.dobj.unused_data if self.dobj.eof else b""
+            if self.dobj.eof:
+                self.dobj = self.zstandard.ZstdDecompressor().decompressobj()
+                self.started = bool(block)
+        return b"".join(out)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def head_bytes(path: str, size: int = 64 * 1024) -> bytes:
@@ -57,6 +102,8 @@ def head_bytes(path: str, size: int = 64 * 1024) -> bytes:
     with open_stream(path) as f:
         try:
             return read_exactly(f, size)
+        except QsimError:
+            raise
         except (OSError, EOFError) as exc:
             raise QsimError(f"{path}: cannot read ({exc})") from None
         except Exception as exc:  # zstandard.ZstdError and friends
@@ -81,6 +128,10 @@ def read_into(path: str, f: IO[bytes], buffer) -> int:
     while got < len(buffer):
         try:
             n = f.readinto(view[got:])
+        except QsimError:
+            raise
+        except QsimError:
+            raise
         except (OSError, EOFError) as exc:
             raise QsimError(f"{path}: cannot read ({exc})") from None
         except Exception as exc:  # zstandard.ZstdError and friends
@@ -104,6 +155,8 @@ def byte_chunks(path: str, chunk_bytes: int = 64 << 20, start: int = 0, end: int
                 chunk_bytes = min(chunk_bytes, left)
             try:
                 block = read_exactly(f, chunk_bytes)
+            except QsimError:
+                raise
             except (OSError, EOFError) as exc:
                 raise QsimError(f"{path}: cannot read ({exc})") from None
             except Exception as exc:

@@ -21,12 +21,13 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import QsimError, UsageError
-from ..trace import READ, WRITE, Trace
+from ..trace import WRITE, Trace
 from . import streams
 
 EVENTS = (b"blk_co_preadv", b"blk_co_pwritev")
 LINE = re.compile(rb"(?:(\d+)@(\d+)\.(\d{6}):)?blk_co_p(read|write)v blk (0x[0-9a-f]+|\(nil\)) "
                   rb"bs (?:0x[0-9a-f]+|\(nil\)) offset (\d+) bytes (\d+) flags (?:0x)?[0-9a-f]+\r?")
+LINE_M = re.compile(rb"^" + LINE.pattern + rb"$", re.MULTILINE)
 CANDIDATE = re.compile(rb"(?:\d+@\d+\.\d+:)?blk_co_p(?:read|write)v(?: |\r?$)")
 TICK_SECONDS = 1e-6
 SHAPE = "[TID@SEC.USEC:]blk_co_preadv|blk_co_pwritev blk PTR bs PTR offset N bytes N flags 0xN"
@@ -54,40 +55,55 @@ def raw_chunks(path: str, chunk_bytes: int = 32 << 20, start: int = 0, end: int 
                first_line: int = 1) -> Iterator[streams.Raw]:
     """The log's requests (of an uncompressed log: bytes start .. end, which begin at line ``first_line``)."""
     timed = None  # whether the log's lines carry timestamps (decided by the first one)
-    for first_line, block in streams.line_blocks(path, chunk_bytes, start, end, first_line):
+    for first, block in streams.line_blocks(path, chunk_bytes, start, end, first_line):
         lines = block.split(b"\n")
-        ops, offsets, lengths, ticks, keys, where = [], [], [], [], [], []
-        for i in [i for i, line in enumerate(lines) if b"blk_co_p" in line]:
-            line = lines[i]
-            m = LINE.fullmatch(line)
-            if m is None:
-                if CANDIDATE.match(line):
-                    raise _bad(path, first_line + i, line)
-                continue
-            tid, sec, usec, kind, blk, offset, length = m.groups()
-            if timed is None:
-                timed = tid is not None
-            elif timed != (tid is not None):
-                raise QsimError(f"{path}: line {first_line + i}: a trace line {'without' if timed else 'with'} a "
-                                "timestamp among lines " + ("with" if timed else "without") + " (one QEMU run per "
-                                "log, please: cut the log where QEMU restarted)")
-            n = int(length)
-            if n == 0:
-                continue
-            ops.append(WRITE if kind == b"write" else READ)
-            offsets.append(int(offset))
-            lengths.append(n)
-            if timed:
-                ticks.append(int(sec) * 1_000_000 + int(usec))
-            keys.append(0 if blk == b"(nil)" else int(blk, 16))
-            where.append(first_line + i)
-        if ops:
-            if max(lengths) > 2**32 - 1:
-                k = int(np.argmax(np.array(lengths) > 2**32 - 1))
-                raise QsimError(f"{path}: line {where[k]}: bytes {lengths[k]} is larger than qsim's 4 GiB - 1")
-            yield streams.Raw(np.array(ops, dtype=np.uint8), np.array(offsets, dtype=np.int64),
-                              np.array(lengths, dtype=np.int64), np.array(ticks, dtype=np.int64) if timed else None,
-                              np.array(keys, dtype=np.uint64), np.array(where, dtype=np.int64))
+        where = [i for i, line in enumerate(lines) if b"blk_co_p" in line]
+        candidates = [lines[i] for i in where]
+        found = LINE_M.findall(b"\n".join(candidates))  # the common case: every candidate is a trace line, parsed in C
+        if len(found) != len(candidates):
+            found, where = _line_by_line(path, first, lines, where)
+        if not found:
+            continue
+        tid, sec, usec, kind, blk, offset, length = (np.array(c) for c in zip(*found))
+        has_time = tid != b""
+        if timed is None:
+            timed = bool(has_time[0])
+        mixed = has_time != timed
+        if mixed.any():
+            k = int(np.argmax(mixed))
+            raise QsimError(f"{path}: line {first + where[k]}: a trace line {'without' if timed else 'with'} a "
+                            "timestamp among lines " + ("with" if timed else "without") + " (one QEMU run per log, "
+                            "please: cut the log where QEMU restarted)")
+        length = length.astype(np.int64)
+        keep = length > 0  # zero-length requests (format probes, markers) are not requests
+        big = length > 2**32 - 1
+        if big.any():
+            k = int(np.argmax(big))
+            raise QsimError(f"{path}: line {first + where[k]}: bytes {length[k]} is larger than qsim's 4 GiB - 1")
+        pointers, index = np.unique(blk, return_inverse=True)
+        keys = np.array([0 if p == b"(nil)" else int(p, 16) for p in pointers.tolist()], dtype=np.uint64)
+        ticks = sec.astype(np.int64) * 1_000_000 + usec.astype(np.int64) if timed else None
+        raw = streams.Raw((kind == b"write").astype(np.uint8) * WRITE, offset.astype(np.int64), length,
+                          ticks, keys[index.ravel()], np.asarray(where, dtype=np.int64) + first)
+        if not keep.all():
+            raw = streams.Raw(*(c if c is None else c[keep] for c in raw))
+        if len(raw.op):
+            yield raw
+
+
+def _line_by_line(path: str, first: int, lines: list[bytes], where: list[int]) -> tuple[list, list]:
+    """The block's trace lines one by one, skipping other text that mentions blk_co_p; a malformed trace line is
+    an error naming its line."""
+    found, kept = [], []
+    for i in where:
+        m = LINE.fullmatch(lines[i])
+        if m is None:
+            if CANDIDATE.match(lines[i]):
+                raise _bad(path, first + i, lines[i])
+            continue
+        found.append(tuple(b"" if g is None else g for g in m.groups()))
+        kept.append(i)
+    return found, kept
 
 
 def _bad(path: str, number: int, line: bytes) -> QsimError:

@@ -234,27 +234,34 @@ def select(path: str, chunks: Iterable[Raw], wanted, option: str, tick_seconds: 
 
 
 def survey(chunks: Iterable[Raw], show: Callable = str) -> list[dict]:
-    """Per volume, in order of first appearance: request counts by op, bytes and the largest end offset."""
+    """Per volume, in order of first appearance: request counts by op, bytes and the largest end offset (counted
+    with bincount per chunk, so a file of thousands of volumes costs no more than one of a few)."""
     found: dict = {}
     for raw in chunks:
+        if not len(raw.op):
+            continue
         if raw.key is None:
-            keys, inverse = np.zeros(1, dtype=np.int64), np.zeros(len(raw.op), dtype=np.intp)
+            keys, first, inverse = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.intp), None
         else:
             keys, first, inverse = np.unique(raw.key, return_index=True, return_inverse=True)
-            keys = keys[np.argsort(first)]
-            inverse = np.argsort(np.argsort(first))[inverse]
-        end = raw.offset.astype(np.int64) + raw.length.astype(np.int64)
-        for i, key in enumerate(keys.tolist()):
-            mine = inverse == i
-            ops = raw.op[mine]
+        k = len(keys)
+        index = np.zeros(len(raw.op), dtype=np.intp) if inverse is None else inverse.ravel()
+        counts = {name: np.bincount(index[raw.op == code], minlength=k) for name, code in
+                  (("reads", READ), ("writes", WRITE), ("discards", DISCARD), ("flushes", FLUSH))}
+        total = np.bincount(index, minlength=k)
+        nbytes = np.bincount(index, weights=raw.length.astype(np.float64), minlength=k)
+        ends = np.zeros(k, dtype=np.int64)
+        np.maximum.at(ends, index, raw.offset.astype(np.int64) + raw.length.astype(np.int64))
+        for i in np.argsort(first, kind="stable").tolist():
+            key = keys[i].item() if hasattr(keys[i], "item") else keys[i]
             entry = found.setdefault(key, {"volume": show(key) if raw.key is not None else None, "requests": 0,
                                            "reads": 0, "writes": 0, "discards": 0, "flushes": 0, "bytes": 0,
-                                           "max_end_offset": 0, "first": int(raw.where[mine][0])})
-            entry["requests"] += int(mine.sum())
-            for name, code in (("reads", READ), ("writes", WRITE), ("discards", DISCARD), ("flushes", FLUSH)):
-                entry[name] += int((ops == code).sum())
-            entry["bytes"] += int(raw.length[mine].astype(np.int64).sum())
-            entry["max_end_offset"] = max(entry["max_end_offset"], int(end[mine].max()))
+                                           "max_end_offset": 0, "first": int(raw.where[first[i]])})
+            entry["requests"] += int(total[i])
+            for name, column in counts.items():
+                entry[name] += int(column[i])
+            entry["bytes"] += int(nbytes[i])
+            entry["max_end_offset"] = max(entry["max_end_offset"], int(ends[i]))
     return list(found.values())
 
 

@@ -246,7 +246,7 @@ def binary_format_speed(n: int, rounds: int) -> dict:
     """Records per second reading vscsi and blktrace binary files into qsim's Trace columns (iter_trace, streamed;
     the files are in the page cache), against a plain Python struct loop over the same bytes (the peer reads its
     first min(n, 300k) records), interleaved rounds; and the peak memory per request of a whole read_trace."""
-    from qsim.traceio import iter_trace
+    from qsim.traceio import iter_trace, read_trace
 
     with tempfile.TemporaryDirectory() as d:
         vscsi, blk, blk_records = write_binary_traces(d, n)
@@ -264,25 +264,23 @@ def binary_format_speed(n: int, rounds: int) -> dict:
             t_pv.append(dt / walked)
             dt, walked = timed(_python_blktrace, blk + ".blktrace.0", limit)
             t_pb.append(dt / walked)
-        code = f"""
-import sys
-sys.path.insert(0, {str(ROOT)!r})
-from qsim.traceio import read_trace
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-read_trace({vscsi!r}).op.sum()
-open("/proc/self/clear_refs", "w").write("5")
-base = status("VmRSS")
-t = read_trace({vscsi!r})
-print((status("VmHWM") - base) / len(t))
-"""
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        bytes_per_request = _traced_peak(read_trace, vscsi) / n
     vscsi_rate, blk_rate = n / statistics.median(t_v), blk_records / statistics.median(t_b)
     return {"vscsi_records_s": vscsi_rate, "vscsi_vs_python_struct": vscsi_rate * statistics.median(t_pv),
             "blktrace_records_s": blk_rate, "blktrace_vs_python_struct": blk_rate * statistics.median(t_pb),
-            "binary_read_bytes_per_request": float(out.stdout.strip()), "binary_records": n}
+            "binary_read_bytes_per_request": bytes_per_request, "binary_records": n}
+
+
+def _traced_peak(fn, *args) -> int:
+    """Peak bytes numpy and Python allocate during ``fn(*args)`` (tracemalloc; numpy reports its buffers to it)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def qemu_rate(rounds: int) -> float | None:

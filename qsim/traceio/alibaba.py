@@ -11,7 +11,6 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import QsimError, UsageError
 from ..trace import READ, WRITE, Trace
 from . import streams
 
@@ -27,20 +26,14 @@ PROBLEM = streams.field_problem(5, [
 
 
 def looks_like_alibaba(lines: list[str]) -> bool:
-    body = [line.strip() for line in lines if line.strip()]
-    if body and body[0].lower().replace(" ", "") == ",".join(NAMES):
-        return True
-    return bool(body) and all(LINE.fullmatch(line) for line in body[:10])
+    return streams.looks_like(lines, NAMES, LINE)
 
 
 def raw_chunks(path: str) -> Iterator[streams.Raw]:
     def convert(frame, first_line):
         where = np.arange(first_line, first_line + len(frame), dtype=np.int64)
-        op = frame["opcode"].astype(str).str.upper().map(OPS)
-        if op.isna().any():
-            k = int(np.argmax(op.isna().to_numpy()))
-            raise QsimError(f"{path}: line {where[k]}: opcode {frame['opcode'].iloc[k]!r} is not R or W")
-        raw = streams.Raw(op.to_numpy(dtype=np.uint8), frame["offset"].to_numpy(), frame["length"].to_numpy(),
+        op = streams.op_codes(path, frame["opcode"], where, OPS, "R or W")
+        raw = streams.Raw(op, frame["offset"].to_numpy(), frame["length"].to_numpy(),
                           frame["timestamp"].to_numpy(), frame["device_id"].to_numpy(), where)
         streams.check_columns(path, where, raw.offset, raw.length)
         return raw
@@ -49,9 +42,7 @@ def raw_chunks(path: str) -> Iterator[streams.Raw]:
 
 
 def parse_volume(text: str) -> int:
-    if not str(text).strip().isdigit():
-        raise UsageError(f"--volume {text!r}: an Alibaba volume is a device_id (a whole number)")
-    return int(text)
+    return streams.whole_number_volume(text, "an Alibaba volume is a device_id")
 
 
 def iter_alibaba(path: str, volume: str | None = None) -> Iterator[Trace]:

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import QsimError, UsageError
+from ..errors import UsageError
 from ..trace import READ, WRITE, Trace
 from . import streams
 
@@ -30,21 +30,15 @@ PROBLEM = streams.field_problem(7, [
 
 
 def looks_like_msr(lines: list[str]) -> bool:
-    body = [line.strip() for line in lines if line.strip()]
-    if body and body[0].lower().replace(" ", "") == ",".join(NAMES).lower():
-        return True
-    return bool(body) and all(LINE.fullmatch(line) for line in body[:10])
+    return streams.looks_like(lines, NAMES, LINE)
 
 
 def raw_chunks(path: str) -> Iterator[streams.Raw]:
     def convert(frame, first_line):
         where = np.arange(first_line, first_line + len(frame), dtype=np.int64)
-        op = frame["Type"].astype(str).str.lower().map(OPS)
-        if op.isna().any():
-            k = int(np.argmax(op.isna().to_numpy()))
-            raise QsimError(f"{path}: line {where[k]}: Type {frame['Type'].iloc[k]!r} is not Read or Write")
+        op = streams.op_codes(path, frame["Type"], where, OPS, "Read or Write")
         volume = (frame["Hostname"].astype(str) + "_" + frame["DiskNumber"].astype(str)).to_numpy(dtype=object)
-        raw = streams.Raw(op.to_numpy(dtype=np.uint8), frame["Offset"].to_numpy(), frame["Size"].to_numpy(),
+        raw = streams.Raw(op, frame["Offset"].to_numpy(), frame["Size"].to_numpy(),
                           frame["Timestamp"].to_numpy(), volume, where)
         streams.check_columns(path, where, raw.offset, raw.length, ("Offset", "Size"))
         return raw

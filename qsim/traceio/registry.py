@@ -22,6 +22,14 @@ TEXT_DETECTORS = (("msr", msr.looks_like_msr), ("alibaba", alibaba.looks_like_al
                   ("tencent", tencent.looks_like_tencent))
 SURVEYS = {"qemu-log": qemulog.survey_qemulog, "msr": msr.survey_msr, "alibaba": alibaba.survey_alibaba,
            "tencent": tencent.survey_tencent}
+READERS = {  # (path, action, device, volume, chunk_requests) -> chunks of Trace
+    "qemu-log": lambda path, action, device, volume, chunk: qemulog.iter_qemulog(path, device),
+    "vscsi": lambda path, action, device, volume, chunk: vscsi.iter_vscsi(path, chunk),
+    "blktrace": lambda path, action, device, volume, chunk: blktrace.iter_blktrace(path, action),
+    "msr": lambda path, action, device, volume, chunk: msr.iter_msr(path, volume),
+    "alibaba": lambda path, action, device, volume, chunk: alibaba.iter_alibaba(path, volume),
+    "tencent": lambda path, action, device, volume, chunk: tencent.iter_tencent(path, volume),
+}
 QEMU_LOG_PROBE = 1 << 20  # a libvirt domain log can start with a long command line and other messages
 
 
@@ -69,18 +77,8 @@ def iter_formats(path: str, fmt: str, action: str = "Q", device: str | None = No
     check_selection(path, fmt, device, volume)
     if fmt != "blktrace" or os.path.exists(path):
         check_readable(path)
-    if fmt == "qemu-log":
-        return qemulog.iter_qemulog(path, device)
-    if fmt == "vscsi":
-        return vscsi.iter_vscsi(path, chunk_requests)
-    if fmt == "blktrace":
-        return blktrace.iter_blktrace(path, action)
-    if fmt == "msr":
-        return msr.iter_msr(path, volume)
-    if fmt == "alibaba":
-        return alibaba.iter_alibaba(path, volume)
-    if fmt == "tencent":
-        return tencent.iter_tencent(path, volume)
+    if fmt in READERS:
+        return READERS[fmt](path, action, device, volume, chunk_requests)
     raise QsimError(f"--format {fmt!r}: not one of {', '.join(FORMATS)}", 2)
 
 

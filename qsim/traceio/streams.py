@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import io
+from contextlib import contextmanager
 from typing import IO, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -97,17 +98,23 @@ class ZstdReader(io.RawIOBase):
         super().close()
 
 
+@contextmanager
+def reading(path: str):
+    """Turn a read failure (I/O, damaged gzip or zstd data) into one QsimError naming the file."""
+    try:
+        yield
+    except QsimError:
+        raise
+    except (OSError, EOFError) as exc:
+        raise QsimError(f"{path}: cannot read ({exc})") from None
+    except Exception as exc:  # zstandard.ZstdError and friends
+        raise QsimError(f"{path}: damaged compressed data ({exc})") from None
+
+
 def head_bytes(path: str, size: int = 64 * 1024) -> bytes:
     """The first ``size`` decompressed bytes (for format detection)."""
-    with open_stream(path) as f:
-        try:
-            return read_exactly(f, size)
-        except QsimError:
-            raise
-        except (OSError, EOFError) as exc:
-            raise QsimError(f"{path}: cannot read ({exc})") from None
-        except Exception as exc:  # zstandard.ZstdError and friends
-            raise QsimError(f"{path}: damaged compressed data ({exc})") from None
+    with open_stream(path) as f, reading(path):
+        return read_exactly(f, size)
 
 
 def read_exactly(f: IO[bytes], size: int) -> bytes:
@@ -126,16 +133,8 @@ def read_into(path: str, f: IO[bytes], buffer) -> int:
     """Fill ``buffer`` from ``f`` (short only at the end of the stream); the number of bytes read."""
     view, got = memoryview(buffer), 0
     while got < len(buffer):
-        try:
+        with reading(path):
             n = f.readinto(view[got:])
-        except QsimError:
-            raise
-        except QsimError:
-            raise
-        except (OSError, EOFError) as exc:
-            raise QsimError(f"{path}: cannot read ({exc})") from None
-        except Exception as exc:  # zstandard.ZstdError and friends
-            raise QsimError(f"{path}: damaged compressed data ({exc})") from None
         if not n:
             break
         got += n
@@ -153,14 +152,8 @@ def byte_chunks(path: str, chunk_bytes: int = 64 << 20, start: int = 0, end: int
                 if left <= 0:
                     return
                 chunk_bytes = min(chunk_bytes, left)
-            try:
+            with reading(path):
                 block = read_exactly(f, chunk_bytes)
-            except QsimError:
-                raise
-            except (OSError, EOFError) as exc:
-                raise QsimError(f"{path}: cannot read ({exc})") from None
-            except Exception as exc:
-                raise QsimError(f"{path}: damaged compressed data ({exc})") from None
             if not block:
                 return
             if left is not None:
@@ -348,3 +341,26 @@ def field_problem(want: int, checks: list[tuple[str, Callable[[str], bool], str]
 
 def is_count(text: str) -> bool:
     return text.isdigit()
+
+
+def op_codes(path: str, column, where: np.ndarray, ops: dict, expected: str) -> np.ndarray:
+    """A text column of op names (``ops``' keys, any case) as op codes; the line of the first other value."""
+    op = column.astype(str).str.strip().str.lower().map({k.lower(): v for k, v in ops.items()})
+    if op.isna().any():
+        k = int(np.argmax(op.isna().to_numpy()))
+        raise QsimError(f"{path}: line {where[k]}: {column.name} {column.iloc[k]!r} is not {expected}")
+    return op.to_numpy(dtype=np.uint8)
+
+
+def looks_like(lines: list[str], names: tuple[str, ...], line) -> bool:
+    """The first line is the documented header, or the first ten lines all have the format's shape."""
+    body = [text.strip() for text in lines if text.strip()]
+    if body and body[0].lower().replace(" ", "") == ",".join(names).lower():
+        return True
+    return bool(body) and all(line.fullmatch(text) for text in body[:10])
+
+
+def whole_number_volume(text: str, what: str) -> int:
+    if not str(text).strip().isdigit():
+        raise UsageError(f"--volume {text!r}: {what} (a whole number)")
+    return int(text)

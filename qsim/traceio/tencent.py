@@ -11,7 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import QsimError, UsageError
+from ..errors import QsimError
 from ..trace import READ, WRITE, Trace
 from . import streams
 
@@ -26,10 +26,7 @@ PROBLEM = streams.field_problem(5, [
 
 
 def looks_like_tencent(lines: list[str]) -> bool:
-    body = [line.strip() for line in lines if line.strip()]
-    if body and body[0].lower().replace(" ", "") == ",".join(NAMES).lower():
-        return True
-    return bool(body) and all(LINE.fullmatch(line) for line in body[:10])
+    return streams.looks_like(lines, NAMES, LINE)
 
 
 def raw_chunks(path: str) -> Iterator[streams.Raw]:
@@ -50,9 +47,7 @@ def raw_chunks(path: str) -> Iterator[streams.Raw]:
 
 
 def parse_volume(text: str) -> int:
-    if not str(text).strip().isdigit():
-        raise UsageError(f"--volume {text!r}: a Tencent volume is a VolumeID (a whole number)")
-    return int(text)
+    return streams.whole_number_volume(text, "a Tencent volume is a VolumeID")
 
 
 def iter_tencent(path: str, volume: str | None = None) -> Iterator[Trace]:

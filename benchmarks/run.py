@@ -174,6 +174,117 @@ def _python_iolog(path):
     return len(ops)
 
 
+def write_binary_traces(directory: str, n: int) -> tuple[str, str, int]:
+    """n requests as a vscsi v1 file and as a blktrace pair of per-CPU files (each request a Q and a C record, a
+    process note with a 16-byte payload every 16 requests); returns both paths and the blktrace record count."""
+    import struct
+
+    from qsim.traceio.vscsi import V1
+
+    rng = np.random.default_rng(7)
+    rec = np.zeros(n, dtype=V1)
+    rec["ver"], rec["len"], rec["ts"] = 0x0100, 4096, np.arange(n, dtype=np.uint64) * 100
+    rec["cmd"] = np.where(rng.random(n) < 0.7, 0x28, 0x2A)
+    rec["lbn"] = rng.integers(0, 1 << 31, n) * 8
+    vscsi = os.path.join(directory, "bench.vscsi")
+    rec.tofile(vscsi)
+    header = np.dtype([("magic", "<u4"), ("sequence", "<u4"), ("time", "<u8"), ("sector", "<u8"), ("bytes", "<u4"),
+                       ("action", "<u4"), ("pid", "<u4"), ("device", "<u4"), ("cpu", "<u4"), ("error", "<u2"),
+                       ("pdu_len", "<u2")])
+    records = 0
+    for cpu in (0, 1):
+        mine = np.arange(cpu, n, 2)
+        bt = np.zeros(2 * len(mine), dtype=header)
+        bt["magic"], bt["device"], bt["cpu"], bt["bytes"] = 0x65617407, (8 << 20), cpu, 4096
+        bt["time"][0::2], bt["time"][1::2] = mine * 1000, mine * 1000 + 500
+        bt["sector"][0::2] = bt["sector"][1::2] = rec["lbn"][mine]
+        category = np.where(rec["cmd"][mine] == 0x2A, 2, 1).astype(np.uint32) << 16
+        bt["action"][0::2], bt["action"][1::2] = 1 | category | (1 << 20), 8 | category | (1 << 23)
+        bt["sequence"] = np.arange(1, len(bt) + 1)
+        note = struct.pack("<IIQQIIIIIHH", 0x65617407, 0, 0, 0, 0, 1 << 26, 1, 8 << 20, cpu, 0, 16) + b"fio".ljust(16,
+                                                                                                            b"\0")
+        with open(os.path.join(directory, f"bench.blktrace.{cpu}"), "wb") as f:
+            for start in range(0, len(bt), 32):
+                f.write(bt[start:start + 32].tobytes())
+                f.write(note)
+                records += 1
+        records += len(bt)
+    return vscsi, os.path.join(directory, "bench"), records
+
+
+def _python_vscsi(path: str, limit: int) -> int:
+    """The peer: a plain struct loop over the same records, into Python lists."""
+    import struct
+
+    ops, offsets, lengths = [], [], []
+    with open(path, "rb") as f:
+        data = f.read(32 * limit)
+    for sn, length, nsg, cmd, ver, lbn, ts in struct.iter_unpack("<IIIHHQQ", data):
+        if cmd in (0x28, 0x2A):
+            ops.append(cmd == 0x2A)
+            offsets.append(lbn * 512)
+            lengths.append(length)
+    return len(data) // 32
+
+
+def _python_blktrace(path: str, limit: int) -> int:
+    import struct
+
+    kept, walked = [], 0
+    with open(path, "rb") as f:
+        data = f.read(56 * limit)
+    pos = 0
+    unpack = struct.Struct("<IIQQIIIIIHH").unpack_from
+    while pos + 48 <= len(data) and walked < limit:
+        magic, seq, t, sector, nbytes, action, pid, dev, cpu, err, pdu = unpack(data, pos)
+        if action & 0xFFFF == 1 and not action & (1 << 26):
+            kept.append((action >> 17 & 1, sector * 512, nbytes, t))
+        pos += 48 + pdu
+        walked += 1
+    return walked
+
+
+def binary_format_speed(n: int, rounds: int) -> dict:
+    """Records per second reading vscsi and blktrace binary files into qsim's Trace columns (iter_trace, streamed;
+    the files are in the page cache), against a plain Python struct loop over the same bytes (the peer reads its
+    first min(n, 300k) records), interleaved rounds; and the peak memory per request of a whole read_trace."""
+    from qsim.traceio import iter_trace, read_trace
+
+    with tempfile.TemporaryDirectory() as d:
+        vscsi, blk, blk_records = write_binary_traces(d, n)
+        limit = min(n, 300_000)
+
+        def ours(path):
+            return sum(len(c) for c in iter_trace(path))
+
+        assert ours(vscsi) == n and ours(blk) == n  # also compiles the decoders once
+        t_v, t_b, t_pv, t_pb = [], [], [], []
+        for _ in range(rounds):
+            t_v.append(timed(ours, vscsi)[0])
+            t_b.append(timed(ours, blk)[0])
+            dt, walked = timed(_python_vscsi, vscsi, limit)
+            t_pv.append(dt / walked)
+            dt, walked = timed(_python_blktrace, blk + ".blktrace.0", limit)
+            t_pb.append(dt / walked)
+        bytes_per_request = _traced_peak(read_trace, vscsi) / n
+    vscsi_rate, blk_rate = n / statistics.median(t_v), blk_records / statistics.median(t_b)
+    return {"vscsi_records_s": vscsi_rate, "vscsi_vs_python_struct": vscsi_rate * statistics.median(t_pv),
+            "blktrace_records_s": blk_rate, "blktrace_vs_python_struct": blk_rate * statistics.median(t_pb),
+            "binary_read_bytes_per_request": bytes_per_request, "binary_records": n}
+
+
+def _traced_peak(fn, *args) -> int:
+    """Peak bytes numpy and Python allocate during ``fn(*args)`` (tracemalloc; numpy reports its buffers to it)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn(*args)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def qemu_rate(rounds: int) -> float | None:
     """Requests per second of real qemu-io replaying 5000 4k random reads (with cache tracing, as validate does)."""
     import shutil
@@ -259,10 +370,15 @@ def main() -> int:
             print(_format_row(row), flush=True)
     ours, plain = parse_speed(20_000 if args.smoke else 2_000_000, rounds)
     extra = {"iolog_lines_s": ours, "iolog_vs_python_split": ours / plain}
+    extra.update(binary_format_speed(20_000 if args.smoke else 2_000_000 if args.quick else 10_000_000, rounds))
     if not args.smoke:
         extra["bytes_per_request_10M"] = peak_bytes_per_request(10_000_000 if not args.quick else 1_000_000)
         extra["qemu_io_req_s"] = qemu_rate(rounds)
     print(f"trace parsing: {ours / 1e6:.2f}M iolog lines/s ({ours / plain:.1f}x a plain Python split loop)")
+    print(f"binary traces ({extra['binary_records'] / 1e6:g}M requests): vscsi {extra['vscsi_records_s'] / 1e6:.1f}M "
+          f"records/s ({extra['vscsi_vs_python_struct']:.0f}x a Python struct loop), blktrace "
+          f"{extra['blktrace_records_s'] / 1e6:.1f}M records/s ({extra['blktrace_vs_python_struct']:.0f}x); "
+          f"read whole: {extra['binary_read_bytes_per_request']:.1f} bytes per request at peak")
     if "bytes_per_request_10M" in extra:
         print(f"peak memory: {extra['bytes_per_request_10M']:.0f} bytes per request (1T, 20 cache sizes)")
     if extra.get("qemu_io_req_s"):

@@ -28,7 +28,7 @@ F_ZERO, F_COMPRESSED, F_COPIED = 1, 2, 4
 NORMAL, ZERO_PLAIN, ZERO_ALLOC, UNALLOC_PLAIN, UNALLOC_ALLOC, COMPRESSED = range(6)
 
 # Trace file formats qsim reads (``--format``; detected from the content when not given)
-TRACE_FORMATS = ("iolog", "blkparse", "csv", "npz")
+TRACE_FORMATS = ("iolog", "blkparse", "csv", "npz", "qemu-log", "vscsi", "blktrace", "msr", "alibaba", "tencent")
 
 # The most requests ``qsim trace synth`` makes (in memory, about 40 bytes each while generating: 4 GB here)
 MAX_SYNTH_REQUESTS = 100_000_000

@@ -90,6 +90,8 @@ TABLE = {
     "format": Row(("format",), ("--format", "blkparse"), trace="blkparse-late"),
     "file": Row(("file",), ("--file", "/dev/vdb"), trace="two-files"),
     "action": Row(("action",), ("--action", "C"), trace="blkparse"),
+    "device": Row(("device",), ("--device", "0x56286628b280"), trace="qemu-log"),
+    "volume": Row(("volume",), ("--volume", "27"), trace="alibaba"),
 }
 
 
@@ -122,6 +124,9 @@ def traces(tmp_path_factory) -> dict[str, str]:
             blk.append(f"  8,0    1 {k + 1:>6} {k * 0.001:.9f}  4242  {action}  {rwbs} {off // 512} + {n // 512} [fio]")
     paths["blkparse"] = str(d / "trace.blk")
     Path(paths["blkparse"]).write_text("\n".join(blk) + "\n")
+    for name, fixture in (("qemu-log", "qemu-7.2-two-drives.log"), ("alibaba", "alibaba.csv")):
+        paths[name] = str(d / fixture)  # two BlockBackends, two volumes: without a choice, the reader refuses
+        shutil.copy(FIXTURES / "traces" / fixture, paths[name])
     paths["blkparse-late"] = str(d / "late.blk")  # a banner the format detection does not get past
     Path(paths["blkparse-late"]).write_text("".join(f"# capture banner line {i}\n" for i in range(40)) +
                                             "\n".join(blk) + "\n")

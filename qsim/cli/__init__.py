@@ -7,9 +7,9 @@ import sys
 
 from .. import __version__
 from ..errors import QsimError
-from . import inspect, measure, plan, plot, replay, size, sweep, trace, validate
+from . import capture, inspect, measure, plan, plot, replay, size, sweep, trace, validate
 
-SUBCOMMANDS = [size, measure, inspect, trace, replay, sweep, validate, plan, plot]
+SUBCOMMANDS = [size, measure, inspect, trace, replay, sweep, validate, plan, plot, capture]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ MIN_CACHE_SIZE_IN_RANGE = 512
 
 SCENARIO_DESTS = frozenset({"size", "image", "backing_chain", "image_options", "l2_cache_size",
                             "l2_cache_entry_size", "cache_mode", "offset_policy", "qemu_version"})
-READING_DESTS = frozenset({"format", "file", "action"})
+READING_DESTS = frozenset({"format", "file", "action", "device", "volume"})
 
 
 def parse_cache_sizes(text: str | None, option: str = "--l2-cache-size") -> tuple[int | None, ...]:
@@ -126,4 +126,5 @@ def reading_from_args(args: argparse.Namespace):
     """How the parsed options say to read the trace (``READING_DESTS``)."""
     from ..traceio.reading import ReadOptions
 
-    return ReadOptions(format=args.format, file=args.file, action=args.action)
+    return ReadOptions(format=args.format, file=args.file, action=args.action, device=args.device,
+                       volume=args.volume)

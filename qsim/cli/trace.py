@@ -12,29 +12,40 @@ from .common import RawDefaultsHelp, add_output, print_json, print_table, size_a
 
 EXAMPLES = """examples:
   qsim trace info traces/fio-randread-4k.iolog.gz
+  qsim trace info /var/log/libvirt/qemu/vm1.log            # lists the BlockBackends; then --device 0x55...
+  qsim trace convert alibaba_io_traces.csv.zst dev419.iolog.gz --volume 419
   qsim trace synth zipf.iolog.gz --pattern zipf:1.2 --size 100G --requests 1M --bs 4k --rw 70 --seed 1
   qsim trace synth mixed.csv --pattern hotspot:90/10 --size 20G --requests 100k --bs 4k/50:64k/50 --fsync 32
   qsim trace convert traces/fio-randread-4k.iolog.gz randread.npz
 """
 
 
+VOLUME_WORD = {"qemu-log": "BlockBackend", "msr": "volume", "alibaba": "device", "tencent": "volume"}
+
+
 def add_reader_options(parser: argparse.ArgumentParser) -> None:
     """How to read a trace file: the options every subcommand that loads a trace shares."""
     parser.add_argument("--format", choices=FORMATS, help="force the input format (default: detected from content)")
     parser.add_argument("--file", metavar="NAME", help="fio iolog naming several files: the one to keep")
-    parser.add_argument("--action", default="Q", help="blkparse: the action to keep (default Q, queued)")
+    parser.add_argument("--action", default="Q", help="blkparse/blktrace: the action to keep (default Q, queued)")
+    parser.add_argument("--device", metavar="PTR",
+                        help="QEMU trace log: the BlockBackend to keep, by its blk pointer (trace info lists them)")
+    parser.add_argument("--volume", metavar="ID", help="msr (HOST_DISK, e.g. web_1), alibaba (device_id), tencent "
+                        "(VolumeID): the volume to keep (trace info lists them)")
 
 
 def load_trace(args: argparse.Namespace, path: str | None = None):
-    from ..traceio import read_trace
+    from .scenario_args import reading_from_args
 
-    return read_trace(path or args.trace, args.format, args.file, args.action)
+    return reading_from_args(args).read(path or args.trace)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("trace", help="inspect, synthesize and convert I/O traces",
-                       description="Traces are fio iologs (v2/v3), blkparse text, CSV (op,offset,length[,time]) or "
-                       "qsim's binary .npz; gzip is read transparently.",
+                       description="Traces are fio iologs (v2/v3), blkparse text, CSV (op,offset,length[,time]), "
+                       "qsim's binary .npz, QEMU trace logs (blk_co_preadv/pwritev), blktrace binary, CloudPhysics "
+                       "vscsi, and the MSR Cambridge, Alibaba and Tencent CBS block traces; gzip and zstd are read "
+                       "transparently.",
                        epilog=EXAMPLES, formatter_class=RawDefaultsHelp)
     tsub = p.add_subparsers(dest="trace_command", metavar="ACTION", required=True)
 
@@ -122,8 +133,16 @@ _percent_arg.__name__ = "percentage"
 def run_info(args: argparse.Namespace) -> int:
     from ..replay import virtual_size_for
     from ..trace import trace_stats
+    from ..traceio import detect_format
+    from ..traceio.registry import survey
 
+    fmt = args.format or detect_format(args.trace)
+    volumes = survey(args.trace, fmt)
+    if volumes is not None and len(volumes) > 1 and args.device is None and args.volume is None:
+        return print_volumes(args, fmt, volumes)  # nothing chosen yet: what there is to choose from
     stats = trace_stats(load_trace(args))
+    if volumes is not None:
+        stats["volumes"] = volumes
     if args.output == "json":
         print_json(stats)
         return 0
@@ -145,7 +164,33 @@ def run_info(args: argparse.Namespace) -> int:
         total = sum(stats["size_histogram"].values())
         for size, count in stats["size_histogram"].items():
             print(f"    {format_size(size):>6}  {count:>10}  {100 * count / total:5.1f}%")
+    if volumes is not None:
+        print_volume_table(fmt, volumes)
     return 0
+
+
+def print_volumes(args: argparse.Namespace, fmt: str, volumes: list[dict]) -> int:
+    from ..traceio.registry import SELECTOR
+
+    option = SELECTOR[fmt]
+    if args.output == "json":
+        print_json({"source": args.trace, "format": fmt, "volumes": volumes})
+        return 0
+    print(f"{args.trace}: {fmt}, {len(volumes)} {VOLUME_WORD[fmt]}s; choose one with {option}")
+    print_volume_table(fmt, volumes)
+    return 0
+
+
+def print_volume_table(fmt: str, volumes: list[dict]) -> None:
+    from ..replay import virtual_size_for
+
+    word = VOLUME_WORD[fmt]
+    width = max([len(word)] + [len(str(v["volume"])) for v in volumes])
+    print(f"  {word:<{width}}  {'requests':>10}  {'reads':>10}  {'writes':>10}  {'bytes':>10}  ends below  first line")
+    for v in volumes:
+        print(f"  {str(v['volume']):<{width}}  {v['requests']:>10}  {v['reads']:>10}  {v['writes']:>10}  "
+              f"{human_size(v['bytes']):>10}  {format_size(virtual_size_for(v['max_end_offset'])):>10}  {v['first']}")
+
 
 
 def run_synth(args: argparse.Namespace) -> int:

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from ..errors import QsimError
 from ..trace import Trace
-from .blkparse import iter_blkparse, looks_like_blkparse, read_blkparse
-from .csvfmt import iter_csv_trace, read_csv_trace, write_csv_trace
+from .blkparse import iter_blkparse, looks_like_blkparse
+from .csvfmt import iter_csv_trace, write_csv_trace
 from .iolog import HEADERS, iter_iolog, read_iolog, write_iolog
 from .npz import read_npz_trace, write_npz_trace
 from .textfile import check_readable, gather, head_lines
+from . import registry
 
 from ..codes import TRACE_FORMATS as FORMATS
 
+assert set(registry.FORMATS) <= set(FORMATS)  # the CLI's --format choices name every reader
+
 
 def detect_format(path: str) -> str:
+    found = registry.detect_first(path)  # binary, zstd, blktrace per-CPU sets
+    if found:
+        return found
     check_readable(path)
     lines = head_lines(path, 20)
     if not lines:
@@ -26,15 +32,23 @@ def detect_format(path: str) -> str:
         return "csv"
     if looks_like_blkparse(lines):
         return "blkparse"
+    found = registry.detect_last(path, lines)  # headerless public traces, QEMU logs
+    if found:
+        return found
     raise QsimError(f"{path}: line 1: unknown trace format {lines[0][:60]!r} (expected a fio iolog header "
                     "'fio version 3 iolog', a CSV header 'op,offset,length', blkparse text or a qsim .npz; "
                     "force one with --format)")
 
 
-def read_trace(path: str, format: str | None = None, file: str | None = None, action: str = "Q") -> Trace:
+def read_trace(path: str, format: str | None = None, file: str | None = None, action: str = "Q",
+               device: str | None = None, volume: str | None = None) -> Trace:
     """Load a trace; ``format`` forces one of FORMATS, ``file`` picks a file in a multi-file iolog, ``action`` the
-    blkparse action kept."""
+    blkparse/blktrace action kept, ``device`` a BlockBackend of a QEMU log, ``volume`` a volume of an msr, alibaba
+    or tencent trace."""
     fmt = format or detect_format(path)
+    if fmt in registry.FORMATS:
+        return registry.read_formats(path, fmt, action, device, volume)
+    registry.check_selection(path, fmt, device, volume)
     check_readable(path)
     if fmt == "iolog":
         return read_iolog(path, file)
@@ -63,10 +77,14 @@ def _whole(path: str, chunks) -> Trace:
 
 
 def iter_trace(path: str, format: str | None = None, file: str | None = None, action: str = "Q",
-               chunk_requests: int = 1 << 21):
-    """The trace in chunks of at most ``chunk_requests`` requests; iolog, CSV and blkparse text stream from disk
-    (bounded memory whatever the file's size), .npz is read whole."""
+               chunk_requests: int = 1 << 21, device: str | None = None, volume: str | None = None):
+    """The trace in chunks of at most ``chunk_requests`` requests; iolog, CSV and blkparse text and the public
+    formats stream from disk (bounded memory whatever the file's size), .npz is read whole."""
     fmt = format or detect_format(path)
+    if fmt in registry.FORMATS:
+        yield from registry.iter_formats(path, fmt, action, device, volume, chunk_requests)
+        return
+    registry.check_selection(path, fmt, device, volume)
     check_readable(path)
     empty = True
     for chunk in _streams(path, fmt, file, action):

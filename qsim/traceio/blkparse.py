@@ -84,7 +84,8 @@ def _check_fields(path: str, fields, number: np.ndarray) -> None:
         k = int(np.argmax(long))
         raise QsimError(f"{path}: line {number[k]}: sector {shorten(fields['sector'].iloc[k])} + "
                         f"{shorten(fields['nsect'].iloc[k])} is beyond any disk (the limit is 2^63 - 1 bytes)")
-    stray = fields["sector"].isna().to_numpy() & fields["tail"].str.match(r"\s*[+\d]").to_numpy(dtype=bool)
+    # (blkparse prints a completion without sectors as "0 [0]": a number but no '+', which is not a stray sector)
+    stray = fields["sector"].isna().to_numpy() & fields["tail"].str.match(r"\s*\S*\s*\+").to_numpy(dtype=bool)
     if stray.any():
         k = int(np.argmax(stray))
         raise QsimError(f"{path}: line {number[k]}: expected SECTOR + NSECT after the RWBS field, found "

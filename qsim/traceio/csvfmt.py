@@ -484,7 +484,7 @@ def row_problem(text: str, roles: np.ndarray) -> str | None:
         if not 1 <= values["length"] <= MAX_LENGTH:
             return f"length {bare(column[2])} is not valid (expected 1 to {MAX_LENGTH} bytes)"
         if values["offset"] + values["length"] > MAX_INT64:
-            return f"the request ends beyond byte 2^63 - 1 (QEMU's limit for a disk)"
+            return "the request ends beyond byte 2^63 - 1 (QEMU's limit for a disk)"
     if 3 in column:
         value = column[3]
         ok = bool(value) and set(value) <= _FLOAT_CHARS and _is_float(value)

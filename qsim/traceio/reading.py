@@ -12,11 +12,15 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class ReadOptions:
     """``format``: one of ``qsim.traceio.FORMATS`` (None = detected from the content); ``file``: the file to keep
-    in a fio iolog naming several; ``action``: the blkparse action kept (Q, queued, by default)."""
+    in a fio iolog naming several; ``action``: the blkparse/blktrace action kept (Q, queued, by default);
+    ``device``: the BlockBackend (blk pointer) of a QEMU trace log; ``volume``: the volume of an MSR, Alibaba or
+    Tencent trace."""
 
     format: str | None = None
     file: str | None = None
     action: str = "Q"
+    device: str | None = None
+    volume: str | None = None
 
     def read(self, path: str):
         """The whole trace (a ``Trace``)."""

@@ -7,11 +7,11 @@ Run by hand (needs qemu-img; the image is sparse: about 330 MB on disk, made in 
 Prints, for the same image: qemu-img map, ``qsim inspect --map`` (the CLI, whole process), the reader alone (a
 process that imports only qsim.qcow2 and qsim.inspect) and ``qsim inspect``; checks the maps are byte-identical.
 
-Measured 2026-12-01 on the 2-core CI box, 2 TiB, 64 KiB clusters (4,096 L2 tables, 33,554,432 data clusters):
-qemu-img map 7.2: 2.7 s, 40 MB; the reader alone: 7.2 s, 94 MB; ``qsim inspect --map``: 10.2 s, 323 MB, of
-which 259 MB is ``import qsim`` itself (pandas, numba, pyarrow and JIT-compiled kernels, imported eagerly by
-qsim/__init__.py and qsim/cli/__init__.py); before this change the reader held every L2 table and one refcount
-per host cluster (3.4 GB at 1 TiB, MemoryError at 2 TiB under a 4 GiB cap).
+Measured 2026-12-01 on the shared 2-core box, 2 TiB, 64 KiB clusters (4,096 L2 tables, 33,554,432 data
+clusters), maps byte-identical: qemu-img map 7.2: 40 MiB; the reader alone: 83 MiB; ``qsim inspect --map``:
+219 MiB, of which 168 MiB is ``import qsim.cli`` itself (pandas, numba, pyarrow, imported eagerly by
+qsim/__init__.py and the replay/sweep CLI modules). Before this change the reader held every L2 table and one
+refcount per host cluster: 3.4 GB at 1 TiB, MemoryError at 2 TiB under a 4 GiB cap.
 """
 
 from __future__ import annotations

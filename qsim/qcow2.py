@@ -435,7 +435,8 @@ def _read_bitmap_directory(r: _Reader, h: Header) -> list[tuple[int, int, np.nda
         if bad:
             raise _refuse(r.path, f"{where}, entry at +{pos:#x}", f"bitmap {name!r} is invalid",
                           f"Bitmap '{name}' doesn't satisfy the constraints")
-        serialized = -(-(-(-(h.size // 512 * 512) // (1 << gran))) // 64) * 8  # hbitmap bits for the disk, in 64-bit words
+        bits_needed = -(-(h.size // 512 * 512) // (1 << gran))  # one bit per granule of the disk (whole sectors)
+        serialized = -(-bits_needed // 64) * 8  # hbitmap serializes 64-bit words
         if not flags & 1 and t_size != -(-serialized // cs):
             raise _refuse(r.path, f"{where}, entry at +{pos:#x}", f"bitmap {name!r} has a table of {t_size} "
                           f"clusters, a {h.size}-byte disk needs {-(-serialized // cs)}",
@@ -499,7 +500,7 @@ class Qcow2Image:
         self.path = reader.path
         self.file_bytes = reader.size
         self.header = h = header
-        self.warnings = warnings
+        self.warnings = tuple(warnings)
         cs = h.cluster_size
         self.l1 = np.frombuffer(reader.read(h.l1_table_offset, h.l1_size * 8, "L1 table"), ">u8").astype(np.uint64) \
             if h.l1_size else np.zeros(0, np.uint64)

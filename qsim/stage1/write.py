@@ -15,8 +15,8 @@ from .lookup import bitmaps, subcluster_type, range_type, host_extent, read, que
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES,
                       C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES, G_BACKING_MODELLED, G_BACKING_SIZE,
                       G_CLUSTER_BITS, G_EXTENDED, G_HAS_BACKING_FILE, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS,
-                      G_SPC, G_TABLE_BITS, M_ALLOC, M_END_N, M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP,
-                      M_START_N, M_START_OFF, S_EVENTS, S_REFCOUNT_DEPENDS_ON_L2, S_SLOTS, INT_MAX,
+                      G_SPC, G_TABLE_BITS, G_VIRTUAL_SIZE, M_ALLOC, M_END_N, M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD,
+                      M_NB, M_SKIP, M_START_N, M_START_OFF, S_EVENTS, S_REFCOUNT_DEPENDS_ON_L2, S_SLOTS, INT_MAX,
                       REQUEST_MAX_BYTES, INV, emit, flush, slice_key)
 
 
@@ -253,11 +253,25 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
 
 @njit(cache=True)
 def _is_unallocated(r, pos, nbytes):
-    """is_zero_cow's bdrv_co_is_zero_fast: one lookup in this image; zero clusters read as zeroes; where this
-    image has nothing, the backing image answers (a block-status query in its own cache when it is modelled; taken
-    to hold data when a backing file exists but is not modelled)."""
+    """is_zero_cow's bdrv_co_is_zero_fast. bdrv_co_block_status cuts the query at the end of the disk: a COW
+    region past it (the tail of a partial last cluster) is answered BDRV_BLOCK_EOF without a lookup, and one that
+    reaches past it is shorter than asked; either way it does not count as zeroes, so the COW is done."""
     if nbytes == 0:
         return True
+    size = r.g[G_VIRTUAL_SIZE]
+    if pos >= size:
+        return False
+    if pos + nbytes > size:
+        _reads_as_zero(r, pos, size - pos)
+        return False
+    return _reads_as_zero(r, pos, nbytes)
+
+
+@njit(cache=True)
+def _reads_as_zero(r, pos, nbytes):
+    """The block status of [pos, pos + nbytes): one lookup in this image; zero clusters read as zeroes; where this
+    image has nothing, the backing image answers (a block-status query in its own cache when it is modelled; taken
+    to hold data when a backing file exists but is not modelled)."""
     g = r.g
     n, t = host_extent(r, r, True, pos, pos + nbytes)
     if t == ZERO_PLAIN or t == ZERO_ALLOC:  # reads as zeroes in this image (BDRV_BLOCK_ZERO), whatever lies below

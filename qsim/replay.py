@@ -252,8 +252,21 @@ def _row(source: str, image: ImageState, run: KernelRun, config: CacheConfig, co
         "image_file_bytes": run.image.file_bytes,
         "full_l2_cache_bytes": g.full_l2_cache_bytes,
         "metadata_overhead_bytes": measure(g).required,
-        "exact": not counters["unmodelled_refcount_growth"],
+        "exact": not counters["unmodelled_refcount_growth"] and not _refcount_cache_may_flush_l2(run, config),
     }
+
+
+def _refcount_cache_may_flush_l2(run: KernelRun, config: CacheConfig) -> bool:
+    """Whether QEMU's refcount cache (not modelled) may have flushed the L2 cache: after a refcount drop (a
+    discard, a COW of a shared cluster) it depends on the L2 cache until its next flush, and evicting one of its
+    dirty blocks then writes the L2 cache back first. Evictions need more refcount blocks in use than it has
+    entries; with a host file that fewer blocks describe, the counters are exact."""
+    if not run.counters["refcount_drops"]:
+        return False
+    g = run.image.geometry
+    refcounts_per_block = g.cluster_size * 8 // g.refcount_bits
+    blocks = -(-run.image.file_bytes // g.cluster_size // refcounts_per_block)
+    return blocks > config.refcount_cache_entries
 
 
 __all__ = ["replay", "load_image", "default_virtual_size", "ReplayResult", "QsimError"]

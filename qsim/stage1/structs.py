@@ -25,11 +25,12 @@ STATE_SIZE = 5
 (C_REQUESTS, C_READS, C_WRITES, C_FLUSHES, C_DISCARDS, C_READ_BYTES, C_WRITE_BYTES, C_COW_READ_BYTES,
  C_COW_WRITE_BYTES, C_ZERO_FILL_BYTES, C_TABLES_ALLOCATED, C_CLUSTERS_ALLOCATED, C_ZERO_CHECKS,
  C_COW_READ_LOOKUPS, C_CLUSTERS_DISCARDED, C_CLUSTERS_FREED, C_HOST_DISCARDS, C_HOST_DISCARD_BYTES,
- C_DISCARD_BYTES) = range(19)
+ C_DISCARD_BYTES, C_REFCOUNT_DROPS) = range(20)
 COUNTER_NAMES = ("requests", "reads", "writes", "flushes", "discards", "guest_read_bytes",
                  "guest_write_bytes", "cow_read_bytes", "cow_write_bytes", "zero_fill_bytes", "l2_tables_allocated",
                  "clusters_allocated", "zero_check_lookups", "cow_read_lookups", "clusters_discarded",
-                 "clusters_freed", "discards_to_host", "discarded_bytes", "guest_discard_bytes")
+                 "clusters_freed", "discards_to_host", "discarded_bytes", "guest_discard_bytes",
+                 "refcount_drops")
 COUNTERS_SIZE = len(COUNTER_NAMES)
 
 # A meta (QCowL2Meta) row

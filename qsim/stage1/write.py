@@ -12,7 +12,7 @@ from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GE
                      UNALLOC_ALLOC, UNALLOC_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
 from ..hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
 from .lookup import bitmaps, subcluster_type, range_type, host_extent, read, queue_backing
-from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES,
+from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES, C_REFCOUNT_DROPS,
                       C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES, G_BACKING_MODELLED, G_BACKING_SIZE,
                       G_CLUSTER_BITS, G_EXTENDED, G_HAS_BACKING_FILE, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS,
                       G_SPC, G_TABLE_BITS, G_VIRTUAL_SIZE, M_ALLOC, M_END_N, M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD,
@@ -72,6 +72,7 @@ def free_any_cluster(r, host, flags):
     the cluster is free again and the allocator's free_cluster_index moves back to it; without COPIED (shared by
     a snapshot: refcount 2 or more) it stays allocated. Returns whether the cluster was freed."""
     r.state[S_REFCOUNT_DEPENDS_ON_L2] = 1
+    r.cnt[C_REFCOUNT_DROPS] += 1
     if not (flags & F_COPIED) or (flags & F_COMPRESSED):
         return False
     free_cluster(r.used, r.covered, r.alloc, host)

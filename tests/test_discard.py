@@ -228,3 +228,27 @@ def test_discard_no_unref_matches_qemu(options, qemu, tmp_path):
     v = validate(trace, Scenario.of((None,), None, options, G, discard="unmap", discard_no_unref=True,
                                     qemu_version="10.0"), qemu_io=qemu)
     assert same(v) == {} and v.match
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("name", ["fresh image", "extended_l2", "odd-size disk"])
+def test_discards_to_host_match_qemus_punched_holes(name, qemu, tmp_path):
+    """What QEMU passes down to the image file: each discard of the file is one fallocate(PUNCH_HOLE) (file-posix),
+    counted with strace; with discard-no-unref (QEMU >= 8.1) cluster by cluster."""
+    from qsim.qemu import commands, create_image, image_opts
+
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is needed to count the discards QEMU passes to the image file")
+    trace, options, size, l2 = CASES[name]
+    for no_unref in (False, True) if qemu_version_of(qemu) >= (8, 1) else (False,):
+        image, log = str(tmp_path / f"{no_unref}.qcow2"), str(tmp_path / f"{no_unref}.strace")
+        create_image(image, size, options, str(tmp_path), qemu)
+        subprocess.run([strace, "-f", "-e", "trace=fallocate", "-o", log, qemu, "--image-opts", "-t", "writeback",
+                        image_opts(image, l2, None, "unmap", no_unref)], input=commands(trace), text=True,
+                       capture_output=True, check=True)
+        holes = [int(line.rsplit(",", 1)[1].strip(" )\n").split(")")[0]) for line in open(log)
+                 if "FALLOC_FL_PUNCH_HOLE" in line and "= 0" in line]
+        r = replay(trace, Scenario.of((l2,), None, options, size, discard="unmap", discard_no_unref=no_unref,
+                                      qemu_version="10.0")).rows[0]
+        assert (r["discards_to_host"], r["discarded_bytes"]) == (len(holes), sum(holes)) != (0, 0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import qemu_version_of
+from conftest import REQUIRE_QEMU, qemu_version_of
 from qsim.errors import QsimError
 from qsim.imageopts import ImageOptions
 from qsim.replay import replay
@@ -153,13 +153,20 @@ def same(v) -> dict:
     return v.differences
 
 
+def missing(message: str) -> None:
+    """Skip, or fail where the QEMU comparisons are required (CI installs e2fsprogs and strace too)."""
+    if REQUIRE_QEMU:
+        pytest.fail(message + " but QSIM_REQUIRE_QEMU=1")
+    pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def fs_image(tmp_path_factory) -> str:
     """A real ext4 filesystem image: mke2fs -d fills a raw file from a folder, qemu-img convert makes it qcow2."""
     mke2fs = shutil.which("mke2fs") or "/usr/sbin/mke2fs"
     qemu_img = shutil.which("qemu-img")
     if not os.access(mke2fs, os.X_OK) or qemu_img is None:
-        pytest.skip("mke2fs and qemu-img are needed for a real filesystem image")
+        missing("mke2fs (e2fsprogs) and qemu-img are needed for a real filesystem image")
     d = tmp_path_factory.mktemp("fs")
     rng = np.random.default_rng(7)
     files = d / "files"
@@ -239,7 +246,7 @@ def test_discards_to_host_match_qemus_punched_holes(name, qemu, tmp_path):
 
     strace = shutil.which("strace")
     if strace is None:
-        pytest.skip("strace is needed to count the discards QEMU passes to the image file")
+        missing("strace is needed to count the discards QEMU passes to the image file")
     trace, options, size, l2 = CASES[name]
     for no_unref in (False, True) if qemu_version_of(qemu) >= (8, 1) else (False,):
         image, log = str(tmp_path / f"{no_unref}.qcow2"), str(tmp_path / f"{no_unref}.strace")

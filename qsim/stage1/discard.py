@@ -127,12 +127,8 @@ def _discard_in_l2_slice(r, offset, nb_clusters, freed):
         eflags[slot, j] = new_f
         if extended:
             r.ebits[slot, j] = new_bits
-        if compressed:
-            # qcow2_free_any_cluster frees the compressed data's byte range, whose host clusters other compressed
-            # clusters may share; qsim keeps no per-cluster refcounts, so they stay allocated
-            free_any_cluster(r, h, 0)
-        elif h != 0 and not keep:
-            if free_any_cluster(r, h, f):
+        if not keep:
+            if allocated and free_any_cluster(r, h, f):
                 r.part_first[freed] = h
                 freed += 1
         elif h != 0:  # kept: normal or zero-allocated, discarded in the image file cluster by cluster

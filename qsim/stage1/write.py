@@ -49,9 +49,10 @@ def alloc_flushing(r, at, n):
 
 
 @njit(cache=True)
-def flush_refcount_cache(r):
-    """qcow2_cache_flush of the refcount cache: while it depends on the L2 cache (a refcount dropped since the
-    last flush), the whole L2 cache is flushed first (qcow2_cache_flush_dependency)."""
+def flush_refcount_dependency(r):
+    """qcow2_cache_flush_dependency: while the refcount cache depends on the L2 cache (a refcount dropped since
+    the refcount cache was last written), flushing the refcount cache (l2_allocate) or making the L2 cache depend
+    on it (an L2 link) first flushes the whole L2 cache."""
     if r.state[S_REFCOUNT_DEPENDS_ON_L2]:
         flush(r)
         r.state[S_REFCOUNT_DEPENDS_ON_L2] = 0
@@ -67,10 +68,11 @@ def guest_flush(r):
 
 @njit(cache=True)
 def free_any_cluster(r, host, flags):
-    """qcow2_free_any_cluster of a normal or zero-allocated cluster at host cluster ``host``: its refcount drops
-    (update_refcount, which makes the refcount cache depend on the L2 cache). With COPIED the refcount was 1, so
-    the cluster is free again and the allocator's free_cluster_index moves back to it; without COPIED (shared by
-    a snapshot: refcount 2 or more) it stays allocated. Returns whether the cluster was freed."""
+    """qcow2_free_any_cluster of the cluster at host cluster ``host``: its refcount drops (update_refcount, which
+    makes the refcount cache depend on the L2 cache). With COPIED the refcount was 1, so the cluster is free again
+    and the allocator's free_cluster_index moves back to it; without COPIED (shared by a snapshot: refcount 2 or
+    more) it stays allocated, and so do a compressed cluster's host clusters (shared with other compressed
+    clusters; qsim keeps no per-cluster refcounts). Returns whether the cluster was freed."""
     r.state[S_REFCOUNT_DEPENDS_ON_L2] = 1
     r.cnt[C_REFCOUNT_DROPS] += 1
     if not (flags & F_COPIED) or (flags & F_COMPRESSED):
@@ -85,7 +87,7 @@ def l2_allocate(r, l1):
     the whole L2 cache."""
     g = r.g
     host = alloc_flushing(r, -1, 1)
-    flush_refcount_cache(r)
+    flush_refcount_dependency(r)
     slot = r.state[S_SLOTS]
     r.state[S_SLOTS] = slot + 1
     r.tslot[l1] = slot
@@ -340,10 +342,7 @@ def _link_l2(r, j, prealloc):
         cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_READ_LOOKUPS] += r.state[S_EVENTS] - before
     gc = m[M_GUEST_CLUSTER]
-    # qcow2_cache_set_dependency(l2, refcount): a refcount cache that depends on the L2 cache flushes it here
-    if r.state[S_REFCOUNT_DEPENDS_ON_L2]:
-        flush(r)
-        r.state[S_REFCOUNT_DEPENDS_ON_L2] = 0
+    flush_refcount_dependency(r)  # qcow2_cache_set_dependency(l2, refcount)
     slot = get_cluster_table(r, gc, GET_DIRTY)
     idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
     written_to_all = m[M_END_OFF] + m[M_END_N]
@@ -351,8 +350,8 @@ def _link_l2(r, j, prealloc):
     eflags = r.eflags
     for i in range(m[M_NB]):
         old = ehost[slot, idx + i]
-        if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i and not (eflags[slot, idx + i] & F_COMPRESSED):
-            free_any_cluster(r, old, eflags[slot, idx + i])
+        if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i:
+            free_any_cluster(r, old, eflags[slot, idx + i])  # a compressed cluster's refcount drops too
         ehost[slot, idx + i] = m[M_ALLOC] + i
         eflags[slot, idx + i] = F_COPIED
         if g[G_EXTENDED] and not prealloc:

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from . import hostalloc
-from .codes import BACKING_READ, PREALLOC, READ, STATUS
+from .codes import BACKING_READ, DISCARD, PREALLOC, READ, STATUS
 from .stage1 import structs as ev
 from .stage1.driver import run_requests
 from .errors import QsimError
@@ -47,10 +47,12 @@ class KernelResult:
 
 
 def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
-                    backing_image: ImageState | None = None, fast_paths: bool = True) -> np.ndarray:
+                    backing_image: ImageState | None = None, fast_paths: bool = True, discard: str = "ignore",
+                    discard_no_unref: bool = False) -> np.ndarray:
     """The kernel's geometry and options vector (events.G_*). ``backing_image``: the backing file's state, when
     its own cache is modelled; ``fast_paths``: the kernel's shortcuts for one-lookup reads and overwrites (the
-    tests compare both ways; results are the same)."""
+    tests compare both ways; results are the same); ``discard``: QEMU's discard option (ignore or unmap) and
+    ``discard_no_unref`` its qcow2 option."""
     g = state.geometry
     if entry_size % g.l2_entry_bytes or entry_size > g.cluster_size:
         raise QsimError(f"l2-cache-entry-size={entry_size} does not fit cluster_size={g.cluster_size}")
@@ -69,6 +71,9 @@ def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
     vec[ev.G_BACKING_MODELLED] = int(backing_image is not None)
     vec[ev.G_BACKING_SIZE] = backing_image.geometry.virtual_size if backing_image is not None else 0
     vec[ev.G_FAST_PATHS] = int(fast_paths)
+    vec[ev.G_VIRTUAL_SIZE] = g.virtual_size // 512 * 512  # bs->total_sectors * BDRV_SECTOR_SIZE
+    vec[ev.G_DISCARD_UNMAP] = int(discard == "unmap")
+    vec[ev.G_DISCARD_NO_UNREF] = int(discard_no_unref)
     return vec
 
 
@@ -94,17 +99,19 @@ class EventChunk(NamedTuple):
         return Trace(op, self.backing_offset, self.backing_length.astype(np.uint32), None, "<backing requests>")
 
 
-def _room_needed(state: ImageState, trace: Trace) -> tuple[int, int]:
-    """(new L2 tables, new host clusters) the trace's writes could need at most."""
+def _room_needed(state: ImageState, trace: Trace, unmap: bool = False) -> tuple[int, int]:
+    """(new L2 tables, new host clusters) the trace's writes (and, with ``unmap``, discards: they allocate the L2
+    tables they reach) could need at most."""
     g = state.geometry
     writes = (trace.op == WRITE) | (trace.op == PREALLOC)
-    if not writes.any():
+    allocating = writes | (trace.op == DISCARD) if unmap else writes
+    if not allocating.any():
         return 0, 0
     cb = g.cluster_size.bit_length() - 1
     tb = g.l2_entries_per_table.bit_length() - 1
-    first = trace.offset[writes] >> cb
-    last = (trace.end[writes] - 1) >> cb
-    spanned = int(min((last - first + 1).sum(), g.clusters))
+    spanned = int(min(((((trace.end[writes] - 1) >> cb) - (trace.offset[writes] >> cb)) + 1).sum(), g.clusters))
+    first = trace.offset[allocating] >> cb
+    last = (trace.end[allocating] - 1) >> cb
     touched = np.zeros(g.l1_entries + 1, dtype=bool)  # L1 indices the writes reach (one past the end: clipped)
     touched[np.minimum(first >> tb, g.l1_entries)] = True
     touched[np.minimum(last >> tb, g.l1_entries)] = True
@@ -116,14 +123,15 @@ def _room_needed(state: ImageState, trace: Trace) -> tuple[int, int]:
     return new_tables, host + 2 * (host // refcounts_per_block + 1)
 
 
-def events_nest(trace: Trace, state: ImageState, entry_size: int) -> bool:
+def events_nest(trace: Trace, state: ImageState, entry_size: int, unmap: bool = False) -> bool:
     """Whether every larger slice (entry) size sees exactly the L2 events ``entry_size`` sees, each key shifted
     right by log2 of the ratio (keys number slices in table order, and slices of a power-of-two size nest).
 
     True for a trace of reads, flushes and discards in which no read crosses an ``entry_size`` slice boundary: a
     read's lookups are one per extent, and extents are then cut by the image's mapping alone, never by a slice
-    end; nothing allocates, so no table's slices are created. (Callers also require no modelled backing image.)"""
-    if has_ops(trace.op, (WRITE, PREALLOC, STATUS)):
+    end; nothing allocates, so no table's slices are created. (Callers also require no modelled backing image.)
+    With ``unmap`` (discard=unmap), discards change the image, and the trace must have none."""
+    if has_ops(trace.op, (WRITE, PREALLOC, STATUS, DISCARD) if unmap else (WRITE, PREALLOC, STATUS)):
         return False
     g = state.geometry
     slice_bits = (entry_size // g.l2_entry_bytes * g.cluster_size).bit_length() - 1
@@ -156,11 +164,14 @@ class KernelRun:
     later chunks need room."""
 
     def __init__(self, state: ImageState, entry_size: int, writethrough: bool = False, record: bool = True,
-                 backing_image: ImageState | None = None, fast_paths: bool = True):
+                 backing_image: ImageState | None = None, fast_paths: bool = True, discard: str = "ignore",
+                 discard_no_unref: bool = False):
         self.original = state
         self.work: ImageState | None = None
         self.backing_image = backing_image
-        self.g = geometry_vector(state, entry_size, writethrough, backing_image, fast_paths)
+        self.unmap = discard == "unmap"
+        self.g = geometry_vector(state, entry_size, writethrough, backing_image, fast_paths, discard,
+                                 discard_no_unref)
         # The kernel's structs hold borrowed views (no reference counts), so every array they see is kept here.
         if backing_image is not None:  # the backing image's allocation answers block-status queries
             self.backing_arrays = _l2_arrays(backing_image, geometry_vector(backing_image,
@@ -191,10 +202,10 @@ class KernelRun:
         return replace(current, n_tables=int(self.st[ev.S_SLOTS]))
 
     def _make_room(self, trace: Trace) -> ImageState:
-        if not has_ops(trace.op, (WRITE, PREALLOC)):
+        if not has_ops(trace.op, (WRITE, PREALLOC, DISCARD) if self.unmap else (WRITE, PREALLOC)):
             return self.work if self.work is not None else self.original  # reads never change the image
         current = self.image
-        extra_tables, extra_host = _room_needed(current, trace)
+        extra_tables, extra_host = _room_needed(current, trace, self.unmap)
         if self.work is None:
             self.work = current.with_capacity(extra_tables, extra_host)
         else:

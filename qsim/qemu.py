@@ -25,15 +25,29 @@ INSTALL_HINT = "apt-get install -y qemu-utils"
 MARKER = "read -q 0 0"  # a zero-length read: traced as blk_co_preadv ... bytes 0, no cache activity
 
 
-def find_tool(name: str) -> str:
+QEMU_IO_ENV = "QSIM_QEMU_IO"  # which qemu-io validate runs, when --qemu-io is not given
+
+
+def find_tool(name: str, qemu_io: str | None = None) -> str:
+    """The QEMU tool ``name`` (qemu-io or qemu-img): the one beside ``qemu_io`` (or $QSIM_QEMU_IO) when a qemu-io
+    is chosen, so both come from one QEMU build; otherwise the one on PATH."""
+    chosen = qemu_io or os.environ.get(QEMU_IO_ENV) or None
+    if chosen is not None:
+        origin = "--qemu-io" if qemu_io else f"${QEMU_IO_ENV}"
+        path = chosen if name == "qemu-io" else os.path.join(os.path.dirname(os.path.abspath(chosen)), name)
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            what = f"{path} is not an executable" if name == "qemu-io" else \
+                f"{name} not found beside {chosen} ({origin}): the image must be made by the same QEMU"
+            raise QsimError(f"{origin} {chosen}: {what}", status=2)
+        return path
     path = shutil.which(name)
     if path is None:
         raise QsimError(f"{name} not found: qsim validate needs real QEMU ({INSTALL_HINT})", status=2)
     return path
 
 
-def qemu_version() -> str:
-    out = subprocess.run([find_tool("qemu-io"), "--version"], capture_output=True, text=True).stdout
+def qemu_version(qemu_io: str | None = None) -> str:
+    out = subprocess.run([find_tool("qemu-io", qemu_io), "--version"], capture_output=True, text=True).stdout
     return out.split("\n")[0].replace("qemu-io version ", "").strip()
 
 
@@ -55,12 +69,13 @@ class QemuCounts:
         return dict(self.__dict__)
 
 
-def create_image(path: str, virtual_size: int, options: ImageOptions, workdir: str) -> None:
+def create_image(path: str, virtual_size: int, options: ImageOptions, workdir: str,
+                 qemu_io: str | None = None) -> None:
     """``qemu-img create`` with the same options qsim models; backing=on adds a raw backing file (every byte
     'allocated', as qsim assumes)."""
     opts = [f"cluster_size={options.cluster_size}", f"extended_l2={'on' if options.extended_l2 else 'off'}",
             f"refcount_bits={options.refcount_bits}", f"preallocation={options.preallocation}"]
-    cmd = [find_tool("qemu-img"), "create", "-q", "-f", "qcow2"]
+    cmd = [find_tool("qemu-img", qemu_io), "create", "-q", "-f", "qcow2"]
     if options.backing:
         backing = os.path.join(workdir, "backing.raw")
         with open(backing, "wb") as f:
@@ -76,7 +91,8 @@ def create_image(path: str, virtual_size: int, options: ImageOptions, workdir: s
 
 
 def commands(trace: Trace) -> str:
-    """qemu-io commands for the trace (discards are sent too; QEMU ignores them without discard=unmap)."""
+    """qemu-io commands for the trace (discards are sent too; the image is opened with the discard mode being
+    compared, so QEMU ignores them with discard=ignore)."""
     words = {READ: "read -q", WRITE: "write -q -P 0xab", DISCARD: "discard -q"}
     lines = []
     for op, offset, length in zip(trace.op.tolist(), trace.offset.tolist(), trace.length.tolist()):
@@ -85,18 +101,31 @@ def commands(trace: Trace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_qemu_io(image: str, trace: Trace, l2_cache_size: int | None, l2_cache_entry_size: int | None,
-                cache_mode: str, workdir: str, progress: Callable[[int], None] | None = None,
-                extra_opts: tuple[str, ...] = ()) -> QemuCounts:
-    """Replay ``trace`` on ``image`` through qemu-io with cache tracing and count the events."""
-    opts = ["driver=qcow2", "file.driver=file", f"file.filename={image}", "cache-clean-interval=0", *extra_opts]
+def image_opts(image: str, l2_cache_size: int | None, l2_cache_entry_size: int | None, discard: str = "ignore",
+               discard_no_unref: bool = False, extra_opts: tuple[str, ...] = ()) -> str:
+    """qemu-io's --image-opts for the image: the discard mode always spelled out (qemu-io's own default is unmap,
+    a VM's is ignore), cache cleaning off (the tools never clean anyway), the cache options given, and
+    ``extra_opts`` (the scratch copy's data file)."""
+    opts = ["driver=qcow2", "file.driver=file", f"file.filename={image}", "cache-clean-interval=0",
+            f"discard={discard}", *extra_opts]
+    if discard_no_unref:
+        opts.append("discard-no-unref=on")
     if l2_cache_size is not None:
         opts.append(f"l2-cache-size={l2_cache_size}")
     if l2_cache_entry_size is not None:
         opts.append(f"l2-cache-entry-size={l2_cache_entry_size}")
+    return ",".join(opts)
+
+
+def run_qemu_io(image: str, trace: Trace, l2_cache_size: int | None, l2_cache_entry_size: int | None,
+                cache_mode: str, workdir: str, progress: Callable[[int], None] | None = None,
+                discard: str = "ignore", discard_no_unref: bool = False, qemu_io: str | None = None,
+                extra_opts: tuple[str, ...] = ()) -> QemuCounts:
+    """Replay ``trace`` on ``image`` through qemu-io with cache tracing and count the events."""
     log = os.path.join(workdir, "trace.log")
-    cmd = [find_tool("qemu-io"), "--image-opts", "-t", cache_mode, "-T", "qcow2_cache_*", "-T", "blk_co_preadv",
-           "-T", f"file={log}", ",".join(opts)]
+    cmd = [find_tool("qemu-io", qemu_io), "--image-opts", "-t", cache_mode, "-T", "qcow2_cache_*",
+           "-T", "blk_co_preadv", "-T", f"file={log}",
+           image_opts(image, l2_cache_size, l2_cache_entry_size, discard, discard_no_unref, extra_opts)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -180,8 +209,10 @@ def _sigterm_stops_cleanly():
 
 def replay_in_qemu(trace: Trace, virtual_size: int, options: ImageOptions, l2_cache_size: int | None = None,
                    l2_cache_entry_size: int | None = None, cache_mode: str = "writeback",
-                   image: str | None = None, progress=None) -> QemuCounts:
+                   image: str | None = None, progress=None, discard: str = "ignore", discard_no_unref: bool = False,
+                   qemu_io: str | None = None) -> QemuCounts:
     """Build the image (or copy ``image``) in a scratch directory, replay, clean up (also on Ctrl-C and SIGTERM).
+    ``qemu_io``: which qemu-io (qemu-img from the same folder); default $QSIM_QEMU_IO, else PATH's.
 
     The user's files are never written: qemu-io runs on a copy of the image and, with an external data file, on
     a copy of the data file (qemu-io writes guest data there); backing files are opened read-only where they are
@@ -194,9 +225,9 @@ def replay_in_qemu(trace: Trace, virtual_size: int, options: ImageOptions, l2_ca
             if image is not None:
                 extra = scratch_copy(image, path, workdir)
             else:
-                create_image(path, virtual_size, options, workdir)
+                create_image(path, virtual_size, options, workdir, qemu_io)
             return run_qemu_io(path, trace, l2_cache_size, l2_cache_entry_size, cache_mode, workdir, progress,
-                               extra)
+                               discard, discard_no_unref, qemu_io, extra)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

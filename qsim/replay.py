@@ -117,7 +117,7 @@ def _slice_groups(state: ImageState, backing: ImageState | None, configs: list[C
     for entry_size in sorted({c.l2_cache_entry_size for c in configs}):
         chosen = [k for k, c in enumerate(configs) if c.l2_cache_entry_size == entry_size]
         run = KernelRun(state, entry_size, scenario.cache_mode == "writethrough", backing_image=backing,
-                        fast_paths=fast_paths)
+                        fast_paths=fast_paths, discard=scenario.discard, discard_no_unref=scenario.discard_no_unref)
         model = CacheModel(run.n_keys, [configs[k].l2_cache_entries for k in chosen])
         below = _Backing.open(backing, scenario, fast_paths) if backing is not None else None
         groups.append(_SliceGroup(entry_size, chosen, run, model, below))
@@ -130,7 +130,8 @@ def _feed_chunk(groups: list[_SliceGroup], chunk: Trace, progress, share_stage_1
     # When the coarser slice sizes see the finest stream's events with shifted keys, stage 1 runs once. Only while
     # the image is the one given: after writes, each slice size's run keeps its own image state.
     shared = share_stage_1 and len(groups) > 1 and groups[0].backing is None \
-        and all(g.run.work is None for g in groups) and events_nest(chunk, finest.original, finest.entry_size)
+        and all(g.run.work is None for g in groups) \
+        and events_nest(chunk, finest.original, finest.entry_size, finest.unmap)
     before = finest.cnt.copy()
     for n, group in enumerate(groups):
         if n > 0 and shared:
@@ -240,11 +241,32 @@ def _row(source: str, image: ImageState, run: KernelRun, config: CacheConfig, co
         "guest_write_bytes": counters["guest_write_bytes"],
         "l2_tables_allocated": counters["l2_tables_allocated"],
         "clusters_allocated": counters["clusters_allocated"],
+        "discard": scenario.discard,
+        "discard_no_unref": scenario.discard_no_unref,
+        "discards": counters["discards"],
+        "guest_discard_bytes": counters["guest_discard_bytes"],
+        "clusters_discarded": counters["clusters_discarded"],
+        "clusters_freed": counters["clusters_freed"],
+        "discards_to_host": counters["discards_to_host"],
+        "discarded_bytes": counters["discarded_bytes"],
         "image_file_bytes": run.image.file_bytes,
         "full_l2_cache_bytes": g.full_l2_cache_bytes,
         "metadata_overhead_bytes": measure(g).required,
-        "exact": not counters["unmodelled_refcount_growth"],
+        "exact": not counters["unmodelled_refcount_growth"] and not _refcount_cache_may_flush_l2(run, config),
     }
+
+
+def _refcount_cache_may_flush_l2(run: KernelRun, config: CacheConfig) -> bool:
+    """Whether QEMU's refcount cache (not modelled) may have flushed the L2 cache: after a refcount drop (a
+    discard, a COW of a shared cluster) it depends on the L2 cache until its next flush, and evicting one of its
+    dirty blocks then writes the L2 cache back first. Evictions need more refcount blocks in use than it has
+    entries; with a host file that fewer blocks describe, the counters are exact."""
+    if not run.counters["refcount_drops"]:
+        return False
+    g = run.image.geometry
+    refcounts_per_block = g.cluster_size * 8 // g.refcount_bits
+    blocks = -(-run.image.file_bytes // g.cluster_size // refcounts_per_block)
+    return blocks > config.refcount_cache_entries
 
 
 __all__ = ["replay", "load_image", "default_virtual_size", "ReplayResult", "QsimError"]

@@ -16,10 +16,13 @@ import json
 from dataclasses import asdict, dataclass, replace
 
 from .cachecfg import DEFAULT_QEMU_VERSION, CacheSettings, QemuVersion
-from .errors import UsageError
+from .errors import QsimError, UsageError
 from .geometry import MIN_EXTENDED_L2_CLUSTER_SIZE
 from .codes import CACHE_MODES, OFFSET_POLICIES
 from .imageopts import ImageOptions
+
+DISCARD_MODES = ("ignore", "unmap")  # QEMU's discard option: ignore (-drive/-blockdev/libvirt's default) or unmap
+DISCARD_NO_UNREF_SINCE = (8, 1)  # QEMU release that added qcow2's discard-no-unref
 
 
 def doubling_sizes(low: int, high: int) -> tuple[int, ...]:
@@ -73,7 +76,12 @@ class Scenario:
       None = not given); all of them come from one pass over the trace;
     - ``cache_mode``: ``writeback`` (a VM's default) or ``writethrough`` (a flush after every write, qemu-io's);
     - ``offset_policy``: what a request ending beyond the disk gets: ``error``, ``skip`` or ``wrap``;
-    - ``qemu_version``: whose cache defaults apply (``"7.2"``, ``"2.11"``, ...).
+    - ``qemu_version``: whose cache defaults apply (``"7.2"``, ``"2.11"``, ``"10.0"``, ...);
+    - ``discard``: QEMU's ``discard`` option, ``ignore`` (the default of -drive, -blockdev and libvirt: guest
+      discards do nothing) or ``unmap`` (qemu-io's default, libvirt's ``discard='unmap'``: whole clusters are
+      freed, qcow2_cluster_discard);
+    - ``discard_no_unref``: qcow2's ``discard-no-unref=on`` (QEMU 8.1 and later): discarded clusters read as zeroes
+      but stay allocated, refcounts unchanged.
     """
 
     image: ImageSpec = ImageSpec()
@@ -81,6 +89,8 @@ class Scenario:
     cache_mode: str = "writeback"
     offset_policy: str = "error"
     qemu_version: str = DEFAULT_QEMU_VERSION
+    discard: str = "ignore"
+    discard_no_unref: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.caches, tuple) or not self.caches:
@@ -89,7 +99,14 @@ class Scenario:
             raise UsageError(f"--cache-mode {self.cache_mode!r}: expected writeback or writethrough")
         if self.offset_policy not in OFFSET_POLICIES:
             raise UsageError(f"--offset-policy {self.offset_policy!r}: expected error, skip or wrap")
-        object.__setattr__(self, "qemu_version", str(QemuVersion.parse(self.qemu_version)))
+        version = QemuVersion.parse(self.qemu_version)
+        object.__setattr__(self, "qemu_version", str(version))
+        if self.discard not in DISCARD_MODES:
+            raise UsageError(f"--discard {self.discard!r}: expected ignore or unmap")
+        if self.discard_no_unref and version < DISCARD_NO_UNREF_SINCE:
+            raise QsimError(f"--discard-no-unref with --qemu-version {version}: QEMU {version} says \"Block format "
+                            "'qcow2' does not support the option 'discard-no-unref'\" (the option exists from QEMU "
+                            f"{DISCARD_NO_UNREF_SINCE[0]}.{DISCARD_NO_UNREF_SINCE[1]})")
 
     @classmethod
     def of(cls, l2_cache_sizes: tuple[int | None, ...] = (None,), l2_cache_entry_size: int | None = None,

@@ -1,10 +1,14 @@
 """Shared fixtures. Tests that need real QEMU or fio skip with the reason when the tools are missing, unless
-QSIM_REQUIRE_QEMU=1 (as in CI), where a missing tool is a failure."""
+QSIM_REQUIRE_QEMU=1 (as in CI), where a missing tool is a failure.
+
+``qemu`` runs a test once per QEMU build: the folders of QSIM_QEMU_PREFIXES (colon-separated, each holding
+qemu-io and qemu-img; CI gives 7.2's /usr/bin and 10.0's /opt/qemu-10.0/usr/bin), or the qemu-io on PATH."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -35,3 +39,38 @@ def qemu_io() -> str:
 @pytest.fixture(scope="session")
 def fio() -> str:
     return _need("fio")
+
+
+def _prefixes() -> list[str]:
+    listed = [p for p in os.environ.get("QSIM_QEMU_PREFIXES", "").split(":") if p]
+    if listed:
+        return listed
+    found = shutil.which("qemu-io")
+    return [os.path.dirname(found) if found else "(qemu-io not on PATH)"]
+
+
+def qemu_version_of(qemu_io: str) -> tuple[int, int]:
+    """(major, minor) of a qemu-io binary."""
+    out = subprocess.run([qemu_io, "--version"], capture_output=True, text=True).stdout.split()
+    major, minor = out[2].split(".")[:2] if len(out) > 2 else ("0", "0")
+    return int(major), int(minor)
+
+
+def _prefix_id(prefix: str) -> str:
+    qemu_io = os.path.join(prefix, "qemu-io")
+    if os.access(qemu_io, os.X_OK):
+        return "qemu-%d.%d" % qemu_version_of(qemu_io)
+    return prefix
+
+
+@pytest.fixture(scope="session", params=_prefixes(), ids=_prefix_id)
+def qemu(request) -> str:
+    """The qemu-io of one QEMU build (its qemu-img beside it); validate(..., qemu_io=qemu) compares with it."""
+    qemu_io = os.path.join(request.param, "qemu-io")
+    for tool in (qemu_io, os.path.join(request.param, "qemu-img")):
+        if not os.access(tool, os.X_OK):
+            message = f"{tool} not found ({INSTALL_HINT}; QSIM_QEMU_PREFIXES lists folders of qemu-io and qemu-img)"
+            if REQUIRE_QEMU:
+                pytest.fail(message + " but QSIM_REQUIRE_QEMU=1")
+            pytest.skip(message)
+    return qemu_io

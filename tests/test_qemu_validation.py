@@ -1,5 +1,6 @@
 """qsim against live QEMU: every test vector of shared/qemu-behaviour.md and the bundled real fio traces, replayed
-through qemu-io with qcow2 cache tracing. Runs for real in CI (QSIM_REQUIRE_QEMU=1); skips elsewhere without QEMU."""
+through qemu-io with qcow2 cache tracing, once per QEMU build (the ``qemu`` fixture: QSIM_QEMU_PREFIXES, in CI 7.2
+and 10.0). Runs for real in CI (QSIM_REQUIRE_QEMU=1); skips elsewhere without QEMU."""
 
 import json
 import subprocess
@@ -62,10 +63,11 @@ VECTORS = {
 
 
 @pytest.mark.parametrize("name", list(VECTORS))
-def test_vector_matches_qemu(name, qemu_io, qemu_img):
+def test_vector_matches_qemu(name, qemu):
     trace, size, options, l2, entry, mode = VECTORS[name]
-    v = validate(trace, Scenario.of((l2,), entry, options, size, cache_mode=mode))
+    v = validate(trace, Scenario.of((l2,), entry, options, size, cache_mode=mode), qemu_io=qemu)
     assert {k: v.qsim[k] for k in COMPARED} == {k: v.qemu[k] for k in COMPARED}
+    assert v.match
 
 
 FIO_CASES = [
@@ -87,17 +89,18 @@ FIO_CASES = [
 
 @pytest.mark.parametrize("name, options, l2, entry, mode", FIO_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(FIO_CASES)])
-def test_real_fio_trace_matches_qemu(name, options, l2, entry, mode, qemu_io, qemu_img):
+def test_real_fio_trace_matches_qemu(name, options, l2, entry, mode, qemu):
     trace = read_trace(str(TRACES / f"{name}.iolog.gz"))
     size = max(-(-trace.max_end_offset // G), 1) * G
-    v = validate(trace, Scenario.of((l2,), entry, options, size, cache_mode=mode))
+    v = validate(trace, Scenario.of((l2,), entry, options, size, cache_mode=mode), qemu_io=qemu)
     assert {k: v.qsim[k] for k in COMPARED} == {k: v.qemu[k] for k in COMPARED}
+    assert v.match
 
 
-def test_cli_validate(qemu_io, qemu_img):
+def test_cli_validate(qemu):
     proc = subprocess.run([sys.executable, "-m", "qsim", "validate", str(TRACES / "synth-hotspot-mixed.csv"),
-                           "-o", "preallocation=metadata", "--l2-cache-size", "64k", "--output=json"],
-                          capture_output=True, text=True)
+                           "-o", "preallocation=metadata", "--l2-cache-size", "64k", "--output=json",
+                           "--qemu-io", qemu], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     d = json.loads(proc.stdout)
     assert d["match"] is True and d["differences"] == {}

@@ -27,7 +27,7 @@ from qsim import cli
 from qsim.cli.scenario_args import READING_DESTS, SCENARIO_DESTS
 from qsim.cli.sweep import GRID_DESTS
 from qsim.synth import synthesize
-from qsim.trace import FLUSH, Trace
+from qsim.trace import DISCARD, FLUSH, Trace
 from qsim.traceio import write_trace
 
 G, K = 1 << 30, 1 << 10
@@ -40,6 +40,7 @@ NOT_SCENARIO = {
     "save": "where the table goes",
     "scheduler": "where a fleet runs (its rows are compared here)",
     "workers": "how many local processes run a fleet (its rows are compared here)",
+    "qemu_io": "which QEMU build validate compares with (not what qsim replays)",
 }
 # Columns that name a path, not a result.
 PATH_COLUMNS = ["trace_id", "config_id", "trace"]
@@ -92,6 +93,9 @@ TABLE = {
     "action": Row(("action",), ("--action", "C"), trace="blkparse"),
     "device": Row(("device",), ("--device", "0x56286628b280"), trace="qemu-log"),
     "volume": Row(("volume",), ("--volume", "27"), trace="alibaba"),
+    "discard": Row(("discard",), ("--discard", "unmap"), trace="trims"),
+    "discard-no-unref": Row(("discard_no_unref",), ("--discard-no-unref",),
+                            base=("--discard", "unmap", "--qemu-version", "10.0"), trace="trims"),
 }
 
 
@@ -106,6 +110,9 @@ def traces(tmp_path_factory) -> dict[str, str]:
     t = _requests()
     paths = {"mixed": str(d / "mixed.iolog")}
     write_trace(t, paths["mixed"])
+    trims = np.where((t.op == 1) & (np.arange(len(t)) % 3 == 0), DISCARD, t.op)  # a third of the writes
+    paths["trims"] = str(d / "trims.iolog")
+    write_trace(Trace.from_arrays(trims, t.offset, t.length), paths["trims"])
     beyond = Trace.from_arrays(t.op, t.offset + np.where(np.arange(len(t)) % 5 == 0, G, 0), t.length)
     paths["beyond"] = str(d / "beyond.iolog")
     write_trace(beyond, paths["beyond"])
@@ -240,15 +247,15 @@ def test_validate_replays_the_same_scenario(name, traces, images, monkeypatch):
     handed = {}
 
     def fake_qemu(trace, virtual_size, options, l2_cache_size, l2_cache_entry_size, cache_mode, image=None,
-                  progress=None):
+                  progress=None, discard="ignore", discard_no_unref=False, qemu_io=None):
         handed.update(virtual_size=virtual_size, options=options, l2_cache_size=l2_cache_size,
                       l2_cache_entry_size=l2_cache_entry_size, cache_mode=cache_mode, image=image,
-                      requests=len(trace))
+                      requests=len(trace), discard=discard, discard_no_unref=discard_no_unref)
         return QemuCounts(0, 0, 0, 0, 0, 0, 0, 0, 0)
 
     monkeypatch.setattr(validate_module, "replay_in_qemu", fake_qemu)
-    monkeypatch.setattr("qsim.qemu.find_tool", lambda name: name)
-    monkeypatch.setattr(validate_module, "qemu_version", lambda: "7.2.22 (stub)")
+    monkeypatch.setattr("qsim.qemu.find_tool", lambda name, qemu_io=None: name)
+    monkeypatch.setattr(validate_module, "qemu_version", lambda qemu_io=None: "7.2.22 (stub)")
     status, out, err = run_cli(["validate", traces[row.trace], *args, "--output=json"])
     assert status == 1, err  # the stub's zeros never match
     ours = json.loads(out)["qsim"]
@@ -257,6 +264,7 @@ def test_validate_replays_the_same_scenario(name, traces, images, monkeypatch):
     for key, value in ours.items():
         assert value == expected[key] + expected.get("backing_" + key, 0), (name, key)
     assert handed["cache_mode"] == expected["cache_mode"]
+    assert (handed["discard"], handed["discard_no_unref"]) == (expected["discard"], expected["discard_no_unref"])
     assert handed["virtual_size"] == expected["virtual_size"]
     assert handed["l2_cache_entry_size"] in (None, expected["l2_cache_entry_size"])
     assert (handed["image"] is not None) == (row.real_image is not None)

@@ -12,7 +12,7 @@ import argparse
 from ..cachecfg import DEFAULT_QEMU_VERSION, CacheSettings
 from ..codes import CACHE_MODES, OFFSET_POLICIES
 from ..errors import UsageError
-from ..scenario import doubling_sizes, log_spaced_sizes
+from ..scenario import DISCARD_MODES, doubling_sizes, log_spaced_sizes
 from ..units import parse_size
 from .common import add_image_options, size_arg
 
@@ -23,7 +23,8 @@ MAX_CACHE_CONFIGS = 1000  # rows one replay reports: far more than a miss-ratio 
 MIN_CACHE_SIZE_IN_RANGE = 512
 
 SCENARIO_DESTS = frozenset({"size", "image", "backing_chain", "image_options", "l2_cache_size",
-                            "l2_cache_entry_size", "cache_mode", "offset_policy", "qemu_version"})
+                            "l2_cache_entry_size", "cache_mode", "offset_policy", "qemu_version", "discard",
+                            "discard_no_unref"})
 READING_DESTS = frozenset({"format", "file", "action", "device", "volume"})
 
 
@@ -96,6 +97,12 @@ def add_scenario_options(p: argparse.ArgumentParser, sweep: bool = False, one_ca
                    help="requests ending beyond --size: error (default), skip or wrap")
     p.add_argument("--qemu-version", default=DEFAULT_QEMU_VERSION, metavar="X.Y",
                    help=f"cache defaults of that QEMU (default {DEFAULT_QEMU_VERSION})")
+    p.add_argument("--discard", choices=DISCARD_MODES, default="ignore",
+                   help="QEMU's discard option: ignore (the default of -drive, -blockdev and libvirt) or unmap "
+                        "(libvirt's discard='unmap', qemu-io's default): trims free whole clusters")
+    p.add_argument("--discard-no-unref", action="store_true",
+                   help="qcow2's discard-no-unref=on (QEMU >= 8.1): discarded clusters read as zeroes but stay "
+                        "allocated")
 
 
 def scenario_from_args(args: argparse.Namespace, sweep: bool = False, virtual_size: int | None = None):
@@ -119,7 +126,7 @@ def scenario_from_args(args: argparse.Namespace, sweep: bool = False, virtual_si
         sizes = (args.l2_cache_size,)
     caches = tuple(CacheSettings(l2_cache_size=s, l2_cache_entry_size=args.l2_cache_entry_size) for s in sizes)
     return Scenario(image=image, caches=caches, cache_mode=args.cache_mode, offset_policy=args.offset_policy,
-                    qemu_version=args.qemu_version)
+                    qemu_version=args.qemu_version, discard=args.discard, discard_no_unref=args.discard_no_unref)
 
 
 def reading_from_args(args: argparse.Namespace):

@@ -9,12 +9,13 @@ from numba import njit
 from ..codes import F_COMPRESSED, F_COPIED, F_ZERO, GET
 from ..codes import (DISCARD as OP_DISCARD, FLUSH as OP_FLUSH, PREALLOC as OP_PREALLOC, READ as OP_READ,
                      STATUS as OP_STATUS, WRITE as OP_WRITE)
+from .discard import discard
 from .lookup import host_extent, read
-from .structs import (C_DISCARDS, C_FLUSHES, C_READS, C_READ_BYTES, C_REQUESTS, C_WRITES, C_WRITE_BYTES,
-                      G_BACKING_MODELLED, G_CLUSTER_BITS, G_EXTENDED, G_FAST_PATHS, G_L1_SIZE, G_SC_BITS,
-                      G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS, G_WRITETHROUGH, META_WIDTH, S_BACKING,
-                      S_EVENTS, S_FLUSHES, flush)
-from .write import write
+from .structs import (C_DISCARD_BYTES, C_DISCARDS, C_FLUSHES, C_READS, C_READ_BYTES, C_REQUESTS, C_WRITES,
+                      C_WRITE_BYTES, G_BACKING_MODELLED, G_CLUSTER_BITS, G_DISCARD_UNMAP, G_EXTENDED, G_FAST_PATHS,
+                      G_L1_SIZE, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS, G_WRITETHROUGH,
+                      META_WIDTH, S_BACKING, S_EVENTS, S_FLUSHES)
+from .write import guest_flush, write
 
 
 @njit(cache=True)
@@ -49,6 +50,7 @@ def run_requests(r, op, offset, length, first, last):
     recording = ev_capacity > 0
     backing_model = g[G_BACKING_MODELLED]
     writethrough = g[G_WRITETHROUGH]
+    unmap = g[G_DISCARD_UNMAP]
     fast = g[G_FAST_PATHS] != 0 and backing_model == 0  # the tests turn the fast paths off to compare
     max_clusters = 1
     for i in range(first, last):
@@ -61,7 +63,7 @@ def run_requests(r, op, offset, length, first, last):
         r.part_first = np.empty(rows, dtype=np.int64)
         r.part_last = np.empty(rows, dtype=np.int64)
     # Tallies and the event count stay in registers; the arrays are written back around the general paths.
-    requests = reads = writes = flushes = discards = read_bytes = write_bytes = 0
+    requests = reads = writes = flushes = discards = read_bytes = write_bytes = discard_bytes = 0
     events = st[S_EVENTS]
     stop = last
     for i in range(first, last):
@@ -142,25 +144,29 @@ def run_requests(r, op, offset, length, first, last):
                         events += 1
                     if writethrough:
                         st[S_EVENTS] = events
-                        flush(r)
+                        guest_flush(r)
                         events = st[S_EVENTS]
                     continue
         elif o == OP_FLUSH:
             flushes += 1
         elif o == OP_DISCARD:
-            discards += 1  # QEMU ignores discards unless opened with discard=unmap
-            continue
+            discards += 1
+            discard_bytes += ln
+            if not unmap:  # discard=ignore: bdrv_co_pdiscard returns before the driver sees it
+                continue
         st[S_EVENTS] = events
         if o == OP_READ:
             read(r, pos, ln)
         elif o == OP_WRITE or o == OP_PREALLOC:
             write(r, pos, ln, o == OP_PREALLOC)
             if writethrough and o == OP_WRITE:
-                flush(r)
+                guest_flush(r)
+        elif o == OP_DISCARD:
+            discard(r, pos, ln)  # no flush after it, even in writethrough (blk_co_do_pdiscard)
         elif o == OP_STATUS:  # a block-status query from the image above: one extent's lookup
             host_extent(r, r, True, pos, pos + ln)
         elif o == OP_FLUSH:
-            flush(r)
+            guest_flush(r)
         events = st[S_EVENTS]
     st[S_EVENTS] = events
     cnt = r.cnt
@@ -171,4 +177,5 @@ def run_requests(r, op, offset, length, first, last):
     cnt[C_WRITE_BYTES] += write_bytes
     cnt[C_FLUSHES] += flushes
     cnt[C_DISCARDS] += discards
+    cnt[C_DISCARD_BYTES] += discard_bytes
     return stop

@@ -13,18 +13,24 @@ from numba.extending import intrinsic
 
 # geometry/options vector (int64) indices
 (G_CLUSTER_BITS, G_TABLE_BITS, G_SLICE_BITS, G_SC_BITS, G_EXTENDED, G_SPC, G_SLICES_PER_TABLE, G_L1_SIZE,
- G_HAS_BACKING_FILE, G_WRITETHROUGH, G_BACKING_MODELLED, G_BACKING_SIZE, G_FAST_PATHS) = range(13)
-GEOMETRY_SIZE = 13
-# run state (int64) indices
-S_EVENTS, S_FLUSHES, S_SLOTS, S_BACKING = range(4)
-STATE_SIZE = 4
+ G_HAS_BACKING_FILE, G_WRITETHROUGH, G_BACKING_MODELLED, G_BACKING_SIZE, G_FAST_PATHS, G_VIRTUAL_SIZE,
+ G_DISCARD_UNMAP, G_DISCARD_NO_UNREF) = range(16)
+GEOMETRY_SIZE = 16
+# run state (int64) indices. S_REFCOUNT_DEPENDS_ON_L2: the refcount cache depends on the L2 cache (QEMU's
+# qcow2_cache_set_dependency after a refcount decrease), so the next flush of the refcount cache, or the next
+# L2 link, flushes the whole L2 cache first.
+S_EVENTS, S_FLUSHES, S_SLOTS, S_BACKING, S_REFCOUNT_DEPENDS_ON_L2 = range(5)
+STATE_SIZE = 5
 # counters (int64) indices
 (C_REQUESTS, C_READS, C_WRITES, C_FLUSHES, C_DISCARDS, C_READ_BYTES, C_WRITE_BYTES, C_COW_READ_BYTES,
  C_COW_WRITE_BYTES, C_ZERO_FILL_BYTES, C_TABLES_ALLOCATED, C_CLUSTERS_ALLOCATED, C_ZERO_CHECKS,
- C_COW_READ_LOOKUPS) = range(14)
-COUNTER_NAMES = ("requests", "reads", "writes", "flushes", "discards_ignored", "guest_read_bytes",
+ C_COW_READ_LOOKUPS, C_CLUSTERS_DISCARDED, C_CLUSTERS_FREED, C_HOST_DISCARDS, C_HOST_DISCARD_BYTES,
+ C_DISCARD_BYTES, C_REFCOUNT_DROPS) = range(20)
+COUNTER_NAMES = ("requests", "reads", "writes", "flushes", "discards", "guest_read_bytes",
                  "guest_write_bytes", "cow_read_bytes", "cow_write_bytes", "zero_fill_bytes", "l2_tables_allocated",
-                 "clusters_allocated", "zero_check_lookups", "cow_read_lookups")
+                 "clusters_allocated", "zero_check_lookups", "cow_read_lookups", "clusters_discarded",
+                 "clusters_freed", "discards_to_host", "discarded_bytes", "guest_discard_bytes",
+                 "refcount_drops")
 COUNTERS_SIZE = len(COUNTER_NAMES)
 
 # A meta (QCowL2Meta) row

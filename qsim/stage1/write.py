@@ -9,15 +9,15 @@ from numba import njit
 
 from ..bitops import leading_zeros32, trailing_zeros32
 from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GET_DIRTY, GET_EMPTY, NORMAL,
-                     UNALLOC_ALLOC, UNALLOC_PLAIN, ZERO_ALLOC)
+                     UNALLOC_ALLOC, UNALLOC_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
 from ..hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
 from .lookup import bitmaps, subcluster_type, range_type, host_extent, read, queue_backing
-from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES,
+from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES, C_REFCOUNT_DROPS,
                       C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES, G_BACKING_MODELLED, G_BACKING_SIZE,
                       G_CLUSTER_BITS, G_EXTENDED, G_HAS_BACKING_FILE, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS,
-                      G_SPC, G_TABLE_BITS, M_ALLOC, M_END_N, M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP,
-                      M_START_N, M_START_OFF, S_EVENTS, S_SLOTS, INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush,
-                      slice_key)
+                      G_SPC, G_TABLE_BITS, G_VIRTUAL_SIZE, M_ALLOC, M_END_N, M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD,
+                      M_NB, M_SKIP, M_START_N, M_START_OFF, S_EVENTS, S_REFCOUNT_DEPENDS_ON_L2, S_SLOTS, INT_MAX,
+                      REQUEST_MAX_BYTES, INV, emit, flush, slice_key)
 
 
 @njit(cache=True)
@@ -43,14 +43,51 @@ def alloc_flushing(r, at, n):
         result = alloc_clusters_at(r.used, r.covered, alloc, at, n)
     for _ in range(alloc[REFBLOCKS_MADE] - before):
         flush(r)
+    if alloc[REFBLOCKS_MADE] != before:  # its refcount-cache flush cleared the refcount cache's dependency
+        r.state[S_REFCOUNT_DEPENDS_ON_L2] = 0
     return result
 
 
 @njit(cache=True)
-def _l2_allocate(r, l1):
-    """l2_allocate: a host cluster for the table, get_empty (dirty) for each slice, flush the whole L2 cache."""
+def flush_refcount_dependency(r):
+    """qcow2_cache_flush_dependency: while the refcount cache depends on the L2 cache (a refcount dropped since
+    the refcount cache was last written), flushing the refcount cache (l2_allocate) or making the L2 cache depend
+    on it (an L2 link) first flushes the whole L2 cache."""
+    if r.state[S_REFCOUNT_DEPENDS_ON_L2]:
+        flush(r)
+        r.state[S_REFCOUNT_DEPENDS_ON_L2] = 0
+
+
+@njit(cache=True)
+def guest_flush(r):
+    """qcow2_write_caches (a guest flush, writethrough's flush after each write): the L2 cache, then the
+    refcount cache, whose dependency on the L2 cache is then cleared."""
+    flush(r)
+    r.state[S_REFCOUNT_DEPENDS_ON_L2] = 0
+
+
+@njit(cache=True)
+def free_any_cluster(r, host, flags):
+    """qcow2_free_any_cluster of the cluster at host cluster ``host``: its refcount drops (update_refcount, which
+    makes the refcount cache depend on the L2 cache). With COPIED the refcount was 1, so the cluster is free again
+    and the allocator's free_cluster_index moves back to it; without COPIED (shared by a snapshot: refcount 2 or
+    more) it stays allocated, and so do a compressed cluster's host clusters (shared with other compressed
+    clusters; qsim keeps no per-cluster refcounts). Returns whether the cluster was freed."""
+    r.state[S_REFCOUNT_DEPENDS_ON_L2] = 1
+    r.cnt[C_REFCOUNT_DROPS] += 1
+    if not (flags & F_COPIED) or (flags & F_COMPRESSED):
+        return False
+    free_cluster(r.used, r.covered, r.alloc, host)
+    return True
+
+
+@njit(cache=True)
+def l2_allocate(r, l1):
+    """l2_allocate: a host cluster for the table, a refcount-cache flush, get_empty (dirty) for each slice, flush
+    the whole L2 cache."""
     g = r.g
     host = alloc_flushing(r, -1, 1)
+    flush_refcount_dependency(r)
     slot = r.state[S_SLOTS]
     r.state[S_SLOTS] = slot + 1
     r.tslot[l1] = slot
@@ -69,7 +106,7 @@ def get_cluster_table(r, gc, kind):
     l1 = gc >> g[G_TABLE_BITS]
     slot = r.tslot[l1]
     if slot < 0:
-        slot = _l2_allocate(r, l1)
+        slot = l2_allocate(r, l1)
     emit(r, slice_key(g, slot, gc & ((1 << g[G_TABLE_BITS]) - 1)), kind)
     return slot
 
@@ -219,13 +256,29 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
 
 @njit(cache=True)
 def _is_unallocated(r, pos, nbytes):
-    """is_unallocated via bdrv_is_allocated_above: one lookup in this image; where this image has nothing, the
-    backing image answers (a block-status query in its own cache when it is modelled; taken to hold data when a
-    backing file exists but is not modelled)."""
+    """is_zero_cow's bdrv_co_is_zero_fast. bdrv_co_block_status cuts the query at the end of the disk: a COW
+    region past it (the tail of a partial last cluster) is answered BDRV_BLOCK_EOF without a lookup, and one that
+    reaches past it is shorter than asked; either way it does not count as zeroes, so the COW is done."""
     if nbytes == 0:
         return True
+    size = r.g[G_VIRTUAL_SIZE]
+    if pos >= size:
+        return False
+    if pos + nbytes > size:
+        _reads_as_zero(r, pos, size - pos)
+        return False
+    return _reads_as_zero(r, pos, nbytes)
+
+
+@njit(cache=True)
+def _reads_as_zero(r, pos, nbytes):
+    """The block status of [pos, pos + nbytes): one lookup in this image; zero clusters read as zeroes; where this
+    image has nothing, the backing image answers (a block-status query in its own cache when it is modelled; taken
+    to hold data when a backing file exists but is not modelled)."""
     g = r.g
     n, t = host_extent(r, r, True, pos, pos + nbytes)
+    if t == ZERO_PLAIN or t == ZERO_ALLOC:  # reads as zeroes in this image (BDRV_BLOCK_ZERO), whatever lies below
+        return n >= nbytes
     if not (t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1):
         return False
     if not g[G_HAS_BACKING_FILE]:
@@ -236,7 +289,7 @@ def _is_unallocated(r, pos, nbytes):
     if pos >= g[G_BACKING_SIZE]:
         return n >= nbytes
     bn, bt = host_extent(r, r.bim, False, pos, pos + min(n, g[G_BACKING_SIZE] - pos))
-    unallocated = bt == UNALLOC_PLAIN or bt == UNALLOC_ALLOC or bt == -1
+    unallocated = bt == UNALLOC_PLAIN or bt == UNALLOC_ALLOC or bt == -1 or bt == ZERO_PLAIN or bt == ZERO_ALLOC
     return unallocated and min(n, bn) >= nbytes
 
 
@@ -289,6 +342,7 @@ def _link_l2(r, j, prealloc):
         cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_READ_LOOKUPS] += r.state[S_EVENTS] - before
     gc = m[M_GUEST_CLUSTER]
+    flush_refcount_dependency(r)  # qcow2_cache_set_dependency(l2, refcount)
     slot = get_cluster_table(r, gc, GET_DIRTY)
     idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
     written_to_all = m[M_END_OFF] + m[M_END_N]
@@ -296,8 +350,8 @@ def _link_l2(r, j, prealloc):
     eflags = r.eflags
     for i in range(m[M_NB]):
         old = ehost[slot, idx + i]
-        if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i and not (eflags[slot, idx + i] & F_COMPRESSED):
-            free_cluster(r.used, r.covered, r.alloc, old)
+        if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i:
+            free_any_cluster(r, old, eflags[slot, idx + i])  # a compressed cluster's refcount drops too
         ehost[slot, idx + i] = m[M_ALLOC] + i
         eflags[slot, idx + i] = F_COPIED
         if g[G_EXTENDED] and not prealloc:

@@ -8,6 +8,14 @@ after the first C evicts). Write-backs depend on dirtiness and flushes, so they 
 carries a dirty bit per size.
 For a handful of sizes, simulating each cache directly (O(1) per access) is faster still.
 
+Cache cleaning (QEMU's ``cache-clean-interval``, block/qcow2-cache.c qcow2_cache_clean_unused): at each tick of
+the timer, every entry that is clean, not in use and not used since the previous tick is dropped (``CacheModel.
+clean``). Without dirty entries that cuts the LRU stack at the same point for every size; a dirty entry survives a
+tick in the caches where it is dirty and resident, and those differ by size. So at the first tick after any access
+the one-pass state becomes one direct simulation per size (exact: residency, dirty bits and write-backs carry
+over), and the trace goes on there; a trace shorter than one interval (most recordings, with the 600 s default)
+never leaves the one-pass path. The first tick itself drops nothing (QEMU's saved counter starts at 0).
+
 All kernels carry their state in arrays, so a trace can be fed in chunks (``CacheModel.feed``) with results equal
 to one whole pass: that is how traces larger than memory stream. The sequential kernels are ``_distances_step``
 (a bitmap of live access times with a Fenwick tree over its 64-bit words, compacted whenever it fills, so for 32768
@@ -31,7 +39,8 @@ DIRECT_SIMULATION_MAX_SIZES = 3
 # scalar state of the distance kernel
 D_MARKS, D_TIME, D_LAST_KEY = range(3)
 # scalar state of a direct simulation
-S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN = range(6)
+S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN, S_EVICTED, S_CLEANED = range(8)
+SIM_STATE_SIZE = 8
 
 
 @njit(cache=True)
@@ -247,10 +256,11 @@ def _flush_all(nxt, dirty, head):
 
 
 @njit(cache=True)
-def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, s):
+def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, stamp, base, s):
     """One LRU cache of ``entries`` entries, simulated directly (keys are dense ints: the LRU list is two arrays),
-    continuing from state ``s`` (head, tail, size, hits, disk reads, write-backs). ``flush_at``: this
-    chunk's whole-cache flushes, one before event ``flush_at[j]`` (or after the last event)."""
+    continuing from state ``s`` (head, tail, size, hits, disk reads, write-backs, evictions, cleaned). ``flush_at``:
+    this chunk's whole-cache flushes, one before event ``flush_at[j]`` (or after the last event). ``stamp[k]``: the
+    access number (1, 2, ...; ``base`` accesses came before this chunk) of k's last use, what cleaning reads."""
     head, tail, size = s[S_HEAD], s[S_TAIL], s[S_SIZE]
     f = 0
     for i in range(keys.shape[0]):
@@ -284,6 +294,7 @@ def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, s
                 else:
                     head = -1
                 resident[victim] = 0
+                s[S_EVICTED] += 1
                 if dirty[victim]:
                     s[S_WRITTEN] += 1
                     dirty[victim] = 0
@@ -297,11 +308,36 @@ def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, s
             head = k
             if tail < 0:
                 tail = k
+        stamp[k] = base + i + 1
         if kinds[i] == GET_DIRTY or kinds[i] == GET_EMPTY:
             dirty[k] = 1
     if f < flush_at.shape[0]:  # flushes after the chunk's last event
         s[S_WRITTEN] += _flush_all(nxt, dirty, head)
     s[S_HEAD], s[S_TAIL], s[S_SIZE] = head, tail, size
+
+
+@njit(cache=True)
+def _clean_step(prev, nxt, resident, dirty, stamp, cut, s):
+    """qcow2_cache_clean_unused on one directly simulated cache: drop every resident entry not dirty and last used
+    at or before access number ``cut`` (the count at the previous tick). Those are a run at the LRU end of the
+    list, dirty ones among them staying where they are."""
+    k = s[S_TAIL]
+    while k >= 0 and stamp[k] <= cut:
+        up = prev[k]
+        if not dirty[k]:
+            q = nxt[k]
+            if up >= 0:
+                nxt[up] = q
+            else:
+                s[S_HEAD] = q
+            if q >= 0:
+                prev[q] = up
+            else:
+                s[S_TAIL] = up
+            resident[k] = 0
+            s[S_SIZE] -= 1
+            s[S_CLEANED] += 1
+        k = up
 
 
 def simulate(keys, kinds, flush_at, n_keys, entries):
@@ -322,6 +358,7 @@ class CacheCounts:
     evictions: int
     writebacks: int
     writebacks_at_close: int
+    cleaned: int = 0  # entries dropped by cache cleaning
 
 
 assert GET == 0 and GET_DIRTY != 0 and GET_EMPTY != 0  # CacheModel.feed tests for dirt with kind.any()
@@ -331,7 +368,9 @@ class CacheModel:
     """Caches of several sizes (entry counts) fed one event stream, in one or many chunks.
 
     ``direct`` simulates each size (best for a few sizes); otherwise one stack-distance pass serves all sizes and
-    write-backs get a pass per size only once dirty entries exist."""
+    write-backs get a pass per size only once dirty entries exist. ``clean`` is one tick of QEMU's cache cleaning
+    between two chunks; the first one after any access moves a one-pass model to direct simulations (see the
+    module's notes)."""
 
     def __init__(self, n_keys: int, entries: list[int], direct: bool | None = None):
         self.n_keys = max(n_keys, 1)
@@ -341,21 +380,25 @@ class CacheModel:
         self.direct = len(self.entries) <= DIRECT_SIMULATION_MAX_SIZES if direct is None else direct
         self.lookups = 0
         self.flushes = 0
+        self.ticks = 0
+        self.clean_cut = 0  # QEMU's cache_clean_lru_counter: the access count at the previous tick
         if self.direct:
-            self.sims = [(np.full(self.n_keys, -1, np.int64), np.full(self.n_keys, -1, np.int64),
-                          np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.uint8),
-                          np.array([-1, -1, 0, 0, 0, 0], np.int64)) for _ in self.entries]
+            self.sims = [self._empty_sim() for _ in self.entries]
         else:
             self.distances = _DistanceState(self.n_keys)
             self.dirty_state = None  # dirty bits, last flushes, written per size -- created at the first dirt
 
+    def _empty_sim(self):
+        return (np.full(self.n_keys, -1, np.int64), np.full(self.n_keys, -1, np.int64),
+                np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.int64),
+                np.array([-1, -1, 0, 0, 0, 0, 0, 0], np.int64))
+
     def feed(self, key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray):
         """Add a chunk of events; ``flush_at`` are this chunk's flush positions, ascending (a flush before event j;
         j = len(key) is a flush after the chunk's last event)."""
-        self.lookups += len(key)
         if self.direct:
-            for e, (prev, nxt, resident, dirty, s) in zip(self.entries, self.sims):
-                _simulate_step(key, kind, flush_at, e, prev, nxt, resident, dirty, s)
+            for e, (prev, nxt, resident, dirty, stamp, s) in zip(self.entries, self.sims):
+                _simulate_step(key, kind, flush_at, e, prev, nxt, resident, dirty, stamp, self.lookups, s)
         else:
             dirties = self.dirty_state is None and bool(kind.any())  # GET is 0: any other kind dirties its slice
             dist = self.distances.step(key, kind, keep=self.dirty_state is not None or dirties)
@@ -365,7 +408,58 @@ class CacheModel:
                                     np.zeros(self.n_keys, np.int64), np.zeros(len(self.entries), np.int64))
             if self.dirty_state is not None:
                 _writebacks_step(key, kind, dist, flush_at, self.flushes, self.entries_array, *self.dirty_state)
+        self.lookups += len(key)
         self.flushes += len(flush_at)
+
+    def clean(self, ticks: int = 1) -> None:
+        """``ticks`` ticks of the cache-clean timer after everything fed so far (cache_clean_timer_cb): each drops,
+        in every cache, the entries that are clean and unused since the previous tick, then saves the count."""
+        for _ in range(ticks):
+            self.ticks += 1
+            if self.clean_cut > 0:  # until a tick has saved a count above 0, nothing qualifies
+                for prev, nxt, resident, dirty, stamp, s in self.sims:
+                    _clean_step(prev, nxt, resident, dirty, stamp, self.clean_cut, s)
+            self.clean_cut = self.lookups
+            if not self.direct and self.clean_cut > 0:  # the next tick can drop entries: one cache per size
+                self._go_direct()
+
+    def _go_direct(self) -> None:
+        """Turn the one-pass state into one direct simulation per size, equal to having simulated each from the
+        start: the e most recently used slices are resident (a cache that was never cleaned holds the top of the
+        LRU stack), dirty where they were dirtied and neither flushed nor evicted since; every write-back owed so
+        far is counted."""
+        mark = self.distances.mark_of_key
+        seen = np.flatnonzero(mark > 0)
+        order = seen[np.argsort(mark[seen])[::-1]]  # most recent first
+        counts = self._finish_each()
+        flushed = evicted_dirty = None
+        if self.dirty_state is not None:
+            dirty_bits, last_flushes, _ = self.dirty_state
+            flushed = last_flushes < self.flushes
+        sims = []
+        for n, (e, c) in enumerate(zip(self.entries, counts)):
+            prev, nxt, resident, dirty, stamp, s = self._empty_sim()
+            top = order[:e]
+            resident[top] = 1
+            if len(top):
+                prev[top[1:]] = top[:-1]
+                nxt[top[:-1]] = top[1:]
+                s[S_HEAD], s[S_TAIL], s[S_SIZE] = top[0], top[-1], len(top)
+            stamp[order] = np.arange(len(order), 0, -1)  # recency order; every use was before this tick
+            written = c.writebacks  # write-backs owed so far: flushes and evictions (what finish counts)
+            if self.dirty_state is not None:
+                bit = (dirty_bits[:, n >> 6] >> (n & 63)) & 1
+                still = (bit == 1) & (resident == 1) & ~flushed
+                dirty[still] = 1
+                evicted_dirty = int(((bit == 1) & ~still).sum())
+                written = int(self.dirty_state[2][n]) + evicted_dirty
+            s[S_HITS], s[S_READS], s[S_WRITTEN] = c.hits, c.disk_reads, written
+            s[S_EVICTED] = c.evictions
+            sims.append((prev, nxt, resident, dirty, stamp, s))
+        self.sims = sims
+        self.direct = True
+        del self.distances
+        self.dirty_state = None
 
     def finish(self) -> list[CacheCounts]:
         """Counters per asked size, in the order asked."""
@@ -375,12 +469,10 @@ class CacheModel:
     def _finish_each(self) -> list[CacheCounts]:
         out = []
         if self.direct:
-            for e, (_, _, _, dirty, s) in zip(self.entries, self.sims):
-                written = int(s[S_WRITTEN])
+            for e, (_, _, _, dirty, _, s) in zip(self.entries, self.sims):
                 hits = int(s[S_HITS])
-                misses = self.lookups - hits
-                out.append(CacheCounts(e, self.lookups, hits, misses, int(s[S_READS]), max(misses - e, 0), written,
-                                       int(dirty.sum())))
+                out.append(CacheCounts(e, self.lookups, hits, self.lookups - hits, int(s[S_READS]),
+                                       int(s[S_EVICTED]), int(s[S_WRITTEN]), int(dirty.sum()), int(s[S_CLEANED])))
             return out
         mark = self.distances.mark_of_key  # live marks are in last-access order
         seen = mark > 0

@@ -1,0 +1,129 @@
+"""Cache cleaning (QEMU's cache-clean-interval) in stage 2, held to a plain-Python cache that follows
+qcow2_cache_clean_unused line by line: at each tick, drop every entry that is not dirty and whose last use
+(lru_counter) is at or before the counter saved at the previous tick; then save the counter."""
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from qsim.codes import GET, GET_DIRTY, GET_EMPTY
+from qsim.lru import CacheModel
+
+
+def reference_cleaning_lru(keys, kinds, flush_at, tick_at, entries):
+    """QEMU's cache with an lru_counter per entry, whole-cache flushes and clean ticks. A tick at position j
+    comes before event j, after the flushes at j (a request's own flushes come after the tick before it)."""
+    cache = OrderedDict()  # key -> [dirty, lru_counter]
+    counter = 0  # c->lru_counter
+    saved = 0  # c->cache_clean_lru_counter
+    c = dict(lookups=0, hits=0, misses=0, disk_reads=0, evictions=0, writebacks=0, cleaned=0)
+    flushes, ticks = list(flush_at), list(tick_at)
+
+    def flush():
+        for entry in cache.values():
+            if entry[0]:
+                c["writebacks"] += 1
+                entry[0] = False
+
+    def tick():
+        nonlocal saved
+        for key in [k for k, (dirty, lru) in cache.items() if not dirty and lru <= saved]:
+            del cache[key]
+            c["cleaned"] += 1
+        saved = counter
+
+    for i in range(len(keys) + 1):
+        while flushes and flushes[0] <= i:
+            flushes.pop(0)
+            flush()
+        while ticks and ticks[0] <= i:
+            ticks.pop(0)
+            tick()
+        if i == len(keys):
+            break
+        key, kind = keys[i], kinds[i]
+        c["lookups"] += 1
+        if key in cache:
+            c["hits"] += 1
+            cache.move_to_end(key)
+        else:
+            c["misses"] += 1
+            if kind != GET_EMPTY:
+                c["disk_reads"] += 1
+            if len(cache) >= entries:
+                _, (dirty, _) = cache.popitem(last=False)
+                c["evictions"] += 1
+                c["writebacks"] += int(dirty)
+            cache[key] = [False, 0]
+        counter += 1
+        cache[key][1] = counter
+        if kind in (GET_DIRTY, GET_EMPTY):
+            cache[key][0] = True
+    c["writebacks_at_close"] = sum(e[0] for e in cache.values())
+    return c
+
+
+def fed_with_ticks(keys, kinds, flush_at, tick_at, sizes, direct):
+    """The model fed in chunks cut at every tick (as the replay feeds it), with a clean between chunks."""
+    model = CacheModel(int(keys.max()) + 1 if len(keys) else 1, sizes, direct)
+    start = 0
+    for cut in sorted(set(tick_at.tolist()) | {len(keys)}):
+        local = flush_at[(flush_at >= start) & (flush_at <= cut)] - start
+        model.feed(keys[start:cut], kinds[start:cut], local)
+        flush_at = flush_at[flush_at > cut]
+        model.clean(int((tick_at == cut).sum()))
+        start = cut
+    return model.finish()
+
+
+def random_stream(rng, n, n_keys, dirty_share):
+    keys = rng.integers(0, n_keys, n).astype(np.int64)
+    p_dirty = dirty_share / 2
+    kinds = rng.choice([GET, GET_DIRTY, GET_EMPTY], n, p=[1 - dirty_share, p_dirty, p_dirty]).astype(np.uint8)
+    flush_at = np.sort(rng.choice(n + 1, size=rng.integers(0, max(n // 30, 1)), replace=False)).astype(np.int64)
+    tick_at = np.sort(rng.integers(0, n + 1, int(rng.integers(1, 40)))).astype(np.int64)  # repeats: idle intervals
+    return keys, kinds, flush_at, tick_at
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("dirty_share", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("seed", range(8))
+def test_cleaning_equals_the_reference(seed, dirty_share, direct):
+    rng = np.random.default_rng(300 + seed)
+    n_keys = int(rng.integers(1, 80))
+    keys, kinds, flush_at, tick_at = random_stream(rng, int(rng.integers(1, 2500)), n_keys, dirty_share)
+    sizes = [1, 2, 3, 5, 9, 16, 40, 100]
+    for entries, ours in zip(sizes, fed_with_ticks(keys, kinds, flush_at, tick_at, sizes, direct)):
+        ref = reference_cleaning_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), tick_at.tolist(), entries)
+        got = dict(lookups=ours.lookups, hits=ours.hits, misses=ours.misses, disk_reads=ours.disk_reads,
+                   evictions=ours.evictions, writebacks=ours.writebacks, cleaned=ours.cleaned,
+                   writebacks_at_close=ours.writebacks_at_close)
+        assert got == ref, (entries, seed)
+
+
+def test_an_entry_survives_two_ticks_without_use_and_dirty_ones_stay():
+    # slices 0 (read) and 1 (dirtied) used before tick 1; 2 used between ticks 1 and 2; all re-read after tick 3
+    keys = np.array([0, 1, 2, 0, 1, 2], np.int64)
+    kinds = np.array([GET, GET_DIRTY, GET, GET, GET, GET], np.uint8)
+    model = CacheModel(3, [8])
+    model.feed(keys[:2], kinds[:2], np.zeros(0, np.int64))
+    model.clean()  # tick 1: nothing was saved before it
+    model.feed(keys[2:3], kinds[2:3], np.zeros(0, np.int64))
+    model.clean()  # tick 2: drops 0 (clean, unused since tick 1); 1 is dirty
+    model.clean()  # tick 3: drops 2
+    model.feed(keys[3:], kinds[3:], np.zeros(0, np.int64))
+    c = model.finish()[0]
+    assert (c.misses, c.cleaned, c.evictions, c.writebacks_at_close) == (5, 2, 0, 1)
+
+
+def test_without_ticks_nothing_changes():
+    rng = np.random.default_rng(5)
+    keys, kinds, flush_at, _ = random_stream(rng, 3000, 50, 0.3)
+    for direct in (False, True):
+        a = CacheModel(50, [1, 4, 20, 64], direct)
+        a.feed(keys, kinds, flush_at)
+        b = CacheModel(50, [1, 4, 20, 64], direct)
+        b.feed(keys, kinds, flush_at)
+        b.clean()  # one tick drops nothing: QEMU's saved counter starts at 0
+        assert a.finish() == b.finish()

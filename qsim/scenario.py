@@ -22,6 +22,10 @@ from .codes import CACHE_MODES, OFFSET_POLICIES
 from .imageopts import ImageOptions
 
 
+DEFAULT_CACHE_CLEAN_INTERVAL = 600  # seconds: QEMU's default on Linux (block/qcow2.h)
+MAX_CACHE_CLEAN_INTERVAL = 2**32 - 1  # UINT_MAX: QEMU refuses more ("Cache clean interval too big")
+
+
 def doubling_sizes(low: int, high: int) -> tuple[int, ...]:
     """Cache sizes in bytes from ``low``, doubling, up to ``high`` (included even when it is not on the way)."""
     sizes = [low << k for k in range((high // low).bit_length())]
@@ -73,7 +77,9 @@ class Scenario:
       None = not given); all of them come from one pass over the trace;
     - ``cache_mode``: ``writeback`` (a VM's default) or ``writethrough`` (a flush after every write, qemu-io's);
     - ``offset_policy``: what a request ending beyond the disk gets: ``error``, ``skip`` or ``wrap``;
-    - ``qemu_version``: whose cache defaults apply (``"7.2"``, ``"2.11"``, ...).
+    - ``qemu_version``: whose cache defaults apply (``"7.2"``, ``"2.11"``, ...);
+    - ``cache_clean_interval``: QEMU's ``cache-clean-interval`` in whole seconds (600, QEMU's default on Linux;
+      0 = off), applied from the trace's own timestamps (a trace without them is replayed without cleaning).
     """
 
     image: ImageSpec = ImageSpec()
@@ -81,6 +87,7 @@ class Scenario:
     cache_mode: str = "writeback"
     offset_policy: str = "error"
     qemu_version: str = DEFAULT_QEMU_VERSION
+    cache_clean_interval: int = DEFAULT_CACHE_CLEAN_INTERVAL
 
     def __post_init__(self) -> None:
         if not isinstance(self.caches, tuple) or not self.caches:
@@ -90,6 +97,11 @@ class Scenario:
         if self.offset_policy not in OFFSET_POLICIES:
             raise UsageError(f"--offset-policy {self.offset_policy!r}: expected error, skip or wrap")
         object.__setattr__(self, "qemu_version", str(QemuVersion.parse(self.qemu_version)))
+        interval = self.cache_clean_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or \
+                not 0 <= interval <= MAX_CACHE_CLEAN_INTERVAL:
+            raise UsageError(f"--cache-clean-interval {interval!r}: whole seconds from 0 (off) to "
+                             f"{MAX_CACHE_CLEAN_INTERVAL}, as QEMU takes it")
 
     @classmethod
     def of(cls, l2_cache_sizes: tuple[int | None, ...] = (None,), l2_cache_entry_size: int | None = None,

@@ -87,6 +87,9 @@ TABLE = {
     "cache-mode": Row(("cache_mode",), ("--cache-mode", "writethrough")),
     "offset-policy": Row(("offset_policy",), ("--offset-policy", "wrap"), base=("--size", "1G"), trace="beyond"),
     "qemu-version": Row(("qemu_version",), ("--qemu-version", "2.11"), base=PRE),
+    # validate always compares with cleaning off (qemu-io never cleans), so it has no row here
+    "cache-clean-interval": Row(("cache_clean_interval",), ("--cache-clean-interval", "60"), trace="timed",
+                                validate=False),
     "format": Row(("format",), ("--format", "blkparse"), trace="blkparse-late"),
     "file": Row(("file",), ("--file", "/dev/vdb"), trace="two-files"),
     "action": Row(("action",), ("--action", "C"), trace="blkparse"),
@@ -104,6 +107,8 @@ def traces(tmp_path_factory) -> dict[str, str]:
     t = _requests()
     paths = {"mixed": str(d / "mixed.iolog")}
     write_trace(t, paths["mixed"])
+    paths["timed"] = str(d / "timed.iolog")  # bursts of 100 requests, 100 s apart: 4000 s of timestamps
+    write_trace(Trace.from_arrays(t.op, t.offset, t.length, (np.arange(len(t)) // 100) * 100.0), paths["timed"])
     beyond = Trace.from_arrays(t.op, t.offset + np.where(np.arange(len(t)) % 5 == 0, G, 0), t.length)
     paths["beyond"] = str(d / "beyond.iolog")
     write_trace(beyond, paths["beyond"])

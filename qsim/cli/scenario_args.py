@@ -12,7 +12,7 @@ import argparse
 from ..cachecfg import DEFAULT_QEMU_VERSION, CacheSettings
 from ..codes import CACHE_MODES, OFFSET_POLICIES
 from ..errors import UsageError
-from ..scenario import doubling_sizes, log_spaced_sizes
+from ..scenario import DEFAULT_CACHE_CLEAN_INTERVAL, MAX_CACHE_CLEAN_INTERVAL, doubling_sizes, log_spaced_sizes
 from ..units import parse_size
 from .common import add_image_options, size_arg
 
@@ -23,7 +23,8 @@ MAX_CACHE_CONFIGS = 1000  # rows one replay reports: far more than a miss-ratio 
 MIN_CACHE_SIZE_IN_RANGE = 512
 
 SCENARIO_DESTS = frozenset({"size", "image", "backing_chain", "image_options", "l2_cache_size",
-                            "l2_cache_entry_size", "cache_mode", "offset_policy", "qemu_version"})
+                            "l2_cache_entry_size", "cache_mode", "offset_policy", "qemu_version",
+                            "cache_clean_interval"})
 READING_DESTS = frozenset({"format", "file", "action"})
 
 
@@ -94,8 +95,18 @@ def add_scenario_options(p: argparse.ArgumentParser, sweep: bool = False, one_ca
                    help="writeback (a VM's default) or writethrough (a flush after every write)")
     p.add_argument("--offset-policy", choices=OFFSET_POLICIES, default="error",
                    help="requests ending beyond --size: error (default), skip or wrap")
+    p.add_argument("--cache-clean-interval", type=_interval_arg, default=DEFAULT_CACHE_CLEAN_INTERVAL, metavar="S",
+                   help="QEMU's cache-clean-interval in seconds, applied from the trace's timestamps (default "
+                        f"{DEFAULT_CACHE_CLEAN_INTERVAL}, as QEMU on Linux; 0 = off; a trace without timestamps "
+                        "is not cleaned)")
     p.add_argument("--qemu-version", default=DEFAULT_QEMU_VERSION, metavar="X.Y",
                    help=f"cache defaults of that QEMU (default {DEFAULT_QEMU_VERSION})")
+
+
+def _interval_arg(text: str) -> int:
+    if not text.strip().isascii() or not text.strip().isdigit() or int(text) > MAX_CACHE_CLEAN_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{text!r}: whole seconds, 0 (off) to {MAX_CACHE_CLEAN_INTERVAL}")
+    return int(text)
 
 
 def scenario_from_args(args: argparse.Namespace, sweep: bool = False, virtual_size: int | None = None):
@@ -119,7 +130,7 @@ def scenario_from_args(args: argparse.Namespace, sweep: bool = False, virtual_si
         sizes = (args.l2_cache_size,)
     caches = tuple(CacheSettings(l2_cache_size=s, l2_cache_entry_size=args.l2_cache_entry_size) for s in sizes)
     return Scenario(image=image, caches=caches, cache_mode=args.cache_mode, offset_policy=args.offset_policy,
-                    qemu_version=args.qemu_version)
+                    qemu_version=args.qemu_version, cache_clean_interval=args.cache_clean_interval)
 
 
 def reading_from_args(args: argparse.Namespace):

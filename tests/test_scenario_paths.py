@@ -87,6 +87,10 @@ TABLE = {
     "cache-mode": Row(("cache_mode",), ("--cache-mode", "writethrough")),
     "offset-policy": Row(("offset_policy",), ("--offset-policy", "wrap"), base=("--size", "1G"), trace="beyond"),
     "qemu-version": Row(("qemu_version",), ("--qemu-version", "2.11"), base=PRE),
+    # validate passes l2-cache-size and l2-cache-entry-size to qemu-io only: no validate for these
+    "cache-size": Row(("cache_size",), ("--cache-size", "300k"), validate=False),
+    "cache-size list": Row(("cache_size",), ("--cache-size", "64k..1M"), validate=False),
+    "refcount-cache-size": Row(("refcount_cache_size",), ("--refcount-cache-size", "1M"), validate=False),
     # validate always compares with cleaning off (qemu-io never cleans), so it has no row here
     "cache-clean-interval": Row(("cache_clean_interval",), ("--cache-clean-interval", "60"), trace="timed",
                                 validate=False),

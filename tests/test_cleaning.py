@@ -2,66 +2,12 @@
 qcow2_cache_clean_unused line by line: at each tick, drop every entry that is not dirty and whose last use
 (lru_counter) is at or before the counter saved at the previous tick; then save the counter."""
 
-from collections import OrderedDict
-
 import numpy as np
 import pytest
+from test_lru import reference_lru
 
 from qsim.codes import GET, GET_DIRTY, GET_EMPTY
 from qsim.lru import CacheModel
-
-
-def reference_cleaning_lru(keys, kinds, flush_at, tick_at, entries):
-    """QEMU's cache with an lru_counter per entry, whole-cache flushes and clean ticks. A tick at position j
-    comes before event j, after the flushes at j (a request's own flushes come after the tick before it)."""
-    cache = OrderedDict()  # key -> [dirty, lru_counter]
-    counter = 0  # c->lru_counter
-    saved = 0  # c->cache_clean_lru_counter
-    c = dict(lookups=0, hits=0, misses=0, disk_reads=0, evictions=0, writebacks=0, cleaned=0)
-    flushes, ticks = list(flush_at), list(tick_at)
-
-    def flush():
-        for entry in cache.values():
-            if entry[0]:
-                c["writebacks"] += 1
-                entry[0] = False
-
-    def tick():
-        nonlocal saved
-        for key in [k for k, (dirty, lru) in cache.items() if not dirty and lru <= saved]:
-            del cache[key]
-            c["cleaned"] += 1
-        saved = counter
-
-    for i in range(len(keys) + 1):
-        while flushes and flushes[0] <= i:
-            flushes.pop(0)
-            flush()
-        while ticks and ticks[0] <= i:
-            ticks.pop(0)
-            tick()
-        if i == len(keys):
-            break
-        key, kind = keys[i], kinds[i]
-        c["lookups"] += 1
-        if key in cache:
-            c["hits"] += 1
-            cache.move_to_end(key)
-        else:
-            c["misses"] += 1
-            if kind != GET_EMPTY:
-                c["disk_reads"] += 1
-            if len(cache) >= entries:
-                _, (dirty, _) = cache.popitem(last=False)
-                c["evictions"] += 1
-                c["writebacks"] += int(dirty)
-            cache[key] = [False, 0]
-        counter += 1
-        cache[key][1] = counter
-        if kind in (GET_DIRTY, GET_EMPTY):
-            cache[key][0] = True
-    c["writebacks_at_close"] = sum(e[0] for e in cache.values())
-    return c
 
 
 def fed_with_ticks(keys, kinds, flush_at, tick_at, sizes, direct):
@@ -95,7 +41,7 @@ def test_cleaning_equals_the_reference(seed, dirty_share, direct):
     keys, kinds, flush_at, tick_at = random_stream(rng, int(rng.integers(1, 2500)), n_keys, dirty_share)
     sizes = [1, 2, 3, 5, 9, 16, 40, 100]
     for entries, ours in zip(sizes, fed_with_ticks(keys, kinds, flush_at, tick_at, sizes, direct)):
-        ref = reference_cleaning_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), tick_at.tolist(), entries)
+        ref = reference_lru(keys.tolist(), kinds.tolist(), flush_at.tolist(), entries, tick_at.tolist())
         got = dict(lookups=ours.lookups, hits=ours.hits, misses=ours.misses, disk_reads=ours.disk_reads,
                    evictions=ours.evictions, writebacks=ours.writebacks, cleaned=ours.cleaned,
                    writebacks_at_close=ours.writebacks_at_close)
@@ -219,3 +165,38 @@ def test_timed_replays_match_qemu_system(qemu_img):
         assert uncleaned["l2_misses"] < ours["l2_misses"], name  # cleaning mattered, or the case proves nothing
     for key, counts in by_case.items():
         assert all(c == counts[0] for c in counts), key
+
+
+def test_replay_cleans_from_the_trace_timestamps_and_says_when_it_cannot():
+    from qsim.imageopts import ImageOptions
+    from qsim.replay import replay
+    from qsim.scenario import Scenario
+    from qsim.trace import READ, Trace
+
+    offsets = [0, 32 * M, 0, 32 * M]  # ticks at 600, 1200 (drops 32M), 1800 (drops 0): 32M misses again
+    timed = Trace.from_arrays([READ] * 4, offsets, [4096] * 4, [300.0, 300.0, 900.0, 2100.0])
+    untimed = Trace.from_arrays([READ] * 4, offsets, [4096] * 4)
+    scenario = Scenario.of((64 * K,), None, ImageOptions(preallocation="metadata"), 2 * G)
+    result = replay(timed, scenario)
+    row = result.rows[0]
+    assert (row["l2_misses"], row["l2_cleaned"], row["cache_clean_ticks"], row["cache_clean_interval"]) == \
+        (3, 2, 3, 600)
+    assert not result.notes
+    off = replay(timed, Scenario.of((64 * K,), None, ImageOptions(preallocation="metadata"), 2 * G,
+                                    cache_clean_interval=0)).rows[0]
+    assert (off["l2_misses"], off["l2_cleaned"], off["cache_clean_interval"]) == (2, 0, 0)
+    plain = replay(untimed, scenario)
+    assert plain.rows[0]["cache_clean_interval"] is None and plain.rows[0]["l2_misses"] == 2
+    assert any("no timestamps" in note for note in plain.notes)
+    # an epoch-scale clock: millions of idle ticks cost two
+    late = Trace.from_arrays([READ] * 4, offsets, [4096] * 4, [1.7e9, 1.7e9, 1.7e9 + 600, 1.7e9 + 1800])
+    assert replay(late, scenario).rows[0]["l2_misses"] == 3
+
+
+def test_the_interval_is_whole_seconds_as_qemu_takes_it():
+    from qsim.errors import UsageError
+    from qsim.scenario import Scenario
+
+    for bad in (-1, 1.5, True, 2**32):
+        with pytest.raises(UsageError):
+            Scenario(cache_clean_interval=bad)

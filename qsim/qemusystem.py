@@ -100,12 +100,30 @@ def drive_options(image: str, cache_clean_interval: int, l2_cache_size: int | No
     return ",".join(opts)
 
 
-def run_timed(binary: str, image: str, trace: Trace, cache_clean_interval: int = 1, time_scale: float = 1.0,
-              workdir: str | None = None, accel: str = "kvm", **cache_options) -> TimedRun:
+def find_qemu_system() -> str:
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        raise QsimError(f"qemu-system-x86_64 not found ({INSTALL_HINT})", status=2)
+    return path
+
+
+def default_accel() -> str:
+    return "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+
+
+def system_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    return out.split("\n")[0].replace("QEMU emulator version ", "").strip() + " (qemu-system)"
+
+
+def run_timed(binary: str, image: str, trace: Trace, cache_clean_interval: int = 1, time_scale: float | None = 1.0,
+              workdir: str | None = None, accel: str | None = None, **cache_options) -> TimedRun:
     """Replay ``trace`` on ``image`` in ``binary`` (a qemu-system), request i at ``trace.time[i] / time_scale``
-    seconds after ``cont``, with cache tracing; count what the trace says."""
-    if trace.time is None:
+    seconds after ``cont`` (``time_scale`` None: one after the other, as fast as QMP goes), with cache tracing;
+    count what the trace says. ``accel``: kvm when /dev/kvm is usable, else tcg."""
+    if trace.time is None and time_scale is not None:
         raise QsimError("a timed replay needs a trace with timestamps")
+    accel = accel or default_accel()
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="qsim-timed-")
     log = os.path.join(workdir, "trace.log")
@@ -122,7 +140,7 @@ def run_timed(binary: str, image: str, trace: Trace, cache_clean_interval: int =
         qmp = _Qmp(qmp_path, time.monotonic() + 20)
         lines = [("flush" if op == FLUSH else f"{WORDS[op]} {offset} {length}")
                  for op, offset, length in zip(trace.op.tolist(), trace.offset.tolist(), trace.length.tolist())]
-        due = (trace.time / time_scale).tolist()
+        due = [0.0] * len(lines) if time_scale is None else (trace.time / time_scale).tolist()
         qmp.execute("cont")
         start = time.monotonic()
         for line, at in zip(lines, due):

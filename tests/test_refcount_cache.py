@@ -79,3 +79,17 @@ def test_cache_size_alone_matches_qemu(qemu_img):
                             cache_clean_interval=0)
         ours = replay(_trace(n), scenario).rows[0]
         assert {k: ours[k] for k in COMPARED} == {k: timed.counts[k] for k in COMPARED}, (binary, name)
+
+
+@pytest.mark.qemu
+def test_validate_takes_cache_size(qemu_img):
+    """qsim validate with cache-size goes through qemu-system's drive (qemu-io's -t cannot take it), cleaning off."""
+    from qsim.validate import COMPARED as VALIDATED, validate
+    from test_cleaning import _qemu_systems
+
+    _qemu_systems()
+    scenario = Scenario(ImageSpec(ImageOptions(preallocation="metadata"), 2 * G), (CacheSettings(cache_size=384 * K),))
+    v = validate(_trace(7), scenario)
+    assert "qemu-system" in v.qemu_version
+    assert v.qsim["l2_cache_entries"] == 32 and v.qsim["l2_misses"] > 100
+    assert {k: v.qsim[k] for k in VALIDATED} == {k: v.qemu[k] for k in VALIDATED}

@@ -10,11 +10,13 @@ For a handful of sizes, simulating each cache directly (O(1) per access) is fast
 
 Cache cleaning (QEMU's ``cache-clean-interval``, block/qcow2-cache.c qcow2_cache_clean_unused): at each tick of
 the timer, every entry that is clean, not in use and not used since the previous tick is dropped (``CacheModel.
-clean``). Without dirty entries that cuts the LRU stack at the same point for every size; a dirty entry survives a
-tick in the caches where it is dirty and resident, and those differ by size. So at the first tick after any access
-the one-pass state becomes one direct simulation per size (exact: residency, dirty bits and write-backs carry
-over), and the trace goes on there; a trace shorter than one interval (most recordings, with the 600 s default)
-never leaves the one-pass path. The first tick itself drops nothing (QEMU's saved counter starts at 0).
+clean``). While nothing is dirty, that cuts the LRU stack at the same point for every size: the one pass drops the
+marks older than the previous tick (their next access counts as a first one), and evictions come from a histogram
+of how many slices were live before each first access (a clean turns later evictions into fills). A dirty entry
+survives a tick in the caches where it is still dirty and cached, and those differ by size; so at the first tick
+with dirt the one-pass state becomes one direct simulation per size (exact: residency, dirty bits, write-backs and
+last-use order carry over), and the trace goes on there. Read-only traces, and traces shorter than one interval
+(most recordings, with the 600 s default), stay on the one-pass path.
 
 All kernels carry their state in arrays, so a trace can be fed in chunks (``CacheModel.feed``) with results equal
 to one whole pass: that is how traces larger than memory stream. The sequential kernels are ``_distances_step``
@@ -37,7 +39,7 @@ from .codes import GET, GET_DIRTY, GET_EMPTY
 COLD = np.iinfo(np.int64).max  # distance of a first access: a miss in every cache
 DIRECT_SIMULATION_MAX_SIZES = 3
 # scalar state of the distance kernel
-D_MARKS, D_TIME, D_LAST_KEY = range(3)
+D_MARKS, D_TIME, D_LAST_KEY, D_SAVED = range(4)  # D_SAVED: the newest mark's position at the last clean tick
 # scalar state of a direct simulation
 S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN, S_EVICTED, S_CLEANED = range(8)
 SIM_STATE_SIZE = 8
@@ -61,19 +63,24 @@ def _fenwick_prefix(tree, i):
 
 
 @njit(cache=True)
-def _compact(tree, bits, key_at, mark_of_key, t):
-    """Renumber the live marks (positions 1..t) as 1..marks, keeping their order; rebuild bits and tree.
-    Returns the new newest position (= live marks)."""
+def _compact(tree, bits, key_at, mark_of_key, t, scalars):
+    """Renumber the live marks (positions 1..t) as 1..marks, keeping their order (and the saved tick position with
+    them); rebuild bits and tree. Returns the new newest position (= live marks)."""
     pos = 0
+    saved = scalars[D_SAVED]
+    new_saved = 0
     for w in range((t >> 6) + 1):
         word = bits[w]
         while word != 0:
             old = (w << 6) + trailing_zeros64(word)
             word &= word - 1
             pos += 1
+            if old <= saved:
+                new_saved = pos
             key = key_at[old]
             mark_of_key[key] = pos
             key_at[pos] = key  # pos <= old: an entry not yet read is never overwritten
+    scalars[D_SAVED] = new_saved
     bits[:] = 0
     for p in range(1, pos + 1):
         bits[p >> 6] |= np.int64(1) << (p & 63)
@@ -88,7 +95,7 @@ def _compact(tree, bits, key_at, mark_of_key, t):
 
 
 @njit(cache=True)
-def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, scalars, dist, hist, empty_hist):
+def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, scalars, dist, hist, empty_hist, cold_hist):
     """Stack distances of ``keys`` (written to ``dist``; counted into ``hist`` and, for GET_EMPTY accesses, which
     never read the disk, ``empty_hist``, clipped at n_keys + 1 = cold), continuing from earlier chunks' state.
 
@@ -113,11 +120,12 @@ def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, scalars, dist,
             continue
         last_key = k
         if t + 1 >= size:
-            t = _compact(tree, bits, key_at, mark_of_key, t)
+            t = _compact(tree, bits, key_at, mark_of_key, t, scalars)
         p = mark_of_key[k]
         if p == 0:
             if keep:
                 dist[i] = COLD
+            cold_hist[min(marks, n_keys + 1)] += 1  # the slices cached before it: it evicts in caches that full
             marks += 1
             bucket = n_keys + 1
         else:
@@ -160,15 +168,47 @@ class _DistanceState:
         self.tree = np.zeros(words + 1, dtype=np.int32)
         self.key_at = np.zeros(size, dtype=np.int64)
         self.mark_of_key = np.zeros(n_keys, dtype=np.int64)
-        self.scalars = np.array([0, 0, -1], dtype=np.int64)
+        self.scalars = np.array([0, 0, -1, 0], dtype=np.int64)
         self.hist = np.zeros(n_keys + 2, np.int64)  # accesses by distance, clipped: n_keys + 1 = cold
         self.empty_hist = np.zeros(n_keys + 2, np.int64)  # the same for GET_EMPTY accesses (no disk read)
+        self.cold_hist = np.zeros(n_keys + 2, np.int64)  # first accesses (and first after a clean) by live marks
 
     def step(self, keys: np.ndarray, kinds: np.ndarray, keep: bool = True) -> np.ndarray:
         dist = np.empty(len(keys) if keep else 0, dtype=np.int64)
         _distances_step(keys, kinds, self.tree, self.bits, self.key_at, self.mark_of_key, self.scalars, dist,
-                        self.hist, self.empty_hist)
+                        self.hist, self.empty_hist, self.cold_hist)
         return dist
+
+    def cut(self) -> tuple[int, int]:
+        """A clean tick with nothing dirty anywhere: drop every mark at or before the previous tick's position (in
+        every cache those slices are clean and unused since that tick), then save the newest position. Returns
+        (live marks before, marks dropped): the dropped are the bottom of the stack."""
+        live = int(self.scalars[D_MARKS])
+        _cut(self.tree, self.bits, self.key_at, self.mark_of_key, self.scalars)
+        self.scalars[D_SAVED] = self.scalars[D_TIME]
+        return live, live - int(self.scalars[D_MARKS])
+
+
+@njit(cache=True)
+def _cut(tree, bits, key_at, mark_of_key, scalars):
+    upto = scalars[D_SAVED]
+    t = scalars[D_TIME]
+    removed = 0
+    for w in range((upto >> 6) + 1):
+        word = bits[w] & _low_bits(upto + 1 - (w << 6))
+        if word == 0:
+            continue
+        n = popcount64(word)
+        bits[w] &= ~word
+        removed += n
+        if w != t >> 6:  # a complete word: its count is in the tree
+            _fenwick_add(tree, w + 1, -n)
+        while word != 0:
+            p = (w << 6) + trailing_zeros64(word)
+            word &= word - 1
+            mark_of_key[key_at[p]] = 0
+    scalars[D_MARKS] -= removed
+    scalars[D_LAST_KEY] = -1  # the next access takes the full path: its mark must move past this tick
 
 
 @njit(cache=True)
@@ -369,8 +409,7 @@ class CacheModel:
 
     ``direct`` simulates each size (best for a few sizes); otherwise one stack-distance pass serves all sizes and
     write-backs get a pass per size only once dirty entries exist. ``clean`` is one tick of QEMU's cache cleaning
-    between two chunks; the first one after any access moves a one-pass model to direct simulations (see the
-    module's notes)."""
+    between two chunks; a tick with dirt moves a one-pass model to direct simulations (see the module's notes)."""
 
     def __init__(self, n_keys: int, entries: list[int], direct: bool | None = None):
         self.n_keys = max(n_keys, 1)
@@ -382,6 +421,7 @@ class CacheModel:
         self.flushes = 0
         self.ticks = 0
         self.clean_cut = 0  # QEMU's cache_clean_lru_counter: the access count at the previous tick
+        self.cuts: list[tuple[int, int]] = []  # one-pass cleans: (live slices before, slices dropped)
         if self.direct:
             self.sims = [self._empty_sim() for _ in self.entries]
         else:
@@ -416,23 +456,34 @@ class CacheModel:
         in every cache, the entries that are clean and unused since the previous tick, then saves the count."""
         self.ticks += ticks
         for _ in range(min(ticks, 2)):  # with nothing used in between, a third tick finds nothing a second did not
-            if self.clean_cut > 0:  # until a tick has saved a count above 0, nothing qualifies
-                for prev, nxt, resident, dirty, stamp, s in self.sims:
-                    _clean_step(prev, nxt, resident, dirty, stamp, self.clean_cut, s)
+            if not self.direct and self.dirty_state is None:
+                # nothing dirty in any cache: the clean cuts the LRU stack at the same point for every size
+                live, dropped = self.distances.cut()
+                if dropped:
+                    self.cuts.append((live, dropped))
+            else:
+                if not self.direct:  # dirty slices survive a tick only where they are still cached: one per size
+                    self._go_direct()
+                if self.clean_cut > 0:  # until a tick has saved a count above 0, nothing qualifies
+                    for prev, nxt, resident, dirty, stamp, s in self.sims:
+                        _clean_step(prev, nxt, resident, dirty, stamp, self.clean_cut, s)
             self.clean_cut = self.lookups
-            if not self.direct and self.clean_cut > 0:  # the next tick can drop entries: one cache per size
-                self._go_direct()
 
     def _go_direct(self) -> None:
         """Turn the one-pass state into one direct simulation per size, equal to having simulated each from the
-        start: the e most recently used slices are resident (a cache that was never cleaned holds the top of the
-        LRU stack), dirty where they were dirtied and neither flushed nor evicted since; every write-back owed so
-        far is counted."""
-        mark = self.distances.mark_of_key
+        start: the e most recently used live slices are resident (cleans so far cut the stack for every size),
+        dirty where they were dirtied and neither flushed nor evicted since; every write-back owed so far is
+        counted. Last-use stamps keep the order and which side of the previous tick each slice was used on."""
+        d = self.distances
+        mark = d.mark_of_key
         seen = np.flatnonzero(mark > 0)
         order = seen[np.argsort(mark[seen])[::-1]]  # most recent first
+        after = int((mark[order] > d.scalars[D_SAVED]).sum())  # used since the previous tick: the first ones
+        stamps = np.empty(len(order), np.int64)
+        stamps[:after] = self.clean_cut + after - np.arange(after)
+        stamps[after:] = self.clean_cut - np.arange(len(order) - after)
         counts = self._finish_each()
-        flushed = evicted_dirty = None
+        flushed = None
         if self.dirty_state is not None:
             dirty_bits, last_flushes, _ = self.dirty_state
             flushed = last_flushes < self.flushes
@@ -445,21 +496,25 @@ class CacheModel:
                 prev[top[1:]] = top[:-1]
                 nxt[top[:-1]] = top[1:]
                 s[S_HEAD], s[S_TAIL], s[S_SIZE] = top[0], top[-1], len(top)
-            stamp[order] = np.arange(len(order), 0, -1)  # recency order; every use was before this tick
+            stamp[order] = stamps
             written = c.writebacks  # write-backs owed so far: flushes and evictions (what finish counts)
             if self.dirty_state is not None:
                 bit = (dirty_bits[:, n >> 6] >> (n & 63)) & 1
                 still = (bit == 1) & (resident == 1) & ~flushed
                 dirty[still] = 1
-                evicted_dirty = int(((bit == 1) & ~still).sum())
-                written = int(self.dirty_state[2][n]) + evicted_dirty
+                written = int(self.dirty_state[2][n]) + int(((bit == 1) & ~still).sum())
             s[S_HITS], s[S_READS], s[S_WRITTEN] = c.hits, c.disk_reads, written
-            s[S_EVICTED] = c.evictions
+            s[S_EVICTED], s[S_CLEANED] = c.evictions, c.cleaned
             sims.append((prev, nxt, resident, dirty, stamp, s))
         self.sims = sims
         self.direct = True
         del self.distances
         self.dirty_state = None
+
+    def _cleaned_live(self, entries: int) -> int:
+        """Entries a cache of ``entries`` lost to the one-pass cleans: of the dropped bottom of the stack, those
+        within its top ``entries``."""
+        return sum(max(0, min(entries, live) - (live - dropped)) for live, dropped in self.cuts)
 
     def finish(self) -> list[CacheCounts]:
         """Counters per asked size, in the order asked."""
@@ -488,12 +543,19 @@ class CacheModel:
             dirty, last_flushes, written = self.dirty_state
             _writebacks_finish(self.entries_array, dirty, last_flushes, forward, self.flushes, tail, left)
             tail += written
+        cold_hist = self.distances.cold_hist
+        reused = hist[:-1].sum()  # accesses that were not first ones (cold: the last bucket)
         for k, e in enumerate(self.entries):
-            hits = int(hist[1: min(e, self.n_keys) + 1].sum())
-            empty_misses = int(empty_hist.sum() - empty_hist[1: min(e, self.n_keys) + 1].sum())
+            top = min(e, self.n_keys)
+            hits = int(hist[1: top + 1].sum())
+            empty_misses = int(empty_hist.sum() - empty_hist[1: top + 1].sum())
             misses = self.lookups - hits
-            out.append(CacheCounts(e, self.lookups, hits, misses, misses - empty_misses, max(misses - e, 0),
-                                   int(tail[k]), int(left[k])))
+            # a miss evicts when the cache is full: always for a reuse beyond it; for a first access (or the first
+            # after a clean) when at least e slices were live before it
+            evictions = int(reused - hits + cold_hist[min(e, self.n_keys + 1):].sum())
+            cleaned = int(self._cleaned_live(e))
+            out.append(CacheCounts(e, self.lookups, hits, misses, misses - empty_misses, evictions, int(tail[k]),
+                                   int(left[k]), cleaned))
         return out
 
 

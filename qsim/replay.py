@@ -20,7 +20,7 @@ from .geometry import ImageGeometry, measure
 from .image import backing_state as read_backing_state, build_image, image_from_qcow2
 from .imagestate import ImageState
 from .lru import CacheCounts, CacheModel
-from .scenario import ImageSpec, Scenario
+from .scenario import DEFAULT_CACHE_CLEAN_INTERVAL, ImageSpec, Scenario
 from .trace import Trace, apply_offset_policy
 from .units import format_size
 
@@ -128,32 +128,43 @@ def _slice_groups(state: ImageState, backing: ImageState | None, configs: list[C
 
 @dataclass(eq=False)
 class _CleanTimer:
-    """QEMU's cache-clean timer on the trace's clock: armed at open (the trace's time 0), firing every ``interval``
-    seconds. A request at time t comes after every tick at or before t."""
+    """QEMU's cache-clean timers on the trace's clock: armed at open (the trace's time 0), firing every
+    ``interval`` seconds; a request at time t comes after every tick at or before t. The image's own timer has the
+    scenario's interval; a modelled backing image is a node of its own, opened with QEMU's default interval (the
+    overlay's option does not reach it). Interval 0 turns both off, as in every QEMU tool."""
 
     interval: int
     fired: int = 0
+    backing_fired: int = 0
     untimed: bool = False  # a chunk without timestamps came: cleaning was not applied to it
 
+    @property
+    def backing_interval(self) -> int:
+        return DEFAULT_CACHE_CLEAN_INTERVAL if self.interval else 0
+
     def segments(self, chunk: Trace):
-        """(ticks to fire first, requests) pieces of ``chunk``, in order."""
+        """(ticks of the image's timer, of the backing's, to fire first; requests) pieces of ``chunk``, in order."""
         if not self.interval or chunk.time is None or not len(chunk):
             self.untimed |= bool(self.interval) and chunk.time is None and len(chunk) > 0
-            yield 0, chunk
+            yield 0, 0, chunk
             return
-        due = np.floor_divide(np.maximum.accumulate(np.maximum(chunk.time, 0.0)), self.interval).astype(np.int64)
-        starts = np.flatnonzero(np.r_[True, due[1:] != due[:-1]])
+        clock = np.maximum.accumulate(np.maximum(chunk.time, 0.0))
+        due = np.floor_divide(clock, self.interval).astype(np.int64)
+        below = np.floor_divide(clock, self.backing_interval).astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, (due[1:] != due[:-1]) | (below[1:] != below[:-1])])
         for a, b in zip(starts, np.r_[starts[1:], len(chunk)]):
-            ticks = max(int(due[a]) - self.fired, 0)
+            ticks, backing_ticks = max(int(due[a]) - self.fired, 0), max(int(below[a]) - self.backing_fired, 0)
             self.fired += ticks
-            yield ticks, chunk if (a, b) == (0, len(chunk)) else chunk.select(slice(a, b))
+            self.backing_fired += backing_ticks
+            yield ticks, backing_ticks, chunk if (a, b) == (0, len(chunk)) else chunk.select(slice(a, b))
 
 
-def _clean(groups: list[_SliceGroup], ticks: int) -> None:
+def _clean(groups: list[_SliceGroup], ticks: int, backing_ticks: int) -> None:
     for group in groups:
-        group.model.clean(ticks)
-        if group.backing is not None:  # the backing node has its own timer, armed at the same open
-            group.backing.model.clean(ticks)
+        if ticks:
+            group.model.clean(ticks)
+        if backing_ticks and group.backing is not None:
+            group.backing.model.clean(backing_ticks)
 
 
 def _feed_chunk(groups: list[_SliceGroup], chunk: Trace, progress, share_stage_1: bool) -> None:
@@ -214,9 +225,9 @@ def replay(
     for chunk in chunks:
         source = chunk.source
         chunk = apply_offset_policy(chunk, image.geometry.virtual_size, scenario.offset_policy)
-        for ticks, piece in timer.segments(chunk):
-            if ticks:
-                _clean(groups, ticks)
+        for ticks, backing_ticks, piece in timer.segments(chunk):
+            if ticks or backing_ticks:
+                _clean(groups, ticks, backing_ticks)
             _feed_chunk(groups, piece, progress, share_stage_1)
     notes = loaded.notes
     if timer.untimed:

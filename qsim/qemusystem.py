@@ -35,11 +35,12 @@ WORDS = {READ: "read -q", WRITE: "write -q -P 0xab", DISCARD: "discard -q"}
 
 @dataclass(frozen=True)
 class TimedRun:
-    """What a timed replay counted (``parse_cache_trace``'s names) and how late the requests went, at worst
-    (seconds after their scheduled time)."""
+    """What a timed replay counted (``parse_cache_trace``'s names), how late the requests went at worst (seconds
+    after their scheduled time) and when each went (seconds after ``cont``, on the replay's scaled clock)."""
 
     counts: dict
     worst_lateness: float
+    sent: tuple[float, ...] = ()
 
 
 class _Qmp:
@@ -136,6 +137,7 @@ def run_timed(binary: str, image: str, trace: Trace, cache_clean_interval: int =
                             text=True)
     qmp = None
     worst = 0.0
+    sent = []
     try:
         qmp = _Qmp(qmp_path, time.monotonic() + 20)
         lines = [("flush" if op == FLUSH else f"{WORDS[op]} {offset} {length}")
@@ -147,7 +149,9 @@ def run_timed(binary: str, image: str, trace: Trace, cache_clean_interval: int =
             wait = start + at - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            worst = max(worst, time.monotonic() - start - at)
+            now = time.monotonic() - start
+            worst = max(worst, now - at)
+            sent.append(now)
             qmp.hmp(f'qemu-io d0 "{line}"')
         qmp.hmp(f'qemu-io d0 "{MARKER}"')
         qmp.execute("quit")
@@ -165,7 +169,7 @@ def run_timed(binary: str, image: str, trace: Trace, cache_clean_interval: int =
     counts["image_file_bytes"] = _whole_clusters(os.path.getsize(image), image)
     if own:
         shutil.rmtree(workdir, ignore_errors=True)
-    return TimedRun(counts, worst)
+    return TimedRun(counts, worst, tuple(sent))
 
 
 def replay_timed(binary: str, trace: Trace, virtual_size: int, options: ImageOptions, **kwargs) -> TimedRun:

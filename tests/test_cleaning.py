@@ -156,7 +156,9 @@ def test_timed_replays_match_qemu_system(qemu_img):
                                                     time_scale=INTERVAL, accel=accel, l2_cache_size=j[6]), jobs))
     by_case = {}
     for (binary, name, again, trace, size, options, l2), run in zip(jobs, runs):
-        assert run.worst_lateness < 0.15, (binary, name, run.worst_lateness)  # well inside the third of a second
+        # deterministic only if every request went well away from every tick (cont + k s, a few ms late)
+        phase = np.asarray(run.sent) % 1.0
+        assert ((phase > 0.1) & (phase < 0.9)).all(), (binary, name, run.worst_lateness)
         by_case.setdefault((binary, name), []).append(run.counts)
         scenario = Scenario.of((l2,), None, options, size, cache_clean_interval=INTERVAL)
         ours = replay(trace, scenario).rows[0]

@@ -214,6 +214,7 @@ def summarize(frame: pd.DataFrame) -> pd.DataFrame:
                                              0.0),
                          covers_volume=frame.covered_fraction >= 1.0)
     keys = ["cluster_size", "extended_l2", "l2_cache_size_asked"]
+    keys += [k for k in ("cache_size_asked", "refcount_cache_size_asked") if k in frame.columns]
     grouped = frame.groupby(keys, sort=True)
     summary = grouped.agg(volumes=("trace_id", "nunique"),
                           miss_ratio_median=("miss_ratio", "median"),

@@ -8,6 +8,16 @@ after the first C evicts). Write-backs depend on dirtiness and flushes, so they 
 carries a dirty bit per size.
 For a handful of sizes, simulating each cache directly (O(1) per access) is faster still.
 
+Cache cleaning (QEMU's ``cache-clean-interval``, block/qcow2-cache.c qcow2_cache_clean_unused): at each tick of
+the timer, every entry that is clean, not in use and not used since the previous tick is dropped (``CacheModel.
+clean``). While nothing is dirty, that cuts the LRU stack at the same point for every size: the one pass drops the
+marks older than the previous tick (their next access counts as a first one), and evictions come from a histogram
+of how many slices were live before each first access (a clean turns later evictions into fills). A dirty entry
+survives a tick in the caches where it is still dirty and cached, and those differ by size; so at the first tick
+with dirt the one-pass state becomes one direct simulation per size (exact: residency, dirty bits, write-backs and
+last-use order carry over), and the trace goes on there. Read-only traces, and traces shorter than one interval
+(most recordings, with the 600 s default), stay on the one-pass path.
+
 All kernels carry their state in arrays, so a trace can be fed in chunks (``CacheModel.feed``) with results equal
 to one whole pass: that is how traces larger than memory stream. The sequential kernels are ``_distances_step``
 (a bitmap of live access times with a Fenwick tree over its 64-bit words, compacted whenever it fills, so for 32768
@@ -29,9 +39,10 @@ from .codes import GET, GET_DIRTY, GET_EMPTY
 COLD = np.iinfo(np.int64).max  # distance of a first access: a miss in every cache
 DIRECT_SIMULATION_MAX_SIZES = 3
 # scalar state of the distance kernel
-D_MARKS, D_TIME, D_LAST_KEY = range(3)
+D_MARKS, D_TIME, D_LAST_KEY, D_SAVED = range(4)  # D_SAVED: the newest mark's position at the last clean tick
 # scalar state of a direct simulation
-S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN = range(6)
+S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN, S_EVICTED, S_CLEANED = range(8)
+SIM_STATE_SIZE = 8
 
 
 @njit(cache=True)
@@ -52,19 +63,24 @@ def _fenwick_prefix(tree, i):
 
 
 @njit(cache=True)
-def _compact(tree, bits, key_at, mark_of_key, t):
-    """Renumber the live marks (positions 1..t) as 1..marks, keeping their order; rebuild bits and tree.
-    Returns the new newest position (= live marks)."""
+def _compact(tree, bits, key_at, mark_of_key, t, scalars):
+    """Renumber the live marks (positions 1..t) as 1..marks, keeping their order (and the saved tick position with
+    them); rebuild bits and tree. Returns the new newest position (= live marks)."""
     pos = 0
+    saved = scalars[D_SAVED]
+    new_saved = 0
     for w in range((t >> 6) + 1):
         word = bits[w]
         while word != 0:
             old = (w << 6) + trailing_zeros64(word)
             word &= word - 1
             pos += 1
+            if old <= saved:
+                new_saved = pos
             key = key_at[old]
             mark_of_key[key] = pos
             key_at[pos] = key  # pos <= old: an entry not yet read is never overwritten
+    scalars[D_SAVED] = new_saved
     bits[:] = 0
     for p in range(1, pos + 1):
         bits[p >> 6] |= np.int64(1) << (p & 63)
@@ -79,7 +95,7 @@ def _compact(tree, bits, key_at, mark_of_key, t):
 
 
 @njit(cache=True)
-def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, scalars, dist, hist, empty_hist):
+def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, scalars, dist, hist, empty_hist, cold_hist):
     """Stack distances of ``keys`` (written to ``dist``; counted into ``hist`` and, for GET_EMPTY accesses, which
     never read the disk, ``empty_hist``, clipped at n_keys + 1 = cold), continuing from earlier chunks' state.
 
@@ -104,11 +120,12 @@ def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, scalars, dist,
             continue
         last_key = k
         if t + 1 >= size:
-            t = _compact(tree, bits, key_at, mark_of_key, t)
+            t = _compact(tree, bits, key_at, mark_of_key, t, scalars)
         p = mark_of_key[k]
         if p == 0:
             if keep:
                 dist[i] = COLD
+            cold_hist[min(marks, n_keys + 1)] += 1  # the slices cached before it: it evicts in caches that full
             marks += 1
             bucket = n_keys + 1
         else:
@@ -151,9 +168,10 @@ class _DistanceState:
         self.tree = np.zeros(words + 1, dtype=np.int32)
         self.key_at = np.zeros(size, dtype=np.int64)
         self.mark_of_key = np.zeros(n_keys, dtype=np.int64)
-        self.scalars = np.array([0, 0, -1], dtype=np.int64)
+        self.scalars = np.array([0, 0, -1, 0], dtype=np.int64)
         self.hist = np.zeros(n_keys + 2, np.int64)  # accesses by distance, clipped: n_keys + 1 = cold
         self.empty_hist = np.zeros(n_keys + 2, np.int64)  # the same for GET_EMPTY accesses (no disk read)
+        self.cold_hist = np.zeros(n_keys + 2, np.int64)  # first accesses (and first after a clean) by live marks
 
     def _marks_size(self, n_keys: int) -> int:
         # About four times the distinct keys, so compaction is rare; bits and tree stay small enough for L1.
@@ -163,11 +181,11 @@ class _DistanceState:
         """Room for keys 0 .. n_keys-1 (more than before): the same distances as if sized so from the start."""
         old = self.mark_of_key.shape[0]
         self.mark_of_key = np.concatenate([self.mark_of_key, np.zeros(n_keys - old, np.int64)])
-        for name in ("hist", "empty_hist"):
+        for name in ("hist", "empty_hist", "cold_hist"):
             hist = getattr(self, name)
             grown = np.zeros(n_keys + 2, np.int64)
             grown[: old + 1] = hist[: old + 1]
-            grown[n_keys + 1] = hist[old + 1]  # the cold bucket moves to the new end
+            grown[n_keys + 1] = hist[old + 1]  # the clipped bucket moves to the new end
             setattr(self, name, grown)
         size = self._marks_size(n_keys)
         if size > self.key_at.shape[0]:  # more marks: copy them over, then renumber into the larger arrays
@@ -177,13 +195,44 @@ class _DistanceState:
             key_at = np.zeros(size, dtype=np.int64)
             key_at[: t + 1] = self.key_at[: t + 1]
             self.bits, self.key_at, self.tree = bits, key_at, np.zeros(bits.shape[0] + 1, dtype=np.int32)
-            self.scalars[D_TIME] = _compact(self.tree, self.bits, self.key_at, self.mark_of_key, t)
+            self.scalars[D_TIME] = _compact(self.tree, self.bits, self.key_at, self.mark_of_key, t, self.scalars)
 
     def step(self, keys: np.ndarray, kinds: np.ndarray, keep: bool = True) -> np.ndarray:
         dist = np.empty(len(keys) if keep else 0, dtype=np.int64)
         _distances_step(keys, kinds, self.tree, self.bits, self.key_at, self.mark_of_key, self.scalars, dist,
-                        self.hist, self.empty_hist)
+                        self.hist, self.empty_hist, self.cold_hist)
         return dist
+
+    def cut(self) -> tuple[int, int]:
+        """A clean tick with nothing dirty anywhere: drop every mark at or before the previous tick's position (in
+        every cache those slices are clean and unused since that tick), then save the newest position. Returns
+        (live marks before, marks dropped): the dropped are the bottom of the stack."""
+        live = int(self.scalars[D_MARKS])
+        _cut(self.tree, self.bits, self.key_at, self.mark_of_key, self.scalars)
+        self.scalars[D_SAVED] = self.scalars[D_TIME]
+        return live, live - int(self.scalars[D_MARKS])
+
+
+@njit(cache=True)
+def _cut(tree, bits, key_at, mark_of_key, scalars):
+    upto = scalars[D_SAVED]
+    t = scalars[D_TIME]
+    removed = 0
+    for w in range((upto >> 6) + 1):
+        word = bits[w] & _low_bits(upto + 1 - (w << 6))
+        if word == 0:
+            continue
+        n = popcount64(word)
+        bits[w] &= ~word
+        removed += n
+        if w != t >> 6:  # a complete word: its count is in the tree
+            _fenwick_add(tree, w + 1, -n)
+        while word != 0:
+            p = (w << 6) + trailing_zeros64(word)
+            word &= word - 1
+            mark_of_key[key_at[p]] = 0
+    scalars[D_MARKS] -= removed
+    scalars[D_LAST_KEY] = -1  # the next access takes the full path: its mark must move past this tick
 
 
 @njit(cache=True)
@@ -271,10 +320,11 @@ def _flush_all(nxt, dirty, head):
 
 
 @njit(cache=True)
-def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, s):
+def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, stamp, base, s):
     """One LRU cache of ``entries`` entries, simulated directly (keys are dense ints: the LRU list is two arrays),
-    continuing from state ``s`` (head, tail, size, hits, disk reads, write-backs). ``flush_at``: this
-    chunk's whole-cache flushes, one before event ``flush_at[j]`` (or after the last event)."""
+    continuing from state ``s`` (head, tail, size, hits, disk reads, write-backs, evictions, cleaned). ``flush_at``:
+    this chunk's whole-cache flushes, one before event ``flush_at[j]`` (or after the last event). ``stamp[k]``: the
+    access number (1, 2, ...; ``base`` accesses came before this chunk) of k's last use, what cleaning reads."""
     head, tail, size = s[S_HEAD], s[S_TAIL], s[S_SIZE]
     f = 0
     for i in range(keys.shape[0]):
@@ -308,6 +358,7 @@ def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, s
                 else:
                     head = -1
                 resident[victim] = 0
+                s[S_EVICTED] += 1
                 if dirty[victim]:
                     s[S_WRITTEN] += 1
                     dirty[victim] = 0
@@ -321,11 +372,36 @@ def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, s
             head = k
             if tail < 0:
                 tail = k
+        stamp[k] = base + i + 1
         if kinds[i] == GET_DIRTY or kinds[i] == GET_EMPTY:
             dirty[k] = 1
     if f < flush_at.shape[0]:  # flushes after the chunk's last event
         s[S_WRITTEN] += _flush_all(nxt, dirty, head)
     s[S_HEAD], s[S_TAIL], s[S_SIZE] = head, tail, size
+
+
+@njit(cache=True)
+def _clean_step(prev, nxt, resident, dirty, stamp, cut, s):
+    """qcow2_cache_clean_unused on one directly simulated cache: drop every resident entry not dirty and last used
+    at or before access number ``cut`` (the count at the previous tick). Those are a run at the LRU end of the
+    list, dirty ones among them staying where they are."""
+    k = s[S_TAIL]
+    while k >= 0 and stamp[k] <= cut:
+        up = prev[k]
+        if not dirty[k]:
+            q = nxt[k]
+            if up >= 0:
+                nxt[up] = q
+            else:
+                s[S_HEAD] = q
+            if q >= 0:
+                prev[q] = up
+            else:
+                s[S_TAIL] = up
+            resident[k] = 0
+            s[S_SIZE] -= 1
+            s[S_CLEANED] += 1
+        k = up
 
 
 def simulate(keys, kinds, flush_at, n_keys, entries):
@@ -346,6 +422,7 @@ class CacheCounts:
     evictions: int
     writebacks: int
     writebacks_at_close: int
+    cleaned: int = 0  # entries dropped by cache cleaning
 
 
 assert GET == 0 and GET_DIRTY != 0 and GET_EMPTY != 0  # CacheModel.feed tests for dirt with kind.any()
@@ -355,7 +432,8 @@ class CacheModel:
     """Caches of several sizes (entry counts) fed one event stream, in one or many chunks.
 
     ``direct`` simulates each size (best for a few sizes); otherwise one stack-distance pass serves all sizes and
-    write-backs get a pass per size only once dirty entries exist."""
+    write-backs get a pass per size only once dirty entries exist. ``clean`` is one tick of QEMU's cache cleaning
+    between two chunks; a tick with dirt moves a one-pass model to direct simulations (see the module's notes)."""
 
     def __init__(self, n_keys: int, entries: list[int], direct: bool | None = None):
         """``n_keys``: keys expected (slice ids 0 .. n_keys-1); the model grows when a larger key comes, so this
@@ -367,13 +445,19 @@ class CacheModel:
         self.direct = len(self.entries) <= DIRECT_SIMULATION_MAX_SIZES if direct is None else direct
         self.lookups = 0
         self.flushes = 0
+        self.ticks = 0
+        self.clean_cut = 0  # QEMU's cache_clean_lru_counter: the access count at the previous tick
+        self.cuts: list[tuple[int, int]] = []  # one-pass cleans: (live slices before, slices dropped)
         if self.direct:
-            self.sims = [(np.full(self.n_keys, -1, np.int64), np.full(self.n_keys, -1, np.int64),
-                          np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.uint8),
-                          np.array([-1, -1, 0, 0, 0, 0], np.int64)) for _ in self.entries]
+            self.sims = [self._empty_sim() for _ in self.entries]
         else:
             self.distances = _DistanceState(self.n_keys)
             self.dirty_state = None  # dirty bits, last flushes, written per size -- created at the first dirt
+
+    def _empty_sim(self):
+        return (np.full(self.n_keys, -1, np.int64), np.full(self.n_keys, -1, np.int64),
+                np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.uint8), np.zeros(self.n_keys, np.int64),
+                np.array([-1, -1, 0, 0, 0, 0, 0, 0], np.int64))
 
     def feed(self, key: np.ndarray, kind: np.ndarray, flush_at: np.ndarray):
         """Add a chunk of events; ``flush_at`` are this chunk's flush positions, ascending (a flush before event j;
@@ -382,10 +466,9 @@ class CacheModel:
             top = int(key.max()) + 1
             if top > self.n_keys:
                 self.grow(max(top, 2 * self.n_keys))
-        self.lookups += len(key)
         if self.direct:
-            for e, (prev, nxt, resident, dirty, s) in zip(self.entries, self.sims):
-                _simulate_step(key, kind, flush_at, e, prev, nxt, resident, dirty, s)
+            for e, (prev, nxt, resident, dirty, stamp, s) in zip(self.entries, self.sims):
+                _simulate_step(key, kind, flush_at, e, prev, nxt, resident, dirty, stamp, self.lookups, s)
         else:
             dirties = self.dirty_state is None and bool(kind.any())  # GET is 0: any other kind dirties its slice
             dist = self.distances.step(key, kind, keep=self.dirty_state is not None or dirties)
@@ -395,6 +478,7 @@ class CacheModel:
                                     np.zeros(self.n_keys, np.int64), np.zeros(len(self.entries), np.int64))
             if self.dirty_state is not None:
                 _writebacks_step(key, kind, dist, flush_at, self.flushes, self.entries_array, *self.dirty_state)
+        self.lookups += len(key)
         self.flushes += len(flush_at)
 
     def grow(self, n_keys: int) -> None:
@@ -406,8 +490,9 @@ class CacheModel:
             self.sims = [(np.concatenate([prev, np.full(extra, -1, np.int64)]),
                           np.concatenate([nxt, np.full(extra, -1, np.int64)]),
                           np.concatenate([resident, np.zeros(extra, np.uint8)]),
-                          np.concatenate([dirty, np.zeros(extra, np.uint8)]), s)
-                         for prev, nxt, resident, dirty, s in self.sims]
+                          np.concatenate([dirty, np.zeros(extra, np.uint8)]),
+                          np.concatenate([stamp, np.zeros(extra, np.int64)]), s)
+                         for prev, nxt, resident, dirty, stamp, s in self.sims]
         else:
             self.distances.grow(n_keys)
             if self.dirty_state is not None:
@@ -415,6 +500,71 @@ class CacheModel:
                 self.dirty_state = (np.concatenate([dirty, np.zeros((extra, dirty.shape[1]), np.int64)]),
                                     np.concatenate([last_flushes, np.zeros(extra, np.int64)]), written)
         self.n_keys = n_keys
+
+    def clean(self, ticks: int = 1) -> None:
+        """``ticks`` ticks of the cache-clean timer after everything fed so far (cache_clean_timer_cb): each drops,
+        in every cache, the entries that are clean and unused since the previous tick, then saves the count."""
+        self.ticks += ticks
+        for _ in range(min(ticks, 2)):  # with nothing used in between, a third tick finds nothing a second did not
+            if not self.direct and self.dirty_state is None:
+                # nothing dirty in any cache: the clean cuts the LRU stack at the same point for every size
+                live, dropped = self.distances.cut()
+                if dropped:
+                    self.cuts.append((live, dropped))
+            else:
+                if not self.direct:  # dirty slices survive a tick only where they are still cached: one per size
+                    self._go_direct()
+                if self.clean_cut > 0:  # until a tick has saved a count above 0, nothing qualifies
+                    for prev, nxt, resident, dirty, stamp, s in self.sims:
+                        _clean_step(prev, nxt, resident, dirty, stamp, self.clean_cut, s)
+            self.clean_cut = self.lookups
+
+    def _go_direct(self) -> None:
+        """Turn the one-pass state into one direct simulation per size, equal to having simulated each from the
+        start: the e most recently used live slices are resident (cleans so far cut the stack for every size),
+        dirty where they were dirtied and neither flushed nor evicted since; every write-back owed so far is
+        counted. Last-use stamps keep the order and which side of the previous tick each slice was used on."""
+        d = self.distances
+        mark = d.mark_of_key
+        seen = np.flatnonzero(mark > 0)
+        order = seen[np.argsort(mark[seen])[::-1]]  # most recent first
+        after = int((mark[order] > d.scalars[D_SAVED]).sum())  # used since the previous tick: the first ones
+        stamps = np.empty(len(order), np.int64)
+        stamps[:after] = self.clean_cut + after - np.arange(after)
+        stamps[after:] = self.clean_cut - np.arange(len(order) - after)
+        counts = self._finish_each()
+        flushed = None
+        if self.dirty_state is not None:
+            dirty_bits, last_flushes, _ = self.dirty_state
+            flushed = last_flushes < self.flushes
+        sims = []
+        for n, (e, c) in enumerate(zip(self.entries, counts)):
+            prev, nxt, resident, dirty, stamp, s = self._empty_sim()
+            top = order[:e]
+            resident[top] = 1
+            if len(top):
+                prev[top[1:]] = top[:-1]
+                nxt[top[:-1]] = top[1:]
+                s[S_HEAD], s[S_TAIL], s[S_SIZE] = top[0], top[-1], len(top)
+            stamp[order] = stamps
+            written = c.writebacks  # write-backs owed so far: flushes and evictions (what finish counts)
+            if self.dirty_state is not None:
+                bit = (dirty_bits[:, n >> 6] >> (n & 63)) & 1
+                still = (bit == 1) & (resident == 1) & ~flushed
+                dirty[still] = 1
+                written = int(self.dirty_state[2][n]) + int(((bit == 1) & ~still).sum())
+            s[S_HITS], s[S_READS], s[S_WRITTEN] = c.hits, c.disk_reads, written
+            s[S_EVICTED], s[S_CLEANED] = c.evictions, c.cleaned
+            sims.append((prev, nxt, resident, dirty, stamp, s))
+        self.sims = sims
+        self.direct = True
+        del self.distances
+        self.dirty_state = None
+
+    def _cleaned_live(self, entries: int) -> int:
+        """Entries a cache of ``entries`` lost to the one-pass cleans: of the dropped bottom of the stack, those
+        within its top ``entries``."""
+        return sum(max(0, min(entries, live) - (live - dropped)) for live, dropped in self.cuts)
 
     def finish(self) -> list[CacheCounts]:
         """Counters per asked size, in the order asked."""
@@ -424,12 +574,10 @@ class CacheModel:
     def _finish_each(self) -> list[CacheCounts]:
         out = []
         if self.direct:
-            for e, (_, _, _, dirty, s) in zip(self.entries, self.sims):
-                written = int(s[S_WRITTEN])
+            for e, (_, _, _, dirty, _, s) in zip(self.entries, self.sims):
                 hits = int(s[S_HITS])
-                misses = self.lookups - hits
-                out.append(CacheCounts(e, self.lookups, hits, misses, int(s[S_READS]), max(misses - e, 0), written,
-                                       int(dirty.sum())))
+                out.append(CacheCounts(e, self.lookups, hits, self.lookups - hits, int(s[S_READS]),
+                                       int(s[S_EVICTED]), int(s[S_WRITTEN]), int(dirty.sum()), int(s[S_CLEANED])))
             return out
         mark = self.distances.mark_of_key  # live marks are in last-access order
         seen = mark > 0
@@ -445,12 +593,19 @@ class CacheModel:
             dirty, last_flushes, written = self.dirty_state
             _writebacks_finish(self.entries_array, dirty, last_flushes, forward, self.flushes, tail, left)
             tail += written
+        cold_hist = self.distances.cold_hist
+        reused = hist[:-1].sum()  # accesses that were not first ones (cold: the last bucket)
         for k, e in enumerate(self.entries):
-            hits = int(hist[1: min(e, self.n_keys) + 1].sum())
-            empty_misses = int(empty_hist.sum() - empty_hist[1: min(e, self.n_keys) + 1].sum())
+            top = min(e, self.n_keys)
+            hits = int(hist[1: top + 1].sum())
+            empty_misses = int(empty_hist.sum() - empty_hist[1: top + 1].sum())
             misses = self.lookups - hits
-            out.append(CacheCounts(e, self.lookups, hits, misses, misses - empty_misses, max(misses - e, 0),
-                                   int(tail[k]), int(left[k])))
+            # a miss evicts when the cache is full: always for a reuse beyond it; for a first access (or the first
+            # after a clean) when at least e slices were live before it
+            evictions = int(reused - hits + cold_hist[min(e, self.n_keys + 1):].sum())
+            cleaned = int(self._cleaned_live(e))
+            out.append(CacheCounts(e, self.lookups, hits, misses, misses - empty_misses, evictions, int(tail[k]),
+                                   int(left[k]), cleaned))
         return out
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from .cachecfg import CacheConfig, CacheSettings, resolve_cache
 from .engine import KernelRun, events_nest
 from .errors import QsimError, UsageError
@@ -18,7 +20,7 @@ from .geometry import ImageGeometry, measure
 from .image import backing_state as read_backing_state, build_image, image_from_qcow2
 from .imagestate import ImageState
 from .lru import CacheCounts, CacheModel
-from .scenario import ImageSpec, Scenario
+from .scenario import DEFAULT_CACHE_CLEAN_INTERVAL, ImageSpec, Scenario
 from .trace import Trace, apply_offset_policy
 from .units import format_size
 
@@ -124,6 +126,47 @@ def _slice_groups(state: ImageState, backing: ImageState | None, configs: list[C
     return groups
 
 
+@dataclass(eq=False)
+class _CleanTimer:
+    """QEMU's cache-clean timers on the trace's clock: armed at open (the trace's time 0), firing every
+    ``interval`` seconds; a request at time t comes after every tick at or before t. The image's own timer has the
+    scenario's interval; a modelled backing image is a node of its own, opened with QEMU's default interval (the
+    overlay's option does not reach it). Interval 0 turns both off, as in every QEMU tool."""
+
+    interval: int
+    fired: int = 0
+    backing_fired: int = 0
+    untimed: bool = False  # a chunk without timestamps came: cleaning was not applied to it
+
+    @property
+    def backing_interval(self) -> int:
+        return DEFAULT_CACHE_CLEAN_INTERVAL if self.interval else 0
+
+    def segments(self, chunk: Trace):
+        """(ticks of the image's timer, of the backing's, to fire first; requests) pieces of ``chunk``, in order."""
+        if not self.interval or chunk.time is None or not len(chunk):
+            self.untimed |= bool(self.interval) and chunk.time is None and len(chunk) > 0
+            yield 0, 0, chunk
+            return
+        clock = np.maximum.accumulate(np.maximum(chunk.time, 0.0))
+        due = np.floor_divide(clock, self.interval).astype(np.int64)
+        below = np.floor_divide(clock, self.backing_interval).astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, (due[1:] != due[:-1]) | (below[1:] != below[:-1])])
+        for a, b in zip(starts, np.r_[starts[1:], len(chunk)]):
+            ticks, backing_ticks = max(int(due[a]) - self.fired, 0), max(int(below[a]) - self.backing_fired, 0)
+            self.fired += ticks
+            self.backing_fired += backing_ticks
+            yield ticks, backing_ticks, chunk if (a, b) == (0, len(chunk)) else chunk.select(slice(a, b))
+
+
+def _clean(groups: list[_SliceGroup], ticks: int, backing_ticks: int) -> None:
+    for group in groups:
+        if ticks:
+            group.model.clean(ticks)
+        if backing_ticks and group.backing is not None:
+            group.backing.model.clean(backing_ticks)
+
+
 def _feed_chunk(groups: list[_SliceGroup], chunk: Trace, progress, share_stage_1: bool) -> None:
     """Stage 1 and 2 of every slice group over one chunk of requests."""
     finest = groups[0].run
@@ -179,18 +222,28 @@ def replay(
     configs = [resolve_cache(image.geometry, settings, scenario.qemu_version) for settings in scenario.caches]
     groups = _slice_groups(image, loaded.backing, configs, scenario, fast_paths)
     source = "<memory>"
+    timer = _CleanTimer(scenario.cache_clean_interval)
     for chunk in chunks:
         source = chunk.source
-        _feed_chunk(groups, apply_offset_policy(chunk, image.geometry.virtual_size, scenario.offset_policy),
-                    progress, share_stage_1)
+        chunk = apply_offset_policy(chunk, image.geometry.virtual_size, scenario.offset_policy)
+        for ticks, backing_ticks, piece in timer.segments(chunk):
+            if ticks or backing_ticks:
+                _clean(groups, ticks, backing_ticks)
+            _feed_chunk(groups, piece, progress, share_stage_1)
+    notes = loaded.notes
+    if timer.untimed:
+        notes += (f"{source}: the trace has no timestamps, so cache cleaning (cache-clean-interval="
+                  f"{scenario.cache_clean_interval}) was not applied; cache_clean_interval is null",)
+    interval = None if timer.untimed else scenario.cache_clean_interval
     rows: list[dict | None] = [None] * len(configs)
     for group in groups:
         backing_counts = group.backing.model.finish()[0] if group.backing is not None else None
         for k, counts in zip(group.chosen, group.model.finish()):
             rows[k] = _row(source, image, group.run, configs[k], counts, scenario, scenario.caches[k])
+            rows[k].update(cache_clean_interval=interval, cache_clean_ticks=timer.fired, l2_cleaned=counts.cleaned)
             if backing_counts is not None:
                 rows[k].update(_backing_columns(backing_counts))
-    return ReplayResult([r for r in rows if r is not None], groups[-1].run.image, loaded.notes)
+    return ReplayResult([r for r in rows if r is not None], groups[-1].run.image, notes)
 
 
 def _backing_columns(counts: CacheCounts) -> dict:
@@ -218,6 +271,10 @@ def _row(source: str, image: ImageState, run: KernelRun, config: CacheConfig, co
         "cache_mode": scenario.cache_mode,
         "qemu_version": scenario.qemu_version,
         "l2_cache_size_asked": asked_spelling(settings.l2_cache_size),
+        "cache_size_asked": asked_spelling(settings.cache_size),
+        "refcount_cache_size_asked": asked_spelling(settings.refcount_cache_size),
+        "refcount_cache_bytes": config.refcount_cache_bytes,
+        "refcount_cache_entries": config.refcount_cache_entries,
         "l2_cache_bytes": config.l2_cache_bytes,
         "l2_cache_entry_size": entry,
         "l2_cache_entries": config.l2_cache_entries,

@@ -25,6 +25,10 @@ DISCARD_MODES = ("ignore", "unmap")  # QEMU's discard option: ignore (-drive/-bl
 DISCARD_NO_UNREF_SINCE = (8, 1)  # QEMU release that added qcow2's discard-no-unref
 
 
+DEFAULT_CACHE_CLEAN_INTERVAL = 600  # seconds: QEMU's default on Linux (block/qcow2.h)
+MAX_CACHE_CLEAN_INTERVAL = 2**32 - 1  # UINT_MAX: QEMU refuses more ("Cache clean interval too big")
+
+
 def doubling_sizes(low: int, high: int) -> tuple[int, ...]:
     """Cache sizes in bytes from ``low``, doubling, up to ``high`` (included even when it is not on the way)."""
     sizes = [low << k for k in range((high // low).bit_length())]
@@ -82,6 +86,8 @@ class Scenario:
       freed, qcow2_cluster_discard);
     - ``discard_no_unref``: qcow2's ``discard-no-unref=on`` (QEMU 8.1 and later): discarded clusters read as zeroes
       but stay allocated, refcounts unchanged.
+    - ``cache_clean_interval``: QEMU's ``cache-clean-interval`` in whole seconds (600, QEMU's default on Linux;
+      0 = off), applied from the trace's own timestamps (a trace without them is replayed without cleaning).
     """
 
     image: ImageSpec = ImageSpec()
@@ -91,6 +97,7 @@ class Scenario:
     qemu_version: str = DEFAULT_QEMU_VERSION
     discard: str = "ignore"
     discard_no_unref: bool = False
+    cache_clean_interval: int = DEFAULT_CACHE_CLEAN_INTERVAL
 
     def __post_init__(self) -> None:
         if not isinstance(self.caches, tuple) or not self.caches:
@@ -107,6 +114,11 @@ class Scenario:
             raise QsimError(f"--discard-no-unref with --qemu-version {version}: QEMU {version} says \"Block format "
                             "'qcow2' does not support the option 'discard-no-unref'\" (the option exists from QEMU "
                             f"{DISCARD_NO_UNREF_SINCE[0]}.{DISCARD_NO_UNREF_SINCE[1]})")
+        interval = self.cache_clean_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or \
+                not 0 <= interval <= MAX_CACHE_CLEAN_INTERVAL:
+            raise UsageError(f"--cache-clean-interval {interval!r}: whole seconds from 0 (off) to "
+                             f"{MAX_CACHE_CLEAN_INTERVAL}, as QEMU takes it")
 
     @classmethod
     def of(cls, l2_cache_sizes: tuple[int | None, ...] = (None,), l2_cache_entry_size: int | None = None,

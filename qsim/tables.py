@@ -44,6 +44,10 @@ def save_frame(frame: pd.DataFrame, path: str) -> None:
 
 def human_table(frame: pd.DataFrame, columns: list[str] = SUMMARY_COLUMNS) -> str:
     """The main columns with sizes as qemu-img writes them (64k, 32M) and ratios as percentages."""
+    if "cache_size_asked" in frame.columns and "l2_cache_size_asked" in columns and \
+            (frame["cache_size_asked"].astype(str) != "default").any():  # a cache-size sweep: show what was asked
+        at = columns.index("l2_cache_size_asked") + 1
+        columns = columns[:at] + ["cache_size_asked"] + columns[at:]
     shown = frame[[c for c in columns if c in frame.columns]].copy()
     for column in shown.columns:
         if column in SETTING_COLUMNS:
@@ -54,8 +58,8 @@ def human_table(frame: pd.DataFrame, columns: list[str] = SUMMARY_COLUMNS) -> st
             shown[column] = [f"{100 * v:.2f}%" for v in shown[column]]
         elif column == "extended_l2":
             shown[column] = ["on" if v else "off" for v in shown[column]]
-    shown.columns = [c.replace("l2_cache_size_asked", "asked").replace("l2_cache_", "cache_").replace("_bytes", "")
-                     for c in shown.columns]
+    names = {"l2_cache_size_asked": "asked", "cache_size_asked": "cache-size"}
+    shown.columns = [names.get(c) or c.replace("l2_cache_", "cache_").replace("_bytes", "") for c in shown.columns]
     return shown.to_string(index=False)
 
 

@@ -15,6 +15,8 @@ COMPARED = ("l2_lookups", "l2_misses", "l2_disk_reads", "l2_evictions", "l2_writ
             "image_file_bytes")
 # Counted on both sides once qsim models them (the refcount cache): compared as soon as a qsim row has them.
 WHEN_MODELLED = ("refcount_lookups", "refcount_misses")
+CLEANING_NOTE = ("compared with cache cleaning off: qemu-io never runs the cleaner (its timer is on "
+                 "QEMU_CLOCK_VIRTUAL, which only a running VM enables); see qsim.qemusystem for timed replays")
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class Validation:
 
     def to_dict(self) -> dict:
         return {"qsim": self.qsim, "qemu": self.qemu, "match": self.match, "differences": self.differences,
-                "compared": list(self.compared), "qemu_version": self.qemu_version}
+                "compared": list(self.compared), "qemu_version": self.qemu_version,
+                "cache_clean_interval": 0, "note": CLEANING_NOTE}
 
 
 def validate(trace: Trace, scenario: Scenario, progress=None, qemu_io: str | None = None) -> Validation:
@@ -49,9 +52,9 @@ def validate(trace: Trace, scenario: Scenario, progress=None, qemu_io: str | Non
     if len(scenario.caches) != 1:
         raise UsageError("validate compares one cache configuration at a time")
     settings = scenario.caches[0]
-    if settings.cache_size is not None or settings.refcount_cache_size is not None:
-        raise UsageError("validate passes l2-cache-size and l2-cache-entry-size to qemu-io; not cache-size or "
-                         "refcount-cache-size yet")
+    combined = settings.cache_size is not None or settings.refcount_cache_size is not None
+    if combined and scenario.image.is_real:
+        raise UsageError("validate with cache-size or refcount-cache-size builds its own image; drop --image")
     spec = scenario.image
     if spec.is_real:
         # QEMU's trace counts the backing image's cache too; so does qsim then
@@ -60,17 +63,36 @@ def validate(trace: Trace, scenario: Scenario, progress=None, qemu_io: str | Non
     else:
         virtual_size = default_virtual_size(trace) if spec.virtual_size is None else spec.virtual_size
         spec = replace(spec, virtual_size=virtual_size)
-    scenario = replace(scenario, image=spec)
+    # qemu-io never runs the cache cleaner: its timer is on QEMU_CLOCK_VIRTUAL, which only a running VM enables
+    # (vm_start), whatever cache-clean-interval says. So the comparison is with cleaning off, on both sides.
+    scenario = replace(scenario, image=spec, cache_clean_interval=0)
     trace = apply_offset_policy(trace, virtual_size, scenario.offset_policy)
     result = replay(trace, scenario)
     ours = result.rows[0]
-    theirs = replay_in_qemu(trace, virtual_size, spec.options, settings.l2_cache_size, settings.l2_cache_entry_size,
-                            scenario.cache_mode, image=spec.path, progress=progress, discard=scenario.discard,
-                            discard_no_unref=scenario.discard_no_unref, qemu_io=qemu_io).to_dict()
+    if combined:  # qemu-io cannot take these options with -t; qemu-system's drive can (same counters, cleaning off)
+        from .qemusystem import find_qemu_system, replay_timed, system_version
+
+        if scenario.discard != "ignore" or scenario.discard_no_unref:
+            raise UsageError("validate with cache-size or refcount-cache-size runs qemu-system with discard=ignore; "
+                             "drop --discard unmap / --discard-no-unref there")
+        binary = find_qemu_system()
+        timed = replay_timed(binary, trace, virtual_size, spec.options, cache_clean_interval=0, time_scale=None,
+                             l2_cache_size=settings.l2_cache_size, l2_cache_entry_size=settings.l2_cache_entry_size,
+                             cache_size=settings.cache_size, refcount_cache_size=settings.refcount_cache_size,
+                             cache_mode=scenario.cache_mode)
+        theirs, version = timed.counts, system_version(binary)
+        if progress is not None:
+            progress(len(trace))
+    else:
+        theirs = replay_in_qemu(trace, virtual_size, spec.options, settings.l2_cache_size,
+                                settings.l2_cache_entry_size, scenario.cache_mode, image=spec.path, progress=progress,
+                                discard=scenario.discard, discard_no_unref=scenario.discard_no_unref,
+                                qemu_io=qemu_io).to_dict()
+        version = qemu_version(qemu_io)
     shown = COMPARED + tuple(k for k in WHEN_MODELLED if k in ours)
     qsim_counts = {k: ours[k] + ours.get("backing_" + k, 0) for k in shown}
     qsim_counts.update(l2_cache_entries=ours["l2_cache_entries"], l2_cache_entry_size=ours["l2_cache_entry_size"])
     # With a backing image, QEMU's trace mixes both caches' slot numbers, so evictions cannot be told apart there.
     with_backing = "backing_l2_lookups" in ours
     compared = tuple(k for k in shown if not (with_backing and k == "l2_evictions"))
-    return Validation(qsim_counts, theirs, qemu_version(qemu_io), compared, len(trace), virtual_size)
+    return Validation(qsim_counts, theirs, version, compared, len(trace), virtual_size)

@@ -11,22 +11,39 @@ from qsim.codes import GET, GET_DIRTY, GET_EMPTY
 from qsim.lru import COLD, CacheModel, counts_for_sizes, simulate, stack_distances
 
 
-def reference_lru(keys, kinds, flush_at, entries):
-    """QEMU's qcow2 cache, the obvious way: LRU of ``entries`` slots, dirty bits, whole-cache flushes."""
-    cache = OrderedDict()  # key -> dirty
-    flushes = list(flush_at)
-    c = dict(lookups=0, hits=0, misses=0, disk_reads=0, evictions=0, writebacks=0)
+def reference_lru(keys, kinds, flush_at, entries, tick_at=()):
+    """QEMU's qcow2 cache, the obvious way: LRU of ``entries`` slots, dirty bits, whole-cache flushes, and an
+    lru_counter per entry for the clean ticks (qcow2_cache_clean_unused). A tick at position j comes before event
+    j, after the flushes at j (a request's own flushes come after the tick before it)."""
+    cache = OrderedDict()  # key -> [dirty, lru_counter]
+    counter = 0  # c->lru_counter
+    saved = 0  # c->cache_clean_lru_counter
+    c = dict(lookups=0, hits=0, misses=0, disk_reads=0, evictions=0, writebacks=0, cleaned=0)
+    flushes, ticks = list(flush_at), list(tick_at)
 
     def flush():
-        for key, dirty in cache.items():
-            if dirty:
+        for entry in cache.values():
+            if entry[0]:
                 c["writebacks"] += 1
-                cache[key] = False
+                entry[0] = False
 
-    for i, (key, kind) in enumerate(zip(keys, kinds)):
+    def tick():
+        nonlocal saved
+        for key in [k for k, (dirty, lru) in cache.items() if not dirty and lru <= saved]:
+            del cache[key]
+            c["cleaned"] += 1
+        saved = counter
+
+    for i in range(len(keys) + 1):
         while flushes and flushes[0] <= i:
             flushes.pop(0)
             flush()
+        while ticks and ticks[0] <= i:
+            ticks.pop(0)
+            tick()
+        if i == len(keys):
+            break
+        key, kind = keys[i], kinds[i]
         c["lookups"] += 1
         if key in cache:
             c["hits"] += 1
@@ -36,16 +53,15 @@ def reference_lru(keys, kinds, flush_at, entries):
             if kind != GET_EMPTY:
                 c["disk_reads"] += 1
             if len(cache) >= entries:
-                _, dirty = cache.popitem(last=False)
+                _, (dirty, _) = cache.popitem(last=False)
                 c["evictions"] += 1
                 c["writebacks"] += int(dirty)
-            cache[key] = False
+            cache[key] = [False, 0]
+        counter += 1
+        cache[key][1] = counter
         if kind in (GET_DIRTY, GET_EMPTY):
-            cache[key] = True
-    while flushes:
-        flushes.pop(0)
-        flush()
-    c["writebacks_at_close"] = sum(cache.values())
+            cache[key][0] = True
+    c["writebacks_at_close"] = sum(e[0] for e in cache.values())
     return c
 
 

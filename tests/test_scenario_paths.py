@@ -88,6 +88,13 @@ TABLE = {
     "cache-mode": Row(("cache_mode",), ("--cache-mode", "writethrough")),
     "offset-policy": Row(("offset_policy",), ("--offset-policy", "wrap"), base=("--size", "1G"), trace="beyond"),
     "qemu-version": Row(("qemu_version",), ("--qemu-version", "2.11"), base=PRE),
+    # validate passes l2-cache-size and l2-cache-entry-size to qemu-io only: no validate for these
+    "cache-size": Row(("cache_size",), ("--cache-size", "300k"), validate=False),
+    "cache-size list": Row(("cache_size",), ("--cache-size", "64k..1M"), validate=False),
+    "refcount-cache-size": Row(("refcount_cache_size",), ("--refcount-cache-size", "1M"), validate=False),
+    # validate always compares with cleaning off (qemu-io never cleans), so it has no row here
+    "cache-clean-interval": Row(("cache_clean_interval",), ("--cache-clean-interval", "60"), trace="timed",
+                                validate=False),
     "format": Row(("format",), ("--format", "blkparse"), trace="blkparse-late"),
     "file": Row(("file",), ("--file", "/dev/vdb"), trace="two-files"),
     "action": Row(("action",), ("--action", "C"), trace="blkparse"),
@@ -113,6 +120,8 @@ def traces(tmp_path_factory) -> dict[str, str]:
     trims = np.where((t.op == 1) & (np.arange(len(t)) % 3 == 0), DISCARD, t.op)  # a third of the writes
     paths["trims"] = str(d / "trims.iolog")
     write_trace(Trace.from_arrays(trims, t.offset, t.length), paths["trims"])
+    paths["timed"] = str(d / "timed.iolog")  # bursts of 100 requests, 100 s apart: 4000 s of timestamps
+    write_trace(Trace.from_arrays(t.op, t.offset, t.length, (np.arange(len(t)) // 100) * 100.0), paths["timed"])
     beyond = Trace.from_arrays(t.op, t.offset + np.where(np.arange(len(t)) % 5 == 0, G, 0), t.length)
     paths["beyond"] = str(d / "beyond.iolog")
     write_trace(beyond, paths["beyond"])

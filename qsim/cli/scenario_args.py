@@ -12,7 +12,8 @@ import argparse
 from ..cachecfg import DEFAULT_QEMU_VERSION, CacheSettings
 from ..codes import CACHE_MODES, OFFSET_POLICIES
 from ..errors import UsageError
-from ..scenario import DISCARD_MODES, doubling_sizes, log_spaced_sizes
+from ..scenario import (DEFAULT_CACHE_CLEAN_INTERVAL, DISCARD_MODES, MAX_CACHE_CLEAN_INTERVAL, doubling_sizes,
+                        log_spaced_sizes)
 from ..units import parse_size
 from .common import add_image_options, size_arg
 
@@ -24,7 +25,7 @@ MIN_CACHE_SIZE_IN_RANGE = 512
 
 SCENARIO_DESTS = frozenset({"size", "image", "backing_chain", "image_options", "l2_cache_size",
                             "l2_cache_entry_size", "cache_mode", "offset_policy", "qemu_version", "discard",
-                            "discard_no_unref"})
+                            "discard_no_unref", "cache_clean_interval", "cache_size", "refcount_cache_size"})
 READING_DESTS = frozenset({"format", "file", "action", "device", "volume"})
 
 
@@ -91,10 +92,25 @@ def add_scenario_options(p: argparse.ArgumentParser, sweep: bool = False, one_ca
                             "log-spaced sizes (64k..64M:20); default: QEMU's default")
     p.add_argument("--l2-cache-entry-size", type=size_arg("--l2-cache-entry-size"), metavar="BYTES",
                    help="force the slice size (default: as QEMU picks it for each cache size)")
+    if one_cache:
+        p.add_argument("--cache-size", type=size_arg("--cache-size"), metavar="BYTES",
+                       help="QEMU's combined cache-size (libvirt's metadata_cache max_size), split between the L2 "
+                            "and refcount caches as QEMU splits it")
+    else:
+        p.add_argument("--cache-size", default=None, metavar="LIST",
+                       help="QEMU's combined cache-size (libvirt's metadata_cache max_size), split between the L2 "
+                            "and refcount caches as QEMU splits it: a list or range like --l2-cache-size "
+                            "(1M..64M); with --l2-cache-size, every pair")
+    p.add_argument("--refcount-cache-size", type=size_arg("--refcount-cache-size"), metavar="BYTES",
+                   help="QEMU's refcount-cache-size (default: 4 clusters, QEMU's minimum)")
     p.add_argument("--cache-mode", choices=CACHE_MODES, default="writeback",
                    help="writeback (a VM's default) or writethrough (a flush after every write)")
     p.add_argument("--offset-policy", choices=OFFSET_POLICIES, default="error",
                    help="requests ending beyond --size: error (default), skip or wrap")
+    p.add_argument("--cache-clean-interval", type=_interval_arg, default=DEFAULT_CACHE_CLEAN_INTERVAL, metavar="S",
+                   help="QEMU's cache-clean-interval in seconds, applied from the trace's timestamps (default "
+                        f"{DEFAULT_CACHE_CLEAN_INTERVAL}, as QEMU on Linux; 0 = off; a trace without timestamps "
+                        "is not cleaned)")
     p.add_argument("--qemu-version", default=DEFAULT_QEMU_VERSION, metavar="X.Y",
                    help=f"cache defaults of that QEMU (default {DEFAULT_QEMU_VERSION})")
     p.add_argument("--discard", choices=DISCARD_MODES, default="ignore",
@@ -103,6 +119,12 @@ def add_scenario_options(p: argparse.ArgumentParser, sweep: bool = False, one_ca
     p.add_argument("--discard-no-unref", action="store_true",
                    help="qcow2's discard-no-unref=on (QEMU >= 8.1): discarded clusters read as zeroes but stay "
                         "allocated")
+
+
+def _interval_arg(text: str) -> int:
+    if not text.strip().isascii() or not text.strip().isdigit() or int(text) > MAX_CACHE_CLEAN_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{text!r}: whole seconds, 0 (off) to {MAX_CACHE_CLEAN_INTERVAL}")
+    return int(text)
 
 
 def scenario_from_args(args: argparse.Namespace, sweep: bool = False, virtual_size: int | None = None):
@@ -124,9 +146,18 @@ def scenario_from_args(args: argparse.Namespace, sweep: bool = False, virtual_si
         sizes = parse_cache_sizes(args.l2_cache_size)
     else:
         sizes = (args.l2_cache_size,)
-    caches = tuple(CacheSettings(l2_cache_size=s, l2_cache_entry_size=args.l2_cache_entry_size) for s in sizes)
+    combined = args.cache_size
+    if isinstance(combined, str) or combined is None:
+        combined = parse_cache_sizes(combined, "--cache-size")
+    else:
+        combined = (combined,)
+    if len(sizes) * len(combined) > MAX_CACHE_CONFIGS:
+        raise UsageError(f"--l2-cache-size x --cache-size: more than {MAX_CACHE_CONFIGS} cache configurations")
+    caches = tuple(CacheSettings(l2_cache_size=s, l2_cache_entry_size=args.l2_cache_entry_size, cache_size=c,
+                                 refcount_cache_size=args.refcount_cache_size) for c in combined for s in sizes)
     return Scenario(image=image, caches=caches, cache_mode=args.cache_mode, offset_policy=args.offset_policy,
-                    qemu_version=args.qemu_version, discard=args.discard, discard_no_unref=args.discard_no_unref)
+                    qemu_version=args.qemu_version, discard=args.discard, discard_no_unref=args.discard_no_unref,
+                    cache_clean_interval=args.cache_clean_interval)
 
 
 def reading_from_args(args: argparse.Namespace):

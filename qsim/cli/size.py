@@ -92,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         ("covers", f"{format_size(c.covered_bytes)} of {format_size(geometry.virtual_size)} "
          f"({100 * c.covered_fraction:.4g}%)"),
     ])
+    if args.cache_size is not None:
+        print(f"  split           cache-size {format_size(args.cache_size)} = L2 {format_size(c.l2_cache_bytes)} + "
+              f"refcount {format_size(args.cache_size - c.l2_cache_bytes)} (read_cache_sizes)")
     if asked:
         print(f"  (QEMU's default would be {format_size(d['default_l2_cache_bytes'])} = "
               f"{d['default_l2_cache_entries']} x {format_size(d['default_l2_cache_entry_size'])}, covering "

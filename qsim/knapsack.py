@@ -9,7 +9,8 @@ convexity, so a greedy on convex hulls is not optimal here. This is exact dynami
   in units of ``g``, the greatest common divisor of those relative costs (4 KiB or 512 bytes for QEMU's caches), so
   the discretization loses nothing: any feasible choice costs a whole number of units;
 - ``best[u]`` = least total value of the groups so far within ``u`` units; one group at a time,
-  ``best'[u] = min over options (best[u - cost] + value)``, O(options x units), a numba kernel;
+  ``best'[u] = min over options (best[u - cost] + value)``, O(options x units), a numba kernel that stops each
+  group's loops at what the groups so far can cost at most;
 - the choice table (one small integer per group and unit) gives the selection back; the cheapest of the optimal
   selections is returned, ties going to the cheaper option.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from numba import njit
@@ -87,6 +89,13 @@ class Problem:
     def max_cost(self) -> int:
         return int(self.cost[self.starts[1:] - 1].sum())
 
+    @cached_property
+    def optimum(self) -> np.ndarray:
+        """``best[u]``: the least total value within ``min_cost + u * unit`` bytes, for every u up to ``max_cost``
+        (one values-only DP run, kept for the curve and the questions asked of it)."""
+        top = (self.max_cost - self.min_cost) // self.unit
+        return _mckp(_relative_units(self), self.value, self.starts, top, False)[0]
+
     def units(self, budget: int) -> int:
         """Budget units above the cheapest selection (-1 if even that does not fit)."""
         return -1 if budget < self.min_cost else (budget - self.min_cost) // self.unit
@@ -102,11 +111,11 @@ def solve(problem: Problem, budget: int) -> Selection:
         raise QsimError(f"the plan's table would take {problem.groups * (units + 1) * 2 >> 20} MiB: give fewer disks "
                         "or a smaller budget")
     rel = _relative_units(problem)
-    best, table = _mckp(rel, problem.value, problem.starts, units, True)
+    best, table, reach = _mckp(rel, problem.value, problem.starts, units, True)
     u = int(np.flatnonzero(best == best[units])[0])  # the cheapest of the optimal selections
     choice = np.empty(problem.groups, dtype=np.int64)
     for d in range(problem.groups - 1, -1, -1):
-        k = int(table[d, u])
+        k = int(table[d, min(u, reach[d])])
         choice[d] = k
         u -= int(rel[problem.starts[d] + k])
     flat = problem.starts[:-1] + choice
@@ -115,13 +124,13 @@ def solve(problem: Problem, budget: int) -> Selection:
 
 
 def best_values(problem: Problem, budgets) -> np.ndarray:
-    """The optimal total value at each budget (bytes; NaN where nothing fits), from one DP run to the largest."""
+    """The optimal total value at each budget (bytes; NaN where nothing fits), read from ``problem.optimum``."""
     budgets = np.asarray(budgets, dtype=np.int64)
-    top = int(min(problem.units(int(budgets.max())), (problem.max_cost - problem.min_cost) // problem.unit))
     out = np.full(len(budgets), np.nan)
-    if top < 0:
+    if problem.units(int(budgets.max())) < 0:
         return out
-    best, _ = _mckp(_relative_units(problem), problem.value, problem.starts, top, False)
+    best = problem.optimum
+    top = len(best) - 1
     for i, b in enumerate(budgets):
         u = problem.units(int(b))
         if u >= 0:
@@ -131,9 +140,7 @@ def best_values(problem: Problem, budgets) -> np.ndarray:
 
 def least_cost_for(problem: Problem, target: float) -> int | None:
     """The smallest budget (bytes) at which the optimum's total value is at most ``target`` (None if never)."""
-    top = (problem.max_cost - problem.min_cost) // problem.unit
-    best, _ = _mckp(_relative_units(problem), problem.value, problem.starts, top, False)
-    reached = np.flatnonzero(best <= target)
+    reached = np.flatnonzero(problem.optimum <= target)
     return None if not len(reached) else problem.min_cost + int(reached[0]) * problem.unit
 
 
@@ -144,21 +151,36 @@ def _relative_units(problem: Problem) -> np.ndarray:
 
 @njit(cache=True)
 def _mckp(cost, value, starts, units, keep_choice):  # pragma: no cover - compiled; tests hold it to a reference
+    """best[u] over all groups, and (when ``keep_choice``) each group's choice at u <= reach[group], where
+    reach[group] = the most the groups so far can cost; past it nothing changes, so the loops stop there."""
     n = len(starts) - 1
     best = np.zeros(units + 1)
     new = np.empty(units + 1)
     table = np.zeros((n if keep_choice else 0, units + 1), dtype=np.int16)
+    reach = np.zeros(n, dtype=np.int64)
+    top = 0
     for d in range(n):
-        new[:] = math.inf
-        for o in range(starts[d], starts[d + 1]):
+        first, last = starts[d], starts[d + 1]
+        top = min(units, top + cost[last - 1])  # options are sorted: the last one is the dearest
+        reach[d] = top
+        v0 = value[first]  # the cheapest option costs 0 units (costs are relative to it)
+        for u in range(top + 1):
+            new[u] = best[u] + v0
+        for o in range(first + 1, last):
             c = cost[o]
             v = value[o]
-            k = o - starts[d]
-            for u in range(c, units + 1):
-                x = best[u - c] + v
-                if x < new[u]:
-                    new[u] = x
-                    if keep_choice:
+            if keep_choice:
+                k = o - first
+                for u in range(c, top + 1):
+                    x = best[u - c] + v
+                    if x < new[u]:
+                        new[u] = x
                         table[d, u] = k
+            else:
+                for u in range(c, top + 1):
+                    x = best[u - c] + v
+                    new[u] = x if x < new[u] else new[u]
+        for u in range(top + 1, units + 1):
+            new[u] = new[top]
         best, new = new, best
-    return best, table
+    return best, table, reach

@@ -23,6 +23,7 @@ Baselines ignore --min/--max/--pin.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -135,7 +136,8 @@ def disk_from_rows(name: str, trace: str, path: str, geometry: ImageGeometry, ro
         raise QsimError(f"{name}: no measured cache that QEMU builds from cache-size alone")
     table = pd.DataFrame(list(options.values()), columns=OPTION_COLUMNS)
     table = table.sort_values(["ram_bytes", "misses"], kind="stable").reset_index(drop=True)
-    return Disk(name, trace, path, geometry, table, aliases=frozenset({name, trace, trace_stem(trace)}))
+    aliases = {name, trace, trace_stem(trace), os.path.basename(trace).split(".")[0]}
+    return Disk(name, trace, path, geometry, table, aliases=frozenset(aliases))
 
 
 def trace_stem(trace: str) -> str:
@@ -300,9 +302,8 @@ def plan_host(disks: list[Disk], budget: int, objective: str = "misses", constra
 
 def fit_share(disk: Disk, share: float) -> int:
     """Index of the disk's largest measured cache whose RAM fits ``share`` bytes (its smallest if none does)."""
-    ram = disk.options["ram_bytes"].to_numpy()
-    fits = np.flatnonzero(ram <= share)
-    return int(fits[-1]) if len(fits) else 0
+    k = int(np.searchsorted(disk.options["ram_bytes"].to_numpy(), share, side="right")) - 1
+    return max(k, 0)
 
 
 def baseline_shares(disks: list[Disk], budget: int) -> dict[str, np.ndarray]:
@@ -312,11 +313,11 @@ def baseline_shares(disks: list[Disk], budget: int) -> dict[str, np.ndarray]:
 
 
 def _baseline(disks: list[Disk], values: list[np.ndarray], picks: list[int]) -> dict:
-    ram = sum(int(d.options["ram_bytes"].iloc[k]) for d, k in zip(disks, picks))
-    return {"total_misses": int(sum(int(d.options["misses"].iloc[k]) for d, k in zip(disks, picks))),
-            "total_cache_size": ram,
+    chosen = [d.options.iloc[k] for d, k in zip(disks, picks)]
+    return {"total_misses": int(sum(int(o.misses) for o in chosen)),
+            "total_cache_size": int(sum(int(o.ram_bytes) for o in chosen)),
             "total_objective": float(sum(v[k] for v, k in zip(values, picks))),
-            "cache_sizes": {d.name: int(d.options["cache_size"].iloc[k]) for d, k in zip(disks, picks)}}
+            "cache_sizes": {d.name: int(o.cache_size) for d, o in zip(disks, chosen)}}
 
 
 def _baselines(disks, values, budget, objective, problem) -> dict:
@@ -350,21 +351,20 @@ def _curve(disks, values, problem: Problem, extra: list[int]) -> pd.DataFrame:
     budgets |= {int(b) for b in extra if b >= low}
     budgets = np.array(sorted(budgets), dtype=np.int64)
     plan = best_values(problem, budgets)
+    rams = [d.options["ram_bytes"].to_numpy() for d in disks]
     rows = []
     for b, p in zip(budgets, plan):
         row = {"budget": int(b), "plan": float(p)}
         for name, shares in baseline_shares(disks, int(b)).items():
             picks = [fit_share(d, s) for d, s in zip(disks, shares)]
             row[name] = float(sum(v[k] for v, k in zip(values, picks)))
-            row[name + "_cache_size"] = int(sum(d.options["ram_bytes"].iloc[k] for d, k in zip(disks, picks)))
+            row[name + "_cache_size"] = int(sum(r[k] for r, k in zip(rams, picks)))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def trace_span_seconds(path: str) -> float | None:
     """First to last request time of a trace file (seconds), None when it carries no times."""
-    import os
-
     from .traceio import read_trace
 
     if not os.path.isfile(path):

@@ -34,18 +34,22 @@ def brute_force(costs, values, budget):
     return best
 
 
-def reference_dp(costs, values, budget):
-    """Plain Python: the Pareto frontier {cost: least value} grown one group at a time (no discretization)."""
-    frontier = {0: 0.0}
+def reference_frontier(costs, values):
+    """Plain Python, no discretization: the Pareto frontier [(total cost, least total value)] grown one group at a
+    time, dominated pairs dropped."""
+    frontier = [(0, 0.0)]
     for c, v in zip(costs, values):
-        grown: dict = {}
-        for total, value in frontier.items():
-            for ci, vi in zip(c, v):
-                t = total + ci
-                if t <= budget and value + vi < grown.get(t, math.inf):
-                    grown[t] = value + vi
-        frontier = grown
-    return min(frontier.values()) if frontier else None
+        grown = sorted((total + ci, value + vi) for total, value in frontier for ci, vi in zip(c, v))
+        frontier = []
+        for total, value in grown:
+            if not frontier or value < frontier[-1][1]:
+                frontier.append((total, value))
+    return frontier
+
+
+def reference_dp(costs, values, budget):
+    fits = [value for total, value in reference_frontier(costs, values) if total <= budget]
+    return fits[-1] if fits else None
 
 
 groups = st.lists(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 500)), min_size=1, max_size=4),
@@ -379,6 +383,14 @@ def test_cli_libvirt_round_trip(fleet, capsys, tmp_path):
     # the patched copy of web01 replaced the KiB setting with bytes, in place in the text
     assert f"<max_size unit='bytes'>{disks['web01/vda']['cache_size']}</max_size>" in \
         (out_dir / "web01.xml").read_text()
+    # two domain files of one name would overwrite each other's copy: refused before anything is written
+    twin = tmp_path / "elsewhere"
+    twin.mkdir()
+    (twin / "web01.xml").write_bytes((FIXTURES / "db01.xml").read_bytes())
+    status, _, err = run_cli(argv[:4] + ["--domain", str(FIXTURES / "web01.xml"), "--domain", str(twin / "web01.xml"),
+                                         "--images-dir", str(FIXTURES / "images"), "--write-xml", str(tmp_path / "t")],
+                             capsys)
+    assert status == 2 and "two domain files are named web01.xml" in err and not (tmp_path / "t").exists()
     # never in place: writing the copies over their inputs is refused, and nothing changed
     status, _, err = run_cli(argv[:-3] + ["--write-xml", str(FIXTURES), "--output=json"], capsys)
     assert status == 1 and "never changes a file in place" in err and err.count("\n") == 1

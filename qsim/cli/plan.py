@@ -256,6 +256,10 @@ def _write_xml(folder: str, domains, plan) -> list[str]:
 
     if not domains:
         raise UsageError("--write-xml needs --domain")
+    names = [os.path.basename(d.path) for d in domains]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--write-xml: two domain files are named {next(n for n in names if names.count(n) > 1)}; "
+                         "their copies would overwrite each other (rename one)")
     os.makedirs(folder, exist_ok=True)
     sizes: dict[str, dict[str, int]] = {}
     for row in plan.disk_rows():
@@ -315,8 +319,9 @@ def _print_human(result: dict) -> None:
         q = base["qemu_default"]
         same = q["plan_total_objective_at_same_cache_size"]
         least = q["plan_cache_size_for_same_objective"]
+        unit = "" if objective == "misses" else f" {OBJECTIVES[objective]} (defaults: {q['total_objective']:,.6g})"
         rows.append(("QEMU's default", f"{q['total_misses']:>10,} misses in {human_size(q['total_cache_size'])} "
-                     f"of RAM (the plan with that RAM: {same:,.6g}; as well as the defaults from "
+                     f"of RAM (the plan with that RAM: {same:,.6g}{unit}; as good as the defaults from "
                      f"{human_size(least)})"))
     else:
         rows.append(("QEMU's default", base.get("qemu_default_missing", "not measured")))

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from qsim.cli.capture import QmpSocket
+from qsim.errors import QsimError
 from qsim.trace import FLUSH, Trace
 from qsim.traceio import read_trace
 
@@ -77,6 +78,18 @@ def wait_for(path: Path, seconds: float = 10) -> None:
         time.sleep(0.02)
 
 
+def connect(path: Path, seconds: float = 20) -> QmpSocket:
+    """QEMU binds its socket a moment before it listens (and this machine can be slow): retry a while."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return QmpSocket(str(path))
+        except QsimError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class GuestlessVM:
     """qemu-system with no guest: one drive, two QMP sockets (one for qsim capture, one for the test's I/O)."""
 
@@ -93,7 +106,7 @@ class GuestlessVM:
              "-qmp", f"unix:{self.control},server=on,wait=off", "-qmp", f"unix:{io},server=on,wait=off"],
             stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
         wait_for(io)
-        self.io = QmpSocket(str(io))
+        self.io = connect(io)
 
     def run(self, trace: Trace) -> None:
         for op, offset, length in zip(trace.op.tolist(), trace.offset.tolist(), trace.length.tolist()):
@@ -196,6 +209,10 @@ def test_capture_errors_are_one_line(tmp_path, vm, capsys):
     out = str(tmp_path / "x.iolog")
     rc, err = capture("--qmp", str(tmp_path / "nope.sock"), "--log", str(vm.log), "-o", out)
     assert rc == 1 and err.count("\n") == 1 and "no such QMP socket" in err
+    rc, err = capture("--qmp", str(vm.control), "--log", str(vm.log), "-o", str(tmp_path / "x.csv"))
+    assert rc == 2 and "writes a fio iolog" in err
+    rc, err = capture("--qmp", str(vm.control), "--log", str(vm.log), "-o", str(tmp_path / "no" / "x.iolog"))
+    assert rc == 1 and "does not exist" in err
     rc, err = capture("--qmp", str(vm.control), "--log", str(tmp_path / "missing.log"), "-o", out)
     assert rc == 1 and "no such log file" in err
     rc, err = capture("--qmp", str(vm.control), "--log", str(vm.log), "--duration", "0.3", "-o", out)

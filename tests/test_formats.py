@@ -8,6 +8,7 @@ import builtins
 import re
 import gzip
 import json
+import os
 import shutil
 import os
 import subprocess
@@ -312,6 +313,9 @@ def test_zstd_without_the_package_says_what_to_install(monkeypatch):
 
 
 def test_unknown_and_binary_garbage_are_one_line(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    one_line_error(lambda: read_trace(str(fifo)), "not a regular file")  # and does not block
     junk = tmp_path / "junk.bin"
     junk.write_bytes(bytes(range(256)) * 8)
     one_line_error(lambda: read_trace(str(junk)), "binary data, not a trace")

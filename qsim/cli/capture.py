@@ -29,8 +29,8 @@ from contextlib import contextmanager
 
 
 from ..errors import QsimError, UsageError
-from ..safeio import atomic_output
 from ..codes import WRITE
+from ..safeio import atomic_output, check_output_path
 from .common import RawDefaultsHelp
 
 EVENTS = ("blk_co_preadv", "blk_co_pwritev")
@@ -169,7 +169,7 @@ def stop_signals():
 
 def run_capture(args: argparse.Namespace) -> int:
 
-    from ..traceio import qemulog
+    from ..traceio import format_for_output, qemulog
 
     log = args.log or (f"/var/log/libvirt/qemu/{args.virsh}.log" if args.virsh else None)
     if log is None:
@@ -177,6 +177,9 @@ def run_capture(args: argparse.Namespace) -> int:
     if args.duration is not None and args.duration <= 0:
         raise UsageError("--duration: expected a positive number of seconds")
     device = None if args.device is None else qemulog.parse_device(args.device)
+    if format_for_output(args.out) != "iolog":
+        raise UsageError(f"-o {args.out}: qsim capture writes a fio iolog (name it .iolog or .iolog.gz)")
+    check_output_path(args.out)  # before QEMU is touched
     if not os.path.isfile(log):
         raise QsimError(f"{log}: no such log file (where does this QEMU's stderr or -D log go?)")
     qmp = QmpSocket(args.qmp) if args.qmp else QmpVirsh(args.virsh, args.connect)

@@ -9,6 +9,8 @@ counts requests per volume (what ``qsim trace info`` lists).
 from __future__ import annotations
 
 import io
+import os
+import stat
 from contextlib import contextmanager
 from typing import IO, Callable, Iterable, Iterator, NamedTuple
 
@@ -27,6 +29,8 @@ CHUNK_RECORDS = 1 << 20
 def compression(path: str) -> str | None:
     """'gzip', 'zstd' or None, from the file's first bytes (never from its name)."""
     check_readable(path)
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+        raise QsimError(f"{path}: not a regular file (a FIFO, socket or device); qsim reads trace files")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic.startswith(GZIP_MAGIC):

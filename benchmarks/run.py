@@ -229,7 +229,8 @@ def main() -> int:
     mode.add_argument("--quick", action="store_true", help="1M requests, 3 rounds (about 2 minutes)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round: checks the harness works")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "latest.csv"))
-    p.add_argument("--only", metavar="TEXT", help="only the workloads whose name contains TEXT (e.g. fio, zipf)")
+    p.add_argument("--only", metavar="TEXT", help="only the workloads whose name contains TEXT (e.g. fio, zipf); "
+                   "'parse': trace parsing alone")
     args = p.parse_args()
     if args.smoke:
         counts, rounds, od_limit = [20_000], 1, 20_000
@@ -294,7 +295,7 @@ def main() -> int:
             results.append(row)
             print(_format_row(row), flush=True)
     extra = parse_speed(20_000 if args.smoke else 2_000_000, rounds)
-    if not args.smoke:
+    if not args.smoke and args.only != "parse":  # --only parse: the parsing figures alone
         extra["bytes_per_request_10M"] = peak_bytes_per_request(10_000_000 if not args.quick else 1_000_000)
         extra["qemu_io_req_s"] = qemu_rate(rounds)
     print(f"trace parsing: {extra['iolog_lines_s'] / 1e6:.2f}M iolog lines/s "

@@ -148,22 +148,47 @@ print((status("VmHWM") - base) / {n})
     return float(out.stdout.strip())
 
 
-def parse_speed(lines: int, rounds: int) -> tuple[float, float]:
-    """iolog lines per second: qsim's reader and a plain Python split loop (same file, interleaved)."""
+def parse_speed(lines: int, rounds: int) -> dict[str, float]:
+    """Trace parsing, lines per second, against peers on the same files in interleaved rounds: fio iolog (plain
+    and gzip) against a plain Python split loop, CSV against pandas.read_csv (its C tokenizer, no checks) and
+    Python's csv module. Every contender must count the same requests."""
+    import pandas as pd
+
     with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "t.iolog")
-        t = synthesize(1 << 40, lines, "uniform", "4k", read_share=0.7, seed=5)
-        write_trace(t, path, "/dev/vda")
-        ours, plain = [], []
+        t = synthesize(1 << 40, lines, "uniform", "4k", read_share=0.7, flush_every=16, seed=5)
+        paths = {suffix: os.path.join(d, "t" + suffix) for suffix in (".iolog", ".iolog.gz", ".csv")}
+        for path in paths.values():
+            write_trace(t, path, "/dev/vda")
+        contenders = {
+            "iolog": (read_trace, paths[".iolog"]), "iolog_python_split": (_python_iolog, paths[".iolog"]),
+            "iolog_gz": (read_trace, paths[".iolog.gz"]),
+            "iolog_gz_python_split": (_python_iolog, paths[".iolog.gz"]),
+            "csv": (read_trace, paths[".csv"]),
+            "csv_pandas_read_csv": (lambda p: pd.read_csv(p, dtype={"op": "category"}), paths[".csv"]),
+            "csv_python_csv": (_python_csv, paths[".csv"]),
+        }
+        times: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(rounds):
-            ours.append(timed(read_trace, path)[0])
-            plain.append(timed(_python_iolog, path)[0])
-    return lines / statistics.median(ours), lines / statistics.median(plain)
+            for name, (fn, path) in contenders.items():
+                dt, result = timed(fn, path)
+                assert len(result) == len(t), (name, len(result), len(t))
+                times[name].append(dt)
+    rate = {name: len(t) / statistics.median(ts) for name, ts in times.items()}
+    return {
+        "iolog_lines_s": rate["iolog"], "iolog_vs_python_split": rate["iolog"] / rate["iolog_python_split"],
+        "iolog_gz_lines_s": rate["iolog_gz"],
+        "iolog_gz_vs_python_split": rate["iolog_gz"] / rate["iolog_gz_python_split"],
+        "csv_lines_s": rate["csv"], "csv_vs_pandas_read_csv": rate["csv"] / rate["csv_pandas_read_csv"],
+        "csv_vs_python_csv": rate["csv"] / rate["csv_python_csv"],
+    }
 
 
 def _python_iolog(path):
+    """The plain peer: split each line into three lists (no checks)."""
+    import gzip
+
     ops, offsets, lengths = [], [], []
-    with open(path) as f:
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         next(f)
         for line in f:
             parts = line.split()
@@ -171,7 +196,19 @@ def _python_iolog(path):
                 ops.append(parts[2])
                 offsets.append(int(parts[3]))
                 lengths.append(int(parts[4]))
-    return len(ops)
+    return ops
+
+
+def _python_csv(path):
+    ops, offsets, lengths = [], [], []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        next(reader)
+        for op, offset, length in reader:
+            ops.append(op)
+            offsets.append(int(offset))
+            lengths.append(int(length))
+    return ops
 
 
 def write_binary_traces(directory: str, n: int) -> tuple[str, str, int]:
@@ -305,7 +342,8 @@ def main() -> int:
     mode.add_argument("--quick", action="store_true", help="1M requests, 3 rounds (about 2 minutes)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round: checks the harness works")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "latest.csv"))
-    p.add_argument("--only", metavar="TEXT", help="only the workloads whose name contains TEXT (e.g. fio, zipf)")
+    p.add_argument("--only", metavar="TEXT", help="only the workloads whose name contains TEXT (e.g. fio, zipf); "
+                   "'parse': trace parsing alone")
     args = p.parse_args()
     if args.smoke:
         counts, rounds, od_limit = [20_000], 1, 20_000
@@ -368,13 +406,16 @@ def main() -> int:
                 row.update(ordereddict_1_size_req_s=n / od_t, qsim20_vs_ordereddict20=20 * od_t / q20)
             results.append(row)
             print(_format_row(row), flush=True)
-    ours, plain = parse_speed(20_000 if args.smoke else 2_000_000, rounds)
-    extra = {"iolog_lines_s": ours, "iolog_vs_python_split": ours / plain}
+    extra = parse_speed(20_000 if args.smoke else 2_000_000, rounds)
     extra.update(binary_format_speed(20_000 if args.smoke else 2_000_000 if args.quick else 10_000_000, rounds))
-    if not args.smoke:
+    if not args.smoke and args.only != "parse":  # --only parse: the parsing figures alone
         extra["bytes_per_request_10M"] = peak_bytes_per_request(10_000_000 if not args.quick else 1_000_000)
         extra["qemu_io_req_s"] = qemu_rate(rounds)
-    print(f"trace parsing: {ours / 1e6:.2f}M iolog lines/s ({ours / plain:.1f}x a plain Python split loop)")
+    print(f"trace parsing: {extra['iolog_lines_s'] / 1e6:.2f}M iolog lines/s "
+          f"({extra['iolog_vs_python_split']:.1f}x a plain Python split loop); gzip "
+          f"{extra['iolog_gz_lines_s'] / 1e6:.2f}M/s ({extra['iolog_gz_vs_python_split']:.1f}x); CSV "
+          f"{extra['csv_lines_s'] / 1e6:.2f}M lines/s ({extra['csv_vs_pandas_read_csv']:.1f}x pandas.read_csv, "
+          f"{extra['csv_vs_python_csv']:.1f}x Python's csv module)")
     print(f"binary traces ({extra['binary_records'] / 1e6:g}M requests): vscsi {extra['vscsi_records_s'] / 1e6:.1f}M "
           f"records/s ({extra['vscsi_vs_python_struct']:.0f}x a Python struct loop), blktrace "
           f"{extra['blktrace_records_s'] / 1e6:.1f}M records/s ({extra['blktrace_vs_python_struct']:.0f}x); "

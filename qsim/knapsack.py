@@ -19,7 +19,6 @@ One run to a budget also gives the optimum at every smaller budget (``best``), w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 

@@ -10,7 +10,6 @@ import gzip
 import json
 import os
 import shutil
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -42,8 +42,12 @@ def compression(path: str) -> str | None:
 
 def open_stream(path: str) -> IO[bytes]:
     """The file's bytes, decompressed when it is gzip or zstd. Plain and gzip files open as every trace file does
-    (``textfile.open_binary``: regular files only, damage named in one line); zstd through ``ZstdReader``."""
-    if compression(path) != "zstd":
+    (regular files only; gzip through ``textfile.open_binary``, damage named in one line); zstd through
+    ``ZstdReader``."""
+    kind = compression(path)  # (checks the path is a regular, readable file)
+    if kind is None:
+        return open(path, "rb")  # seekable: capture reads a log from where it was when the capture began
+    if kind == "gzip":
         return open_binary(path)
     try:
         import zstandard

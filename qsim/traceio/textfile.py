@@ -211,13 +211,21 @@ class Scratch:
 
 def line_text(block: np.ndarray, index: int) -> str:
     """Line ``index`` (0-based) of a block, decoded for a message (without its line ending)."""
-    data = block.tobytes()
+    data = memoryview(block)
     start = 0
     for _ in range(index):
-        start = data.index(b"\n", start) + 1
-    stop = data.find(b"\n", start)
-    text = data[start:] if stop < 0 else data[start:stop]
+        start = _find_newline(block, start) + 1
+    stop = _find_newline(block, start)
+    text = bytes(data[start:] if stop < 0 else data[start:stop])
     return text.decode("utf-8", errors="replace").removesuffix("\r")
+
+
+@njit(cache=True, nogil=True)
+def _find_newline(data: np.ndarray, start: int) -> int:
+    for i in range(start, data.size):
+        if data[i] == 10:
+            return i
+    return -1
 
 
 _SPACES = re.compile(r"[ \t]+")

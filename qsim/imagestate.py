@@ -30,7 +30,8 @@ class ImageState:
     - ``host_used`` uint8 [host clusters]: refcount > 0; ``refblock_covered`` uint8 [refcount blocks]
     - ``alloc_state`` int64: hostalloc state (free index, refcount block size, ...)
 
-    ``has_backing_file``: a backing file sits below, so copy-on-write copies its data instead of zero-filling.
+    ``has_backing_file``: a backing file sits below, so copy-on-write copies its data instead of zero-filling;
+    ``backing_size``: its size in bytes (0: as large as this image), beyond which QEMU reads zeroes.
     """
 
     geometry: ImageGeometry
@@ -45,6 +46,7 @@ class ImageState:
     alloc_state: np.ndarray
     has_backing_file: bool = False
     description: str = ""
+    backing_size: int = 0
 
     @property
     def clusters_allocated(self) -> int:
@@ -84,6 +86,7 @@ class ImageState:
             alloc_state=self.alloc_state.copy(),
             has_backing_file=self.has_backing_file,
             description=self.description,
+            backing_size=self.backing_size,
         )
 
 

@@ -83,13 +83,19 @@ def commands(trace: Trace) -> str:
 
 
 def run_qemu_io(image: str, trace: Trace, l2_cache_size: int | None, l2_cache_entry_size: int | None,
-                cache_mode: str, workdir: str, progress: Callable[[int], None] | None = None) -> QemuCounts:
-    """Replay ``trace`` on ``image`` through qemu-io with cache tracing and count the events."""
-    opts = ["driver=qcow2", "file.driver=file", f"file.filename={image}", "cache-clean-interval=0"]
-    if l2_cache_size is not None:
-        opts.append(f"l2-cache-size={l2_cache_size}")
-    if l2_cache_entry_size is not None:
-        opts.append(f"l2-cache-entry-size={l2_cache_entry_size}")
+                cache_mode: str, workdir: str, progress: Callable[[int], None] | None = None,
+                backing_caches: tuple = (), extra_options: list[str] | None = None) -> QemuCounts:
+    """Replay ``trace`` on ``image`` through qemu-io with cache tracing and count the events. ``backing_caches``:
+    CacheSettings of the layers below, nearest first, passed as backing.l2-cache-size, backing.backing.... ."""
+    opts = ["driver=qcow2", "file.driver=file", f"file.filename={image}", "cache-clean-interval=0",
+            *(extra_options or [])]
+    for depth, settings in enumerate(((l2_cache_size, l2_cache_entry_size),) +
+                                     tuple((b.l2_cache_size, b.l2_cache_entry_size) for b in backing_caches)):
+        prefix = "backing." * depth
+        if settings[0] is not None:
+            opts.append(f"{prefix}l2-cache-size={settings[0]}")
+        if settings[1] is not None:
+            opts.append(f"{prefix}l2-cache-entry-size={settings[1]}")
     log = os.path.join(workdir, "trace.log")
     cmd = [find_tool("qemu-io"), "--image-opts", "-t", cache_mode, "-T", "qcow2_cache_*", "-T", "blk_co_preadv",
            "-T", f"file={log}", ",".join(opts)]
@@ -155,35 +161,35 @@ def parse_cache_trace(log: str) -> dict[str, int]:
 
 def replay_in_qemu(trace: Trace, virtual_size: int, options: ImageOptions, l2_cache_size: int | None = None,
                    l2_cache_entry_size: int | None = None, cache_mode: str = "writeback",
-                   image: str | None = None, progress=None) -> QemuCounts:
+                   image: str | None = None, progress=None, backing_caches: tuple = ()) -> QemuCounts:
     """Build the image (or copy ``image``: the original is never touched) in a scratch directory, replay, clean up."""
     workdir = tempfile.mkdtemp(prefix="qsim-validate-")
     try:
         path = os.path.join(workdir, "image.qcow2")
+        extra: list[str] = []
         if image is not None:
             shutil.copyfile(image, path)
-            _copy_relative_backing(image, workdir)
+            extra = backing_options(image)
         else:
             create_image(path, virtual_size, options, workdir)
-        return run_qemu_io(path, trace, l2_cache_size, l2_cache_entry_size, cache_mode, workdir, progress)
+        return run_qemu_io(path, trace, l2_cache_size, l2_cache_entry_size, cache_mode, workdir, progress,
+                           backing_caches, extra)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _copy_relative_backing(image: str, workdir: str) -> None:
-    """A backing file named relative to the image must sit beside the scratch copy too (QEMU opens backing files
-    read-only, so one named by an absolute path is used where it is)."""
+def backing_options(image: str) -> list[str]:
+    """--image-opts naming the backing file of ``image`` by the path QEMU resolves it to, so that a scratch copy of
+    the image opens the original chain (QEMU opens backing files read-only; the layers below resolve their own
+    names from where they are)."""
+    from .image import backing_chain
     from .qcow2 import open_image
 
-    name = open_image(image).header.backing_file
-    if name and not os.path.isabs(name):
-        source = os.path.join(os.path.dirname(os.path.abspath(image)), name)
-        target = os.path.normpath(os.path.join(workdir, name))
-        if not target.startswith(os.path.abspath(workdir) + os.sep):
-            raise QsimError(f"{image}: backing file {name} lies outside the image's folder; use an absolute name")
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(source, target)
-        _copy_relative_backing(source, os.path.dirname(target))
+    chain = backing_chain(open_image(image))
+    if not chain:
+        return []
+    return [f"backing.driver={chain[0].format}", "backing.file.driver=file",
+            f"backing.file.filename={os.path.abspath(chain[0].path)}"]
 
 
 def describe(options: ImageOptions, virtual_size: int) -> str:

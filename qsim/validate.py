@@ -51,8 +51,6 @@ def validate(trace: Trace, scenario: Scenario, progress=None) -> Validation:
                          "refcount-cache-size yet")
     spec = scenario.image
     if spec.is_real:
-        # QEMU's trace counts the backing image's cache too; so does qsim then
-        spec = replace(spec, backing_chain=True)
         virtual_size = open_image(spec.path).header.size
     else:
         virtual_size = default_virtual_size(trace) if spec.virtual_size is None else spec.virtual_size
@@ -62,10 +60,13 @@ def validate(trace: Trace, scenario: Scenario, progress=None) -> Validation:
     result = replay(trace, scenario)
     ours = result.rows[0]
     theirs = replay_in_qemu(trace, virtual_size, spec.options, settings.l2_cache_size, settings.l2_cache_entry_size,
-                            scenario.cache_mode, image=spec.path, progress=progress).to_dict()
-    qsim_counts = {k: ours[k] + ours.get("backing_" + k, 0) for k in COMPARED}
+                            scenario.cache_mode, image=spec.path, progress=progress,
+                            backing_caches=scenario.backing_caches).to_dict()
+    # QEMU's trace counts every layer's cache (its lines do not say which cache), so qsim's layers are summed
+    qsim_counts = {k: ours[k] + sum(ours.get(f"backing{d if d > 1 else ''}_{k}", 0)
+                                    for d in range(1, ours.get("backing_depth", 0) + 1)) for k in COMPARED}
     qsim_counts.update(l2_cache_entries=ours["l2_cache_entries"], l2_cache_entry_size=ours["l2_cache_entry_size"])
-    # With a backing image, QEMU's trace mixes both caches' slot numbers, so evictions cannot be told apart there.
+    # With a backing image, QEMU's trace mixes the caches' slot numbers, so evictions cannot be told apart there.
     with_backing = "backing_l2_lookups" in ours
     compared = tuple(k for k in COMPARED if not (with_backing and k == "l2_evictions"))
     return Validation(qsim_counts, theirs, qemu_version(), compared, len(trace), virtual_size)

@@ -9,12 +9,13 @@ from numba import njit
 
 from ..bitops import leading_zeros32, trailing_zeros32
 from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GET_DIRTY, GET_EMPTY, NORMAL,
-                     UNALLOC_ALLOC, UNALLOC_PLAIN, ZERO_ALLOC)
+                     UNALLOC_ALLOC, ZERO_ALLOC, ZERO_PLAIN)
 from ..hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
-from .lookup import bitmaps, subcluster_type, range_type, host_extent, read, queue_backing
+from .lookup import (bitmaps, subcluster_type, range_type, host_extent, read, queue_backing, unallocated,
+                     zero_below)
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES,
-                      C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES, G_BACKING_MODELLED, G_BACKING_SIZE,
-                      G_CLUSTER_BITS, G_EXTENDED, G_HAS_BACKING_FILE, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS,
+                      C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES, G_BACKING_MODELLED,
+                      G_CLUSTER_BITS, G_EXTENDED, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS,
                       G_SPC, G_TABLE_BITS, M_ALLOC, M_END_N, M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP,
                       M_START_N, M_START_OFF, S_EVENTS, S_SLOTS, INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush,
                       slice_key)
@@ -218,26 +219,20 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
 
 
 @njit(cache=True)
-def _is_unallocated(r, pos, nbytes):
-    """is_unallocated via bdrv_is_allocated_above: one lookup in this image; where this image has nothing, the
-    backing image answers (a block-status query in its own cache when it is modelled; taken to hold data when a
-    backing file exists but is not modelled)."""
+def _is_zero(r, pos, nbytes):
+    """bdrv_co_is_zero_fast (is_zero_cow): one lookup in this image; zero clusters here are zeroes; where this image
+    has nothing, the chain below answers (its first qcow2 layer is asked a block-status query in its own cache, and
+    passes on what it lacks)."""
     if nbytes == 0:
         return True
-    g = r.g
     n, t = host_extent(r, r, True, pos, pos + nbytes)
-    if not (t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1):
-        return False
-    if not g[G_HAS_BACKING_FILE]:
+    if t == ZERO_PLAIN or t == ZERO_ALLOC:
         return n >= nbytes
-    if not g[G_BACKING_MODELLED]:
+    if not unallocated(t):
         return False
-    queue_backing(r, pos, n, BACKING_STATUS)
-    if pos >= g[G_BACKING_SIZE]:
-        return n >= nbytes
-    bn, bt = host_extent(r, r.bim, False, pos, pos + min(n, g[G_BACKING_SIZE] - pos))
-    unallocated = bt == UNALLOC_PLAIN or bt == UNALLOC_ALLOC or bt == -1
-    return unallocated and min(n, bn) >= nbytes
+    if r.g[G_BACKING_MODELLED]:
+        queue_backing(r, pos, n, BACKING_STATUS)
+    return zero_below(r, pos, n) >= nbytes
 
 
 @njit(cache=True)
@@ -253,9 +248,9 @@ def _handle_alloc_space(r, first, last):
             continue
         base = m[M_GUEST_CLUSTER] * cs
         before = st[S_EVENTS]
-        zero = _is_unallocated(r, base + m[M_START_OFF], m[M_START_N])
+        zero = _is_zero(r, base + m[M_START_OFF], m[M_START_N])
         if zero:
-            zero = _is_unallocated(r, base + m[M_END_OFF], m[M_END_N])
+            zero = _is_zero(r, base + m[M_END_OFF], m[M_END_N])
         cnt[C_ZERO_CHECKS] += st[S_EVENTS] - before
         if zero:
             m[M_SKIP] = 1

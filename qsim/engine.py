@@ -259,9 +259,10 @@ class KernelRun:
     def counters(self) -> dict[str, int]:
         counters = {name: int(self.cnt[k]) for k, name in enumerate(ev.COUNTER_NAMES)}
         alloc = self.image.alloc_state
-        counters["unmodelled_refcount_growth"] = int(alloc[hostalloc.UNMODELLED])
         counters["refcount_blocks_allocated"] = int(alloc[hostalloc.REFBLOCKS_MADE] -
                                                     self.original.alloc_state[hostalloc.REFBLOCKS_MADE])
+        counters["refcount_table_moves"] = int(alloc[hostalloc.REFTABLE_GROWN] -
+                                               self.original.alloc_state[hostalloc.REFTABLE_GROWN])
         return counters
 
 

@@ -95,6 +95,7 @@ def image_from_qcow2(img) -> ImageState:
     bitmap = img.l2_bitmaps[keep].copy() if g.extended_l2 else np.zeros((1, 1), dtype=np.uint64)
     alloc = hostalloc.new_alloc_state(g.cluster_size, g.refcount_bits)
     alloc[hostalloc.REFTABLE_ENTRIES] = img.header.refcount_table_clusters * g.cluster_size // 8
+    alloc[hostalloc.REFTABLE_CLUSTER] = img.header.refcount_table_offset // g.cluster_size
     used = (img.refcounts > 0).astype(np.uint8)
     alloc[hostalloc.HIGH_WATER] = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
     return ImageState(

@@ -71,8 +71,10 @@ class ImageState:
                 out[: min(len(a), len(out))] = a[: min(len(a), len(out))]
             return out
 
-        host_clusters = int(self.alloc_state[hostalloc.HIGH_WATER]) + extra_host_clusters + 1024
         refblock_bits = int(self.alloc_state[hostalloc.REFBLOCK_BITS])
+        # a growing refcount table lands at the next refcount-block boundary past the end: room for two blocks' range
+        host_clusters = int(self.alloc_state[hostalloc.HIGH_WATER]) + extra_host_clusters + 1024 + \
+            (2 << refblock_bits)
         return ImageState(
             geometry=self.geometry,
             n_tables=self.n_tables,

@@ -273,10 +273,21 @@ def _row(source: str, image: ImageState, run: KernelRun, config: CacheConfig, co
         "l2_tables_allocated": counters["l2_tables_allocated"],
         "clusters_allocated": counters["clusters_allocated"],
         "image_file_bytes": run.image.file_bytes,
+        "refcount_table_moves": counters["refcount_table_moves"],
         "full_l2_cache_bytes": g.full_l2_cache_bytes,
         "metadata_overhead_bytes": measure(g).required,
-        "exact": not counters["unmodelled_refcount_growth"],
+        "exact": not inexact_reasons(counters),
+        "inexact_reason": "; ".join(inexact_reasons(counters)),
     }
+
+
+def inexact_reasons(counters: dict[str, int]) -> list[str]:
+    """Why a row's counters may differ from a QEMU run (empty: they are QEMU's, exactly)."""
+    reasons = []
+    if counters["racing_split_writes"]:
+        reasons.append(f"{counters['racing_split_writes']} writes split into parts that QEMU runs as parallel tasks "
+                       "while a later part flushes the L2 cache: QEMU's own write-backs vary from run to run")
+    return reasons
 
 
 __all__ = ["replay", "load_image", "default_virtual_size", "ReplayResult", "QsimError"]

@@ -21,10 +21,10 @@ STATE_SIZE = 4
 # counters (int64) indices
 (C_REQUESTS, C_READS, C_WRITES, C_FLUSHES, C_DISCARDS, C_READ_BYTES, C_WRITE_BYTES, C_COW_READ_BYTES,
  C_COW_WRITE_BYTES, C_ZERO_FILL_BYTES, C_TABLES_ALLOCATED, C_CLUSTERS_ALLOCATED, C_ZERO_CHECKS,
- C_COW_READ_LOOKUPS) = range(14)
+ C_COW_READ_LOOKUPS, C_RACING_SPLIT_WRITES) = range(15)
 COUNTER_NAMES = ("requests", "reads", "writes", "flushes", "discards_ignored", "guest_read_bytes",
                  "guest_write_bytes", "cow_read_bytes", "cow_write_bytes", "zero_fill_bytes", "l2_tables_allocated",
-                 "clusters_allocated", "zero_check_lookups", "cow_read_lookups")
+                 "clusters_allocated", "zero_check_lookups", "cow_read_lookups", "racing_split_writes")
 COUNTERS_SIZE = len(COUNTER_NAMES)
 
 # A meta (QCowL2Meta) row

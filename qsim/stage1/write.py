@@ -14,11 +14,10 @@ from ..hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_
 from .lookup import (bitmaps, subcluster_type, range_type, host_extent, read, queue_backing, unallocated,
                      zero_below)
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES,
-                      C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES, G_BACKING_MODELLED,
-                      G_CLUSTER_BITS, G_EXTENDED, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS,
-                      G_SPC, G_TABLE_BITS, M_ALLOC, M_END_N, M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP,
-                      M_START_N, M_START_OFF, S_EVENTS, S_SLOTS, INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush,
-                      slice_key)
+                      C_RACING_SPLIT_WRITES, C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES, G_BACKING_MODELLED,
+                      G_CLUSTER_BITS, G_EXTENDED, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS,
+                      M_ALLOC, M_END_N, M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP, M_START_N, M_START_OFF,
+                      S_EVENTS, S_FLUSHES, S_SLOTS, INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush, slice_key)
 
 
 @njit(cache=True)
@@ -307,7 +306,12 @@ def _link_l2(r, j, prealloc):
 @njit(cache=True)
 def write(r, offset, length, prealloc):
     """qcow2_co_pwritev_part: each part's lookups and zero-checks in order; the parts' L2 links come after all
-    parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part."""
+    parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part.
+
+    Where QEMU itself is not deterministic: a write split into parts runs them as parallel tasks
+    (aio_task_pool), so when a later part's allocation flushes the L2 cache (a new L2 table or refcount block), an
+    earlier part's link may dirty its slice before or after that flush, as I/O timing decides: write-backs vary
+    from run to run (counted in C_RACING_SPLIT_WRITES)."""
     cb = r.g[G_CLUSTER_BITS]
     nmeta = 0
     pos = offset
@@ -316,7 +320,10 @@ def write(r, offset, length, prealloc):
     parts = 0
     part_first = r.part_first
     part_last = r.part_last
+    flushes_after_first_part = 0
     while remaining > 0:
+        if parts == 1:
+            flushes_after_first_part = r.state[S_FLUSHES]
         first = nmeta
         done, nmeta = _alloc_host_offset(r, nmeta, pos, min(remaining, max_part))
         pos += done
@@ -330,6 +337,8 @@ def write(r, offset, length, prealloc):
         part_first[parts] = first
         part_last[parts] = nmeta
         parts += 1
+    if parts > 1 and r.state[S_FLUSHES] > flushes_after_first_part:
+        r.cnt[C_RACING_SPLIT_WRITES] += 1
     for p in range(parts):
         for j in range(part_last[p] - 1, part_first[p] - 1, -1):
             _link_l2(r, j, False)

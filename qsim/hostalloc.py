@@ -12,8 +12,9 @@ refcount blocks and a larger table at the next refcount-block boundary past the 
 and the old table's clusters freed (the next allocations fill that hole first).
 
 State (int64 array ``alloc``): FREE_INDEX, REFBLOCK_BITS (log2 refcounts per block), REFBLOCKS_MADE,
-REFTABLE_ENTRIES, UNMODELLED (unused: the table's growth and the recursion are modelled), HIGH_WATER (one past the last used host cluster), REFTABLE_CLUSTER (where the refcount table
-is), REFTABLE_GROWN (how many times it moved).
+REFTABLE_ENTRIES, UNMODELLED (unused now: the table's growth and the recursion are modelled), HIGH_WATER (one past
+the last used host cluster), REFTABLE_CLUSTER (where the refcount table is), REFTABLE_GROWN (how many times it
+moved), CLUSTER_BITS.
 """
 
 from __future__ import annotations

@@ -24,16 +24,20 @@ def tool(prefix: str, name: str) -> str:
     return os.path.join(prefix, name)
 
 
-def fill(prefix: str, path: str, size: int, count: int, seed: int, lengths=(4 * K, 64 * K, 8 * K), pattern=1):
+def fill(prefix: str, path: str, size: int, count: int, seed: int, lengths=(4 * K, 64 * K, 8 * K), pattern=1,
+         zeroes=0.0):
+    """Random writes into the image; a share ``zeroes`` of them write zeroes (zero clusters or subclusters)."""
     rng = np.random.default_rng(seed)
     offsets = rng.integers(0, (size - 64 * K) // 4096, count) * 4096
-    cmds = "".join(f"write -q -P {pattern} {o} {rng.choice(lengths)}\n" for o in offsets)
+    cmds = "".join(f"write -q {'-z' if rng.random() < zeroes else f'-P {pattern}'} {o} {rng.choice(lengths)}\n"
+                   for o in offsets)
     subprocess.run([tool(prefix, "qemu-io"), path], input=cmds, text=True, check=True, capture_output=True)
 
 
 def create(prefix: str, path: str, size: int | None = None, backing: str | None = None, fmt: str = "qcow2",
-           cluster: str = "64k"):
-    cmd = [tool(prefix, "qemu-img"), "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}"]
+           cluster: str = "64k", extended_l2: bool = False):
+    cmd = [tool(prefix, "qemu-img"), "create", "-q", "-f", "qcow2", "-o",
+           f"cluster_size={cluster},extended_l2={'on' if extended_l2 else 'off'}"]
     if backing is not None:
         cmd += ["-b", backing, "-F", fmt]
     subprocess.run(cmd + [path] + ([str(size)] if size is not None else []), check=True)

@@ -47,12 +47,12 @@ class KernelResult:
 
 
 def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
-                    backing_image: ImageState | None = None, fast_paths: bool = True, discard: str = "ignore",
+                    below: tuple[tuple[ImageState, int], ...] = (), fast_paths: bool = True, discard: str = "ignore",
                     discard_no_unref: bool = False) -> np.ndarray:
-    """The kernel's geometry and options vector (events.G_*). ``backing_image``: the backing file's state, when
-    its own cache is modelled; ``fast_paths``: the kernel's shortcuts for one-lookup reads and overwrites (the
-    tests compare both ways; results are the same); ``discard``: QEMU's discard option (ignore or unmap) and
-    ``discard_no_unref`` its qcow2 option."""
+    """The kernel's geometry and options vector (events.G_*). ``below``: the qcow2 layers of the backing chain
+    whose own caches are modelled, nearest first, each with its cache's slice (entry) size; ``fast_paths``: the
+    kernel's shortcuts for one-lookup reads and overwrites (the tests compare both ways; results are the same);
+    ``discard``: QEMU's discard option (ignore or unmap) and ``discard_no_unref`` its qcow2 option."""
     g = state.geometry
     if entry_size % g.l2_entry_bytes or entry_size > g.cluster_size:
         raise QsimError(f"l2-cache-entry-size={entry_size} does not fit cluster_size={g.cluster_size}")
@@ -68,8 +68,14 @@ def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
     vec[ev.G_L1_SIZE] = g.l1_entries
     vec[ev.G_HAS_BACKING_FILE] = int(state.has_backing_file)
     vec[ev.G_WRITETHROUGH] = int(writethrough)
-    vec[ev.G_BACKING_MODELLED] = int(backing_image is not None)
-    vec[ev.G_BACKING_SIZE] = backing_image.geometry.virtual_size if backing_image is not None else 0
+    # the layer right below is a modelled qcow2 image only while this one's backing file is that image; otherwise
+    # a backing file has data everywhere up to its size (a raw file; a synthetic backing file as large as the image)
+    modelled = bool(below) and state.has_backing_file
+    vec[ev.G_BACKING_MODELLED] = int(modelled)
+    if modelled:
+        vec[ev.G_BACKING_SIZE] = below[0][0].geometry.virtual_size
+    elif state.has_backing_file:
+        vec[ev.G_BACKING_SIZE] = state.backing_size or g.virtual_size
     vec[ev.G_FAST_PATHS] = int(fast_paths)
     vec[ev.G_VIRTUAL_SIZE] = g.virtual_size // 512 * 512  # bs->total_sectors * BDRV_SECTOR_SIZE
     vec[ev.G_DISCARD_UNMAP] = int(discard == "unmap")
@@ -158,29 +164,41 @@ def _reads_within_slices(op, offset, length, slice_bits):
     return True
 
 
+_EMPTY_VIEW_ARRAYS = dict(g=np.zeros(ev.GEOMETRY_SIZE, np.int64), tslot=np.zeros(0, np.int32),
+                          thost=np.zeros(0, np.int64), ehost=np.zeros((1, 1), np.int64),
+                          eflags=np.zeros((1, 1), np.uint8), ebits=np.zeros((1, 1), np.uint64))
+
+
+def _view_list(views: list):
+    """The layers below as the kernel takes them: a typed list of L2Views (a plain list without the JIT)."""
+    from numba import config, typed, typeof
+
+    if config.DISABLE_JIT:
+        return list(views)
+    if not views:
+        empty = typed.List.empty_list(typeof(ev.new_l2_view(**_EMPTY_VIEW_ARRAYS)))
+        return empty
+    return typed.List(views)
+
+
 class KernelRun:
     """Stage 1 over a trace fed in chunks: the image state and allocator carry across chunks, so chunking never
     changes the result. The given image is never modified: the first chunk with writes works on a copy, grown as
     later chunks need room."""
 
     def __init__(self, state: ImageState, entry_size: int, writethrough: bool = False, record: bool = True,
-                 backing_image: ImageState | None = None, fast_paths: bool = True, discard: str = "ignore",
+                 below: tuple[tuple[ImageState, int], ...] = (), fast_paths: bool = True, discard: str = "ignore",
                  discard_no_unref: bool = False):
         self.original = state
         self.work: ImageState | None = None
-        self.backing_image = backing_image
+        self.below = below
         self.unmap = discard == "unmap"
-        self.g = geometry_vector(state, entry_size, writethrough, backing_image, fast_paths, discard,
-                                 discard_no_unref)
+        self.g = geometry_vector(state, entry_size, writethrough, below, fast_paths, discard, discard_no_unref)
         # The kernel's structs hold borrowed views (no reference counts), so every array they see is kept here.
-        if backing_image is not None:  # the backing image's allocation answers block-status queries
-            self.backing_arrays = _l2_arrays(backing_image, geometry_vector(backing_image,
-                                                                            backing_image.geometry.cluster_size, False))
-        else:
-            self.backing_arrays = dict(g=np.zeros(ev.GEOMETRY_SIZE, np.int64), tslot=np.zeros(0, np.int32),
-                                       thost=np.zeros(0, np.int64), ehost=np.zeros((1, 1), np.int64),
-                                       eflags=np.zeros((1, 1), np.uint8), ebits=np.zeros((1, 1), np.uint64))
-        self.backing_view = ev.new_l2_view(**self.backing_arrays)
+        # Each layer below answers zero-checks with its own slice size (extents end at its slice ends).
+        self.below_arrays = [_l2_arrays(layer, geometry_vector(layer, size, False, below[k + 1:]))
+                             for k, (layer, size) in enumerate(below)]
+        self.below_views = _view_list([ev.new_l2_view(**arrays) for arrays in self.below_arrays])
         self.entry_size = entry_size
         self.record = record
         self.st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
@@ -226,7 +244,7 @@ class KernelRun:
         length = trace.length  # uint32: the kernel widens each value, no int64 copy of the whole column
         while i < n:
             if self.buffers is None or len(self.buffers[0][0]) != self.capacity:  # reused: no fresh pages per chunk
-                queue_size = self.capacity if self.backing_image is not None else 0
+                queue_size = self.capacity if self.g[ev.G_BACKING_MODELLED] else 0
                 self.buffers = ((np.empty(self.capacity, np.int64), np.empty(self.capacity, np.uint8),
                                  np.empty(self.capacity, np.int64)),
                                 (np.empty(queue_size, np.int64), np.empty(queue_size, np.int64),
@@ -235,7 +253,7 @@ class KernelRun:
             self.st[ev.S_EVENTS] = 0
             self.st[ev.S_FLUSHES] = 0
             self.st[ev.S_BACKING] = 0
-            run = ev.new_run(**_l2_arrays(work, self.g), bim=self.backing_view, used=work.host_used,
+            run = ev.new_run(**_l2_arrays(work, self.g), below=self.below_views, used=work.host_used,
                              covered=work.refblock_covered, alloc=work.alloc_state, okey=out[0], okind=out[1],
                              oflush=out[2], state=self.st, bqoff=queue[0], bqlen=queue[1], bqkind=queue[2],
                              cnt=self.cnt)  # borrows: every array stays alive until the run ends
@@ -257,9 +275,10 @@ class KernelRun:
     def counters(self) -> dict[str, int]:
         counters = {name: int(self.cnt[k]) for k, name in enumerate(ev.COUNTER_NAMES)}
         alloc = self.image.alloc_state
-        counters["unmodelled_refcount_growth"] = int(alloc[hostalloc.UNMODELLED])
         counters["refcount_blocks_allocated"] = int(alloc[hostalloc.REFBLOCKS_MADE] -
                                                     self.original.alloc_state[hostalloc.REFBLOCKS_MADE])
+        counters["refcount_table_moves"] = int(alloc[hostalloc.REFTABLE_GROWN] -
+                                               self.original.alloc_state[hostalloc.REFTABLE_GROWN])
         return counters
 
 

@@ -7,9 +7,14 @@ at the first free cluster at that moment, then retrying the allocation), and rev
 retry. These functions follow alloc_clusters_noref, update_refcount, alloc_refcount_block, qcow2_alloc_clusters
 and qcow2_alloc_clusters_at step for step, on a byte-per-cluster "refcount > 0" map.
 
+When the refcount table itself is full, alloc_refcount_block grows it as QEMU does (qcow2_refcount_area): new
+refcount blocks and a larger table at the next refcount-block boundary past the image's end, covering themselves,
+and the old table's clusters freed (the next allocations fill that hole first).
+
 State (int64 array ``alloc``): FREE_INDEX, REFBLOCK_BITS (log2 refcounts per block), REFBLOCKS_MADE,
-REFTABLE_ENTRIES, UNMODELLED (set when the refcount table would have to grow: QEMU then relocates it, qsim does not),
-HIGH_WATER (one past the last used host cluster).
+REFTABLE_ENTRIES, UNMODELLED (unused now: the table's growth and the recursion are modelled), HIGH_WATER (one past
+the last used host cluster), REFTABLE_CLUSTER (where the refcount table is), REFTABLE_GROWN (how many times it
+moved), CLUSTER_BITS.
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-FREE_INDEX, REFBLOCK_BITS, REFBLOCKS_MADE, REFTABLE_ENTRIES, UNMODELLED, HIGH_WATER, OVERFLOW = range(7)
-ALLOC_STATE_SIZE = 8
+(FREE_INDEX, REFBLOCK_BITS, REFBLOCKS_MADE, REFTABLE_ENTRIES, UNMODELLED, HIGH_WATER, OVERFLOW, REFTABLE_CLUSTER,
+ REFTABLE_GROWN, CLUSTER_BITS) = range(10)
+ALLOC_STATE_SIZE = 10
+REFTABLE_ENTRY_BYTES = 8
 EAGAIN = -11
 
 
 def new_alloc_state(cluster_size: int, refcount_bits: int) -> np.ndarray:
     state = np.zeros(ALLOC_STATE_SIZE, dtype=np.int64)
     state[REFBLOCK_BITS] = int(np.log2(cluster_size * 8 // refcount_bits))
-    state[REFTABLE_ENTRIES] = cluster_size // 8  # a new image has a one-cluster refcount table
+    state[REFTABLE_ENTRIES] = cluster_size // REFTABLE_ENTRY_BYTES  # a new image: a one-cluster table at cluster 1
+    state[REFTABLE_CLUSTER] = 1
+    state[CLUSTER_BITS] = cluster_size.bit_length() - 1
     return state
 
 
@@ -61,19 +70,85 @@ def alloc_clusters_noref(used, alloc, n):
 
 @njit(cache=True)
 def _alloc_refcount_block(used, covered, alloc, cluster):
-    """A new refcount block for ``cluster``'s range, at the first free cluster; QEMU then answers -EAGAIN."""
-    block_index = cluster >> alloc[REFBLOCK_BITS]
-    if block_index >= alloc[REFTABLE_ENTRIES]:
-        alloc[UNMODELLED] = 1  # QEMU would grow and move the refcount table here
-    new_block = alloc_clusters_noref(used, alloc, 1)
+    """A new refcount block for ``cluster``'s range, at the first free cluster; when the refcount table has no entry
+    for it, the table grows (qcow2_refcount_area). QEMU then answers -EAGAIN.
+
+    When that first free cluster lies in another range no block covers yet, QEMU's update_refcount of it recurses:
+    the block for *that* range is made (at the next free cluster, by the same rules), and this call gives up with
+    -EAGAIN, leaving the cluster free and ``cluster``'s range uncovered until the caller's retry."""
+    bits = alloc[REFBLOCK_BITS]
+    while True:
+        new_block = alloc_clusters_noref(used, alloc, 1)
+        new_block_index = new_block >> bits
+        if new_block_index == cluster >> bits or new_block_index >= covered.shape[0] or covered[new_block_index]:
+            break
+        cluster = new_block
+    block_index = cluster >> bits
+    if block_index >= covered.shape[0]:
+        alloc[OVERFLOW] = 1
+        return EAGAIN
     covered[block_index] = 1
-    new_block_index = new_block >> alloc[REFBLOCK_BITS]
-    if new_block_index != block_index and covered[new_block_index] == 0:
-        covered[new_block_index] = 1  # QEMU recurses here (a block describing another block); rare, not modelled
-        alloc[UNMODELLED] = 1
     _set_used(used, alloc, new_block, 1)
     alloc[REFBLOCKS_MADE] += 1
+    if block_index >= alloc[REFTABLE_ENTRIES]:
+        per_block = np.int64(1) << bits
+        blocks_used = (max(cluster, new_block) + per_block) // per_block
+        _refcount_area(used, covered, alloc, blocks_used * per_block)
     return EAGAIN
+
+
+@njit(cache=True)
+def refcount_metadata_blocks(clusters, cluster_bits, refblock_bits, generous):
+    """qcow2_refcount_metadata_size's fixed point: refcount blocks covering ``clusters`` and themselves and their
+    table (``generous``: room for half the table again)."""
+    per_table_cluster = (np.int64(1) << cluster_bits) // REFTABLE_ENTRY_BYTES
+    per_block = np.int64(1) << refblock_bits
+    table = 0
+    blocks = 0
+    n = 0
+    while True:
+        last = n
+        blocks = (clusters + table + blocks + per_block - 1) // per_block
+        table = (blocks + per_table_cluster - 1) // per_table_cluster
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += (table + 1) // 2
+            n = 0
+            generous = False
+        if n == last:
+            return blocks
+
+
+@njit(cache=True)
+def _refcount_area(used, covered, alloc, start):
+    """qcow2_refcount_area(start, 0 additional clusters, not exact): refcount blocks for every range from ``start``'s
+    up to what the new structures need, then the new table right after them, all with refcount 1; the old table is
+    freed."""
+    cluster_bits = alloc[CLUSTER_BITS]
+    total = refcount_metadata_blocks(start, cluster_bits, alloc[REFBLOCK_BITS], True)
+    per_table_cluster = (np.int64(1) << cluster_bits) // REFTABLE_ENTRY_BYTES
+    table_size = total + (total + 1) // 2
+    table_size = (table_size + per_table_cluster - 1) // per_table_cluster * per_table_cluster
+    table_clusters = table_size // per_table_cluster
+    area_index = start >> alloc[REFBLOCK_BITS]
+    if total > covered.shape[0]:
+        alloc[OVERFLOW] = 1
+        return
+    new_blocks = 0
+    for i in range(area_index, total):
+        if covered[i] == 0:
+            covered[i] = 1
+            new_blocks += 1
+    end = start + new_blocks + table_clusters
+    for c in range(start, end):
+        _set_used(used, alloc, c, 1)
+    old, old_clusters = alloc[REFTABLE_CLUSTER], alloc[REFTABLE_ENTRIES] // per_table_cluster
+    alloc[REFTABLE_CLUSTER] = start + new_blocks
+    alloc[REFTABLE_ENTRIES] = table_size
+    alloc[REFTABLE_GROWN] += 1
+    for c in range(old, old + old_clusters):  # qcow2_free_clusters of the old table (its refcount block exists)
+        _set_used(used, alloc, c, 0)
+    alloc[FREE_INDEX] = min(alloc[FREE_INDEX], old)
 
 
 @njit(cache=True)

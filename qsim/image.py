@@ -9,6 +9,7 @@ offsets come out where QEMU puts them.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,8 +40,6 @@ def build_image(geometry: ImageGeometry, options: ImageOptions = ImageOptions())
 
 
 def _describe(state: ImageState, text: str) -> ImageState:
-    from dataclasses import replace
-
     return replace(state, description=text)
 
 
@@ -96,6 +95,7 @@ def image_from_qcow2(img) -> ImageState:
     bitmap = img.l2_bitmaps[keep].copy() if g.extended_l2 else np.zeros((1, 1), dtype=np.uint64)
     alloc = hostalloc.new_alloc_state(g.cluster_size, g.refcount_bits)
     alloc[hostalloc.REFTABLE_ENTRIES] = img.header.refcount_table_clusters * g.cluster_size // 8
+    alloc[hostalloc.REFTABLE_CLUSTER] = img.header.refcount_table_offset // g.cluster_size
     used = (img.refcounts > 0).astype(np.uint8)
     alloc[hostalloc.HIGH_WATER] = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
     return ImageState(
@@ -114,19 +114,63 @@ def image_from_qcow2(img) -> ImageState:
     )
 
 
-def backing_state(img) -> ImageState | None:
-    """The state of a real image's backing file, when it is a readable qcow2 image (None when there is none).
+MAX_CHAIN_DEPTH = 64
+QCOW2_MAGIC = b"QFI\xfb"
 
-    QsimError when the backing file is named but cannot be modelled (unreadable, or not qcow2)."""
+
+@dataclass(frozen=True)
+class ChainLayer:
+    """One backing file below an image, as QEMU opens it: its path (the name resolved against the folder of the
+    image that names it), its format (``qcow2`` or ``raw``) and size; ``state`` for a qcow2 layer."""
+
+    path: str
+    format: str
+    virtual_size: int
+    state: ImageState | None = None
+
+
+def backing_path(image_path: str, name: str) -> str:
+    """Where QEMU looks for a backing file (bdrv_get_full_backing_filename / path_combine): an absolute name as it
+    is, a relative one beside the image that names it -- the folder of the path the image was opened by, symlinks
+    not resolved."""
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(image_path), name)
+
+
+def backing_chain(img) -> tuple[ChainLayer, ...]:
+    """Every backing file below a real image read by ``qsim.qcow2.open_image``, nearest first, down to an image
+    without one or a raw file (raw has no backing file). QsimError where QEMU would fail to open the chain (a
+    missing or unreadable file, a loop) or where qsim cannot model a layer (another format, a protocol name)."""
     from .qcow2 import open_image
 
-    name = img.header.backing_file
-    if not name:
-        return None
-    path = name if os.path.isabs(name) else os.path.join(os.path.dirname(img.path), name)
-    if img.header.backing_format not in (None, "qcow2"):
-        raise QsimError(f"{img.path}: backing file {name} is {img.header.backing_format}, not qcow2: its cache is "
-                        "not modelled (replay without --backing-chain)")
-    if not os.access(path, os.R_OK):
-        raise QsimError(f"{img.path}: backing file {path} is not readable")
-    return image_from_qcow2(open_image(path))
+    layers: list[ChainLayer] = []
+    seen = {os.path.realpath(img.path)}
+    current = img
+    while current is not None and current.header.backing_file:
+        name = current.header.backing_file
+        if "://" in name or name.startswith("json:"):
+            raise QsimError(f"{current.path}: backing file {name} is not a local file; qsim models local chains")
+        path = backing_path(current.path, name)
+        if not os.access(path, os.R_OK):
+            raise QsimError(f"{current.path}: backing file {path} is not readable (QEMU could not open it)")
+        if os.path.realpath(path) in seen or len(layers) >= MAX_CHAIN_DEPTH:
+            raise QsimError(f"{current.path}: backing file {path} makes a loop in the backing chain")
+        seen.add(os.path.realpath(path))
+        fmt = current.header.backing_format or _probe_format(path)
+        if fmt == "qcow2":
+            current = open_image(path)
+            layers.append(ChainLayer(path, fmt, current.header.size, image_from_qcow2(current)))
+        elif fmt == "raw":
+            # bdrv_getlength: whole 512-byte sectors (refresh_total_sectors rounds the file's length up)
+            layers.append(ChainLayer(path, fmt, -(-os.path.getsize(path) // 512) * 512))
+            current = None
+        else:
+            raise QsimError(f"{current.path}: backing file {name} is {fmt}; qsim models qcow2 and raw backing files")
+    for k, layer in enumerate(layers[:-1]):  # each qcow2 layer reads zeroes past the end of the one below it
+        layers[k] = replace(layer, state=replace(layer.state, backing_size=layers[k + 1].virtual_size))
+    return tuple(layers)
+
+
+def _probe_format(path: str) -> str:
+    """QEMU probes a backing file named without a format: qcow2 by its magic, raw otherwise."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"

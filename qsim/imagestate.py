@@ -30,7 +30,8 @@ class ImageState:
     - ``host_used`` uint8 [host clusters]: refcount > 0; ``refblock_covered`` uint8 [refcount blocks]
     - ``alloc_state`` int64: hostalloc state (free index, refcount block size, ...)
 
-    ``has_backing_file``: a backing file sits below, so copy-on-write copies its data instead of zero-filling.
+    ``has_backing_file``: a backing file sits below, so copy-on-write copies its data instead of zero-filling;
+    ``backing_size``: its size in bytes (0: as large as this image), beyond which QEMU reads zeroes.
     """
 
     geometry: ImageGeometry
@@ -45,6 +46,7 @@ class ImageState:
     alloc_state: np.ndarray
     has_backing_file: bool = False
     description: str = ""
+    backing_size: int = 0
 
     @property
     def clusters_allocated(self) -> int:
@@ -69,8 +71,10 @@ class ImageState:
                 out[: min(len(a), len(out))] = a[: min(len(a), len(out))]
             return out
 
-        host_clusters = int(self.alloc_state[hostalloc.HIGH_WATER]) + extra_host_clusters + 1024
         refblock_bits = int(self.alloc_state[hostalloc.REFBLOCK_BITS])
+        # a growing refcount table lands at the next refcount-block boundary past the end: room for two blocks' range
+        host_clusters = int(self.alloc_state[hostalloc.HIGH_WATER]) + extra_host_clusters + 1024 + \
+            (2 << refblock_bits)
         return ImageState(
             geometry=self.geometry,
             n_tables=self.n_tables,
@@ -84,6 +88,7 @@ class ImageState:
             alloc_state=self.alloc_state.copy(),
             has_backing_file=self.has_backing_file,
             description=self.description,
+            backing_size=self.backing_size,
         )
 
 

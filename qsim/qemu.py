@@ -102,30 +102,34 @@ def commands(trace: Trace) -> str:
 
 
 def image_opts(image: str, l2_cache_size: int | None, l2_cache_entry_size: int | None, discard: str = "ignore",
-               discard_no_unref: bool = False, extra_opts: tuple[str, ...] = ()) -> str:
+               discard_no_unref: bool = False, extra_opts: tuple[str, ...] = (), backing_caches: tuple = ()) -> str:
     """qemu-io's --image-opts for the image: the discard mode always spelled out (qemu-io's own default is unmap,
-    a VM's is ignore), cache cleaning off (the tools never clean anyway), the cache options given, and
-    ``extra_opts`` (the scratch copy's data file)."""
+    a VM's is ignore), cache cleaning off (the tools never clean anyway), the cache options given for the image
+    and, as backing.l2-cache-size, backing.backing.l2-cache-size, ..., for the layers below (``backing_caches``:
+    CacheSettings, nearest first), and ``extra_opts`` (the scratch copy's data file and backing file)."""
     opts = ["driver=qcow2", "file.driver=file", f"file.filename={image}", "cache-clean-interval=0",
             f"discard={discard}", *extra_opts]
     if discard_no_unref:
         opts.append("discard-no-unref=on")
-    if l2_cache_size is not None:
-        opts.append(f"l2-cache-size={l2_cache_size}")
-    if l2_cache_entry_size is not None:
-        opts.append(f"l2-cache-entry-size={l2_cache_entry_size}")
+    for depth, (size, entry) in enumerate(((l2_cache_size, l2_cache_entry_size),) +
+                                          tuple((b.l2_cache_size, b.l2_cache_entry_size) for b in backing_caches)):
+        prefix = "backing." * depth
+        if size is not None:
+            opts.append(f"{prefix}l2-cache-size={size}")
+        if entry is not None:
+            opts.append(f"{prefix}l2-cache-entry-size={entry}")
     return ",".join(opts)
 
 
 def run_qemu_io(image: str, trace: Trace, l2_cache_size: int | None, l2_cache_entry_size: int | None,
                 cache_mode: str, workdir: str, progress: Callable[[int], None] | None = None,
                 discard: str = "ignore", discard_no_unref: bool = False, qemu_io: str | None = None,
-                extra_opts: tuple[str, ...] = ()) -> QemuCounts:
+                extra_opts: tuple[str, ...] = (), backing_caches: tuple = ()) -> QemuCounts:
     """Replay ``trace`` on ``image`` through qemu-io with cache tracing and count the events."""
     log = os.path.join(workdir, "trace.log")
     cmd = [find_tool("qemu-io", qemu_io), "--image-opts", "-t", cache_mode, "-T", "qcow2_cache_*",
            "-T", "blk_co_preadv", "-T", f"file={log}",
-           image_opts(image, l2_cache_size, l2_cache_entry_size, discard, discard_no_unref, extra_opts)]
+           image_opts(image, l2_cache_size, l2_cache_entry_size, discard, discard_no_unref, extra_opts, backing_caches)]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     try:
@@ -210,7 +214,7 @@ def _sigterm_stops_cleanly():
 def replay_in_qemu(trace: Trace, virtual_size: int, options: ImageOptions, l2_cache_size: int | None = None,
                    l2_cache_entry_size: int | None = None, cache_mode: str = "writeback",
                    image: str | None = None, progress=None, discard: str = "ignore", discard_no_unref: bool = False,
-                   qemu_io: str | None = None) -> QemuCounts:
+                   qemu_io: str | None = None, backing_caches: tuple = ()) -> QemuCounts:
     """Build the image (or copy ``image``) in a scratch directory, replay, clean up (also on Ctrl-C and SIGTERM).
     ``qemu_io``: which qemu-io (qemu-img from the same folder); default $QSIM_QEMU_IO, else PATH's.
 
@@ -227,7 +231,7 @@ def replay_in_qemu(trace: Trace, virtual_size: int, options: ImageOptions, l2_ca
             else:
                 create_image(path, virtual_size, options, workdir, qemu_io)
             return run_qemu_io(path, trace, l2_cache_size, l2_cache_entry_size, cache_mode, workdir, progress,
-                               discard, discard_no_unref, qemu_io, extra)
+                               discard, discard_no_unref, qemu_io, extra, backing_caches)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

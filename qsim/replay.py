@@ -9,7 +9,7 @@ trace comes in one ``Scenario`` (``qsim.scenario``); the library takes typed val
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from .cachecfg import CacheConfig, CacheSettings, resolve_cache
 from .engine import KernelRun, events_nest
 from .errors import QsimError, UsageError
 from .geometry import ImageGeometry, measure
-from .image import backing_state as read_backing_state, build_image, image_from_qcow2
+from .image import ChainLayer, backing_chain as read_backing_chain, build_image, image_from_qcow2
 from .imagestate import ImageState
 from .lru import CacheCounts, CacheModel
 from .scenario import DEFAULT_CACHE_CLEAN_INTERVAL, ImageSpec, Scenario
@@ -56,23 +56,34 @@ class ReplayResult:
 
 @dataclass(frozen=True, eq=False)
 class LoadedImage:
-    """The states a scenario's image spec names: the image, its backing image when that one's cache is modelled,
-    and what the user should be told about them."""
+    """The states a scenario's image spec names: the image, the qcow2 layers of its backing chain (nearest first,
+    down to the first raw file, which has data everywhere and no cache), the whole chain as QEMU opens it, and what
+    the user should be told."""
 
     state: ImageState
-    backing: ImageState | None = None
+    below: tuple[ImageState, ...] = ()
+    chain: tuple[ChainLayer, ...] = ()
     notes: tuple[str, ...] = ()
 
 
 def load_image(spec: ImageSpec, trace: Trace | None = None) -> LoadedImage:
-    """Build (synthetic) or read (real, read-only) the image of ``spec``. A synthetic image without a size takes
-    the whole ``trace``'s end rounded up to a GiB."""
+    """Build (synthetic) or read (real, read-only) the image of ``spec``, a real one with its whole backing chain.
+    A synthetic image without a size takes the whole ``trace``'s end rounded up to a GiB."""
     if spec.is_real:
         from .qcow2 import open_image
 
         img = open_image(spec.path)
         notes = tuple(f"{spec.path}: {w}" for w in img.warnings)
-        return LoadedImage(image_from_qcow2(img), read_backing_state(img) if spec.backing_chain else None, notes)
+        chain = read_backing_chain(img)
+        below = []
+        for layer in chain:
+            if layer.state is None:
+                break
+            below.append(layer.state)
+        state = image_from_qcow2(img)
+        if chain:
+            state = replace(state, backing_size=chain[0].virtual_size)
+        return LoadedImage(state, tuple(below), chain, notes)
     size = spec.virtual_size
     if size is None:
         if trace is None:
@@ -83,46 +94,72 @@ def load_image(spec: ImageSpec, trace: Trace | None = None) -> LoadedImage:
                                                  options.refcount_bits), options))
 
 
-@dataclass(eq=False)
-class _Backing:
-    """The backing image's own L2 cache, opened with QEMU's defaults as a backing node is, fed what the image
-    above lacks."""
+def backing_configs(below: tuple[ImageState, ...], scenario: Scenario) -> list[CacheConfig]:
+    """Each qcow2 layer's own L2 cache below the image: QEMU gives a backing node its defaults (bdrv_backing_options
+    passes no cache option down), unless ``backing.l2-cache-size`` and the like set them (``backing_caches``)."""
+    settings = scenario.backing_caches + (CacheSettings(),) * max(len(below) - len(scenario.backing_caches), 0)
+    return [resolve_cache(state.geometry, settings[k], scenario.qemu_version) for k, state in enumerate(below)]
 
+
+@dataclass(eq=False)
+class _Layer:
+    """A qcow2 layer of the backing chain: its own L2 cache, fed what the layer above asks of it (reads of what
+    the layer above lacks, block-status queries), and passing on what it lacks itself to the layer below."""
+
+    config: CacheConfig
     run: KernelRun
     model: CacheModel
+    below: _Layer | None
 
     @classmethod
-    def open(cls, state: ImageState, scenario: Scenario, fast_paths: bool) -> _Backing:
-        config = resolve_cache(state.geometry, CacheSettings(), scenario.qemu_version)
-        run = KernelRun(state, config.l2_cache_entry_size, fast_paths=fast_paths)
-        return cls(run, CacheModel(run.n_keys, [config.l2_cache_entries]))
+    def open(cls, below: tuple[ImageState, ...], configs: list[CacheConfig], fast_paths: bool) -> _Layer | None:
+        if not below:
+            return None
+        sizes = tuple(zip(below, (c.l2_cache_entry_size for c in configs)))
+        run = KernelRun(below[0], configs[0].l2_cache_entry_size, below=sizes[1:], fast_paths=fast_paths)
+        return cls(configs[0], run, CacheModel(run.n_keys, [configs[0].l2_cache_entries]),
+                   cls.open(below[1:], configs[1:], fast_paths))
 
-    def feed(self, events) -> None:
-        for chunk in self.run.feed(events.backing_trace()):
+    def feed(self, asked) -> None:
+        for chunk in self.run.feed(asked.backing_trace()):
             self.model.feed(chunk.key, chunk.kind, chunk.flush_at)
+            if self.below is not None and len(chunk.backing_offset):
+                self.below.feed(chunk)
+
+    def columns(self, depth: int = 1) -> dict:
+        """``backing_l2_*`` for the layer right below the image, ``backing2_l2_*`` for the next, and so on."""
+        counts = self.model.finish()[0]
+        prefix = "backing_" if depth == 1 else f"backing{depth}_"
+        out = {prefix + "l2_cache_entries": self.config.l2_cache_entries,
+               prefix + "l2_cache_entry_size": self.config.l2_cache_entry_size,
+               prefix + "l2_lookups": counts.lookups, prefix + "l2_misses": counts.misses,
+               prefix + "l2_disk_reads": counts.disk_reads, prefix + "l2_evictions": counts.evictions}
+        return out | (self.below.columns(depth + 1) if self.below is not None else {})
 
 
 @dataclass(eq=False)
 class _SliceGroup:
-    """The cache configurations that share one slice (entry) size: one stage-1 run, one stage-2 model."""
+    """The cache configurations that share one slice (entry) size: one stage-1 run, one stage-2 model, and the
+    chain below with its own caches."""
 
     entry_size: int
     chosen: list[int]  # indices into the scenario's caches
     run: KernelRun
     model: CacheModel
-    backing: _Backing | None
+    backing: _Layer | None
 
 
-def _slice_groups(state: ImageState, backing: ImageState | None, configs: list[CacheConfig], scenario: Scenario,
+def _slice_groups(state: ImageState, below: tuple[ImageState, ...], configs: list[CacheConfig], scenario: Scenario,
                   fast_paths: bool) -> list[_SliceGroup]:
     groups = []
+    layer_configs = backing_configs(below, scenario)
+    sizes = tuple(zip(below, (c.l2_cache_entry_size for c in layer_configs)))
     for entry_size in sorted({c.l2_cache_entry_size for c in configs}):
         chosen = [k for k, c in enumerate(configs) if c.l2_cache_entry_size == entry_size]
-        run = KernelRun(state, entry_size, scenario.cache_mode == "writethrough", backing_image=backing,
+        run = KernelRun(state, entry_size, scenario.cache_mode == "writethrough", below=sizes,
                         fast_paths=fast_paths, discard=scenario.discard, discard_no_unref=scenario.discard_no_unref)
         model = CacheModel(run.n_keys, [configs[k].l2_cache_entries for k in chosen])
-        below = _Backing.open(backing, scenario, fast_paths) if backing is not None else None
-        groups.append(_SliceGroup(entry_size, chosen, run, model, below))
+        groups.append(_SliceGroup(entry_size, chosen, run, model, _Layer.open(below, layer_configs, fast_paths)))
     return groups
 
 
@@ -163,8 +200,10 @@ def _clean(groups: list[_SliceGroup], ticks: int, backing_ticks: int) -> None:
     for group in groups:
         if ticks:
             group.model.clean(ticks)
-        if backing_ticks and group.backing is not None:
-            group.backing.model.clean(backing_ticks)
+        layer = group.backing
+        while backing_ticks and layer is not None:  # every qcow2 node of the chain has its own timer
+            layer.model.clean(backing_ticks)
+            layer = layer.below
 
 
 def _feed_chunk(groups: list[_SliceGroup], chunk: Trace, progress, share_stage_1: bool) -> None:
@@ -195,7 +234,7 @@ def replay(
     scenario: Scenario = Scenario(),
     *,
     state: ImageState | None = None,
-    backing_state: ImageState | None = None,
+    below: tuple[ImageState, ...] = (),
     progress=None,
     share_stage_1: bool = True,
     fast_paths: bool = True,
@@ -207,20 +246,20 @@ def replay(
     memory stays bounded by the chunk size, the image state and the caches (one small array per L2 slice); chunks
     need the scenario's image to have a size.
 
-    ``state`` (with ``backing_state``, the backing image whose own cache is modelled) replaces the scenario's image
-    by a state built in Python (tests, notebooks); it cannot travel to a fleet. ``progress`` is called with request
-    counts. ``share_stage_1`` and ``fast_paths`` switch off two of the engine's shortcuts; results never depend on
-    them (the tests compare both ways).
+    ``state`` (with ``below``, the qcow2 layers of its backing chain whose own caches are modelled, nearest first)
+    replaces the scenario's image by a state built in Python (tests, notebooks); it cannot travel to a fleet.
+    ``progress`` is called with request counts. ``share_stage_1`` and ``fast_paths`` switch off two of the
+    engine's shortcuts; results never depend on them (the tests compare both ways).
     """
     whole = trace if isinstance(trace, Trace) else None
     chunks: Iterable[Trace] = [trace] if whole is not None else trace
     if state is None:
         loaded = load_image(scenario.image, whole)
     else:
-        loaded = LoadedImage(state, backing_state)
+        loaded = LoadedImage(state, tuple(below))
     image = loaded.state
     configs = [resolve_cache(image.geometry, settings, scenario.qemu_version) for settings in scenario.caches]
-    groups = _slice_groups(image, loaded.backing, configs, scenario, fast_paths)
+    groups = _slice_groups(image, loaded.below, configs, scenario, fast_paths)
     source = "<memory>"
     timer = _CleanTimer(scenario.cache_clean_interval)
     for chunk in chunks:
@@ -237,18 +276,13 @@ def replay(
     interval = None if timer.untimed else scenario.cache_clean_interval
     rows: list[dict | None] = [None] * len(configs)
     for group in groups:
-        backing_counts = group.backing.model.finish()[0] if group.backing is not None else None
+        chain_columns = group.backing.columns() if group.backing is not None else {}
         for k, counts in zip(group.chosen, group.model.finish()):
             rows[k] = _row(source, image, group.run, configs[k], counts, scenario, scenario.caches[k])
             rows[k].update(cache_clean_interval=interval, cache_clean_ticks=timer.fired, l2_cleaned=counts.cleaned)
-            if backing_counts is not None:
-                rows[k].update(_backing_columns(backing_counts))
+            rows[k]["backing_depth"] = max(len(loaded.chain), len(loaded.below), int(image.has_backing_file))
+            rows[k].update(chain_columns)
     return ReplayResult([r for r in rows if r is not None], groups[-1].run.image, notes)
-
-
-def _backing_columns(counts: CacheCounts) -> dict:
-    return {"backing_l2_lookups": counts.lookups, "backing_l2_misses": counts.misses,
-            "backing_l2_disk_reads": counts.disk_reads, "backing_l2_evictions": counts.evictions}
 
 
 def asked_spelling(size: int | None) -> str:
@@ -261,6 +295,7 @@ def _row(source: str, image: ImageState, run: KernelRun, config: CacheConfig, co
     g = image.geometry
     counters = run.counters
     entry = config.l2_cache_entry_size
+    reasons = inexact_reasons(run, config)
     return {
         "trace": source,
         "virtual_size": g.virtual_size,
@@ -307,10 +342,25 @@ def _row(source: str, image: ImageState, run: KernelRun, config: CacheConfig, co
         "discards_to_host": counters["discards_to_host"],
         "discarded_bytes": counters["discarded_bytes"],
         "image_file_bytes": run.image.file_bytes,
+        "refcount_table_moves": counters["refcount_table_moves"],
         "full_l2_cache_bytes": g.full_l2_cache_bytes,
         "metadata_overhead_bytes": measure(g).required,
-        "exact": not counters["unmodelled_refcount_growth"] and not _refcount_cache_may_flush_l2(run, config),
+        "exact": not reasons,
+        "inexact_reason": "; ".join(reasons),
     }
+
+
+def inexact_reasons(run: KernelRun, config: CacheConfig) -> list[str]:
+    """Why a row's counters may differ from a QEMU run (empty: they are QEMU's, exactly)."""
+    counters = run.counters
+    reasons = []
+    if counters["racing_split_writes"]:
+        reasons.append(f"{counters['racing_split_writes']} writes split into parts that QEMU runs as parallel tasks "
+                       "while a later part flushes the L2 cache: QEMU's own write-backs vary from run to run")
+    if _refcount_cache_may_flush_l2(run, config):
+        reasons.append("QEMU's refcount cache (not modelled) may have written the L2 cache back after a refcount "
+                       "drop, when one of its dirty blocks was evicted")
+    return reasons
 
 
 def _refcount_cache_may_flush_l2(run: KernelRun, config: CacheConfig) -> bool:

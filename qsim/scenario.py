@@ -49,20 +49,17 @@ class ImageSpec:
 
     Synthetic (the default): built from ``options`` (``-o``) on a disk of ``virtual_size`` bytes, or, when that is
     None, the trace's largest end offset rounded up to a whole GiB. Real: the qcow2 file at ``path`` (read-only),
-    which decides size, geometry, allocation state and host layout; ``backing_chain`` also models its backing
-    image's own L2 cache.
+    which decides size, geometry, allocation state and host layout, with its whole backing chain as QEMU opens it
+    (each qcow2 layer's own L2 cache is modelled; a raw file has data everywhere).
     """
 
     options: ImageOptions = ImageOptions()
     virtual_size: int | None = None
     path: str | None = None
-    backing_chain: bool = False
 
     def __post_init__(self) -> None:
         if self.path is not None and (self.options != ImageOptions() or self.virtual_size is not None):
             raise UsageError("--image decides the size, geometry and allocation state; drop -o and --size")
-        if self.backing_chain and self.path is None:
-            raise UsageError("--backing-chain goes with --image")
         if self.virtual_size is not None and self.virtual_size < 0:
             raise UsageError(f"--size {self.virtual_size}: a disk size is not negative")
 
@@ -88,6 +85,9 @@ class Scenario:
       but stay allocated, refcounts unchanged.
     - ``cache_clean_interval``: QEMU's ``cache-clean-interval`` in whole seconds (600, QEMU's default on Linux;
       0 = off), applied from the trace's own timestamps (a trace without them is replayed without cleaning).
+    - ``backing_caches``: the cache options of the qcow2 layers below a real image, nearest first, as QEMU takes
+      them (``backing.l2-cache-size``, ``backing.backing.l2-cache-size``, ...); a layer without one gets what QEMU
+      gives a backing node: its own defaults, never the top's options.
     """
 
     image: ImageSpec = ImageSpec()
@@ -98,8 +98,13 @@ class Scenario:
     discard: str = "ignore"
     discard_no_unref: bool = False
     cache_clean_interval: int = DEFAULT_CACHE_CLEAN_INTERVAL
+    backing_caches: tuple[CacheSettings, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.backing_caches, tuple):
+            raise UsageError("backing_caches is a tuple of CacheSettings, one per layer below the image")
+        if self.backing_caches and not self.image.is_real:
+            raise UsageError("--backing-l2-cache-size goes with --image (a real image with a backing chain)")
         if not isinstance(self.caches, tuple) or not self.caches:
             raise UsageError("a scenario needs at least one cache configuration (a tuple of CacheSettings)")
         if self.cache_mode not in CACHE_MODES:

@@ -57,8 +57,6 @@ def validate(trace: Trace, scenario: Scenario, progress=None, qemu_io: str | Non
         raise UsageError("validate with cache-size or refcount-cache-size builds its own image; drop --image")
     spec = scenario.image
     if spec.is_real:
-        # QEMU's trace counts the backing image's cache too; so does qsim then
-        spec = replace(spec, backing_chain=True)
         virtual_size = open_image(spec.path).header.size
     else:
         virtual_size = default_virtual_size(trace) if spec.virtual_size is None else spec.virtual_size
@@ -87,12 +85,14 @@ def validate(trace: Trace, scenario: Scenario, progress=None, qemu_io: str | Non
         theirs = replay_in_qemu(trace, virtual_size, spec.options, settings.l2_cache_size,
                                 settings.l2_cache_entry_size, scenario.cache_mode, image=spec.path, progress=progress,
                                 discard=scenario.discard, discard_no_unref=scenario.discard_no_unref,
-                                qemu_io=qemu_io).to_dict()
+                                qemu_io=qemu_io, backing_caches=scenario.backing_caches).to_dict()
         version = qemu_version(qemu_io)
     shown = COMPARED + tuple(k for k in WHEN_MODELLED if k in ours)
-    qsim_counts = {k: ours[k] + ours.get("backing_" + k, 0) for k in shown}
+    # QEMU's trace counts every layer's cache (its lines do not say which cache), so qsim's layers are summed
+    qsim_counts = {k: ours[k] + sum(ours.get(f"backing{d if d > 1 else ''}_{k}", 0)
+                                    for d in range(1, ours.get("backing_depth", 0) + 1)) for k in shown}
     qsim_counts.update(l2_cache_entries=ours["l2_cache_entries"], l2_cache_entry_size=ours["l2_cache_entry_size"])
-    # With a backing image, QEMU's trace mixes both caches' slot numbers, so evictions cannot be told apart there.
+    # With a backing image, QEMU's trace mixes the caches' slot numbers, so evictions cannot be told apart there.
     with_backing = "backing_l2_lookups" in ours
     compared = tuple(k for k in shown if not (with_backing and k == "l2_evictions"))
     return Validation(qsim_counts, theirs, version, compared, len(trace), virtual_size)

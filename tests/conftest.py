@@ -41,7 +41,9 @@ def fio() -> str:
     return _need("fio")
 
 
-def _prefixes() -> list[str]:
+def qemu_prefixes() -> list[str]:
+    """The folders holding the QEMU binaries to compare with: QSIM_QEMU_PREFIXES (':'-separated, as CI sets it),
+    else qemu-io's folder on PATH (a placeholder naming the problem when there is none, so the tests say so)."""
     listed = [p for p in os.environ.get("QSIM_QEMU_PREFIXES", "").split(":") if p]
     if listed:
         return listed
@@ -63,14 +65,25 @@ def _prefix_id(prefix: str) -> str:
     return prefix
 
 
-@pytest.fixture(scope="session", params=_prefixes(), ids=_prefix_id)
-def qemu(request) -> str:
-    """The qemu-io of one QEMU build (its qemu-img beside it); validate(..., qemu_io=qemu) compares with it."""
-    qemu_io = os.path.join(request.param, "qemu-io")
-    for tool in (qemu_io, os.path.join(request.param, "qemu-img")):
+def _need_prefix(prefix: str) -> None:
+    for tool in (os.path.join(prefix, "qemu-io"), os.path.join(prefix, "qemu-img")):
         if not os.access(tool, os.X_OK):
             message = f"{tool} not found ({INSTALL_HINT}; QSIM_QEMU_PREFIXES lists folders of qemu-io and qemu-img)"
             if REQUIRE_QEMU:
                 pytest.fail(message + " but QSIM_REQUIRE_QEMU=1")
             pytest.skip(message)
-    return qemu_io
+
+
+@pytest.fixture(scope="session", params=qemu_prefixes(), ids=_prefix_id)
+def qemu(request) -> str:
+    """The qemu-io of one QEMU build (its qemu-img beside it); validate(..., qemu_io=qemu) compares with it."""
+    _need_prefix(request.param)
+    return os.path.join(request.param, "qemu-io")
+
+
+@pytest.fixture(params=qemu_prefixes(), ids=_prefix_id)
+def qemu_prefix(request, monkeypatch) -> str:
+    """One QEMU's folder, put first on PATH for the test (qsim.qemu finds qemu-img and qemu-io there)."""
+    _need_prefix(request.param)
+    monkeypatch.setenv("PATH", request.param + os.pathsep + os.environ.get("PATH", ""))
+    return request.param

@@ -23,9 +23,11 @@ SWEEP_IMAGE_KEYS = ("refcount_bits", "preallocation", "fill", "seed", "backing")
 MAX_CACHE_CONFIGS = 1000  # rows one replay reports: far more than a miss-ratio curve needs, small enough to print
 MIN_CACHE_SIZE_IN_RANGE = 512
 
-SCENARIO_DESTS = frozenset({"size", "image", "backing_chain", "image_options", "l2_cache_size",
-                            "l2_cache_entry_size", "cache_mode", "offset_policy", "qemu_version", "discard",
-                            "discard_no_unref", "cache_clean_interval", "cache_size", "refcount_cache_size"})
+SCENARIO_DESTS = frozenset({"size", "image", "image_options", "l2_cache_size", "l2_cache_entry_size", "cache_mode",
+                            "offset_policy", "qemu_version", "discard", "discard_no_unref", "cache_clean_interval",
+                            "cache_size", "refcount_cache_size", "backing_l2_cache_size",
+                            "backing_l2_cache_entry_size"})
+BACKING_CHAIN_NOTE = "--backing-chain is no longer needed: --image always opens the whole backing chain, as QEMU does"
 READING_DESTS = frozenset({"format", "file", "action", "device", "volume"})
 
 
@@ -72,15 +74,19 @@ def _parse_range(item: str, option: str) -> list[int]:
 def add_scenario_options(p: argparse.ArgumentParser, sweep: bool = False, one_cache: bool = False) -> None:
     """The options that make a scenario (``SCENARIO_DESTS``). ``sweep``: the geometry comes from --cluster-size and
     --extended-l2, not -o; ``one_cache`` (validate): --l2-cache-size takes one size, and there is no
-    --backing-chain (QEMU always opens the chain, so validate always models it)."""
+    --backing-chain (a no-op kept for old scripts: the chain is always opened, as QEMU opens it)."""
     p.add_argument("--size", type=size_arg("--size"),
                    help="virtual disk size (default: the trace's largest end offset rounded up to a whole GiB)")
     p.add_argument("--image", metavar="IMG", help="replay against this real qcow2 image's allocation state and host "
                    "layout (read-only; it decides size and geometry)")
     if not one_cache:
-        p.add_argument("--backing-chain", action="store_true",
-                       help="with --image: model the backing image's own L2 cache too (its default cache, as QEMU "
-                            "opens a backing node); adds backing_l2_* columns")
+        p.add_argument("--backing-chain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--backing-l2-cache-size", metavar="LIST", default=None,
+                   help="with --image: QEMU's backing.l2-cache-size, backing.backing.l2-cache-size, ... for the qcow2 "
+                        "layers below, nearest first (e.g. 1M,default); a layer not given gets a backing node's "
+                        "own defaults, as in QEMU")
+    p.add_argument("--backing-l2-cache-entry-size", metavar="LIST", default=None,
+                   help="with --image: backing.l2-cache-entry-size per layer below, nearest first")
     add_image_options(p, ", ".join(k for k in IMAGE_KEYS.split(", ") if k.split("=")[0] in SWEEP_IMAGE_KEYS)
                       if sweep else IMAGE_KEYS)
     if one_cache:
@@ -137,11 +143,15 @@ def scenario_from_args(args: argparse.Namespace, sweep: bool = False, virtual_si
     if args.image:
         if args.image_options or args.size:
             raise UsageError("--image decides the size, geometry and allocation state; drop -o and --size")
-        image = ImageSpec(path=args.image, backing_chain=getattr(args, "backing_chain", False))
+        image = ImageSpec(path=args.image)
     else:
         if getattr(args, "backing_chain", False):
             raise UsageError("--backing-chain goes with --image")
         image = ImageSpec(options, args.size if args.size is not None else virtual_size)
+    if getattr(args, "backing_chain", False):
+        import sys
+
+        print(f"note: {BACKING_CHAIN_NOTE}", file=sys.stderr)
     if isinstance(args.l2_cache_size, str) or args.l2_cache_size is None:
         sizes = parse_cache_sizes(args.l2_cache_size)
     else:
@@ -157,7 +167,28 @@ def scenario_from_args(args: argparse.Namespace, sweep: bool = False, virtual_si
                                  refcount_cache_size=args.refcount_cache_size) for c in combined for s in sizes)
     return Scenario(image=image, caches=caches, cache_mode=args.cache_mode, offset_policy=args.offset_policy,
                     qemu_version=args.qemu_version, discard=args.discard, discard_no_unref=args.discard_no_unref,
-                    cache_clean_interval=args.cache_clean_interval)
+                    cache_clean_interval=args.cache_clean_interval, backing_caches=backing_caches_from(args))
+
+
+def backing_caches_from(args: argparse.Namespace) -> tuple[CacheSettings, ...]:
+    """--backing-l2-cache-size / --backing-l2-cache-entry-size: one value per layer below ("default" or empty: not
+    given), nearest first -> one CacheSettings per layer, trailing defaults dropped."""
+    sizes = _per_layer(args.backing_l2_cache_size, "--backing-l2-cache-size")
+    entries = _per_layer(args.backing_l2_cache_entry_size, "--backing-l2-cache-entry-size")
+    depth = max(len(sizes), len(entries))
+    sizes += (None,) * (depth - len(sizes))
+    entries += (None,) * (depth - len(entries))
+    layers = [CacheSettings(l2_cache_size=s, l2_cache_entry_size=e) for s, e in zip(sizes, entries)]
+    while layers and layers[-1] == CacheSettings():
+        layers.pop()
+    return tuple(layers)
+
+
+def _per_layer(text: str | None, option: str) -> tuple[int | None, ...]:
+    if text is None:
+        return ()
+    return tuple(None if not item.strip() or item.strip().lower() == "default" else parse_size(item.strip(), option)
+                 for item in text.split(","))
 
 
 def reading_from_args(args: argparse.Namespace):

@@ -17,9 +17,10 @@ The kernel's arrays travel in two structs (numba structrefs) rather than as sepa
 borrow the caller's memory: numba counts references (atomically) on every array argument of every call and every
 field read, which cost about 2 us per write when 25 arrays went down five calls deep. ``Run`` holds the image's
 L2 mapping in ``L2View``'s own fields (so it is passed wherever a view is) and everything a run changes: the
-allocator's maps, the event and backing-request buffers, counters and scratch rows; the backing image is an
-``L2View`` of its own. Reads and overwrites that are one lookup take a fast
-path in ``driver.run_requests``; the tests hold it to the general code.
+allocator's maps, the event and backing-request buffers, counters and scratch rows; the qcow2 layers of the
+backing chain below are a list of ``L2View``s of their own, which the copy-on-write zero check walks down. Reads
+and overwrites that are one lookup take a fast path in ``driver.run_requests``; the tests hold it to the general
+code.
 
 Event keys are dense slice ids: ``table slot x slices per table + slice index`` (slots number L2 tables in the order
 they appear), equivalent to QEMU's key (the slice's host offset) because tables never move or get freed here.

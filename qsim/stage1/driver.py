@@ -10,7 +10,7 @@ from ..codes import F_COMPRESSED, F_COPIED, F_ZERO, GET
 from ..codes import (DISCARD as OP_DISCARD, FLUSH as OP_FLUSH, PREALLOC as OP_PREALLOC, READ as OP_READ,
                      STATUS as OP_STATUS, WRITE as OP_WRITE)
 from .discard import discard
-from .lookup import host_extent, read
+from .lookup import read, status
 from .structs import (C_DISCARD_BYTES, C_DISCARDS, C_FLUSHES, C_READS, C_READ_BYTES, C_REQUESTS, C_WRITES,
                       C_WRITE_BYTES, G_BACKING_MODELLED, G_CLUSTER_BITS, G_DISCARD_UNMAP, G_EXTENDED, G_FAST_PATHS,
                       G_L1_SIZE, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS, G_WRITETHROUGH,
@@ -163,8 +163,8 @@ def run_requests(r, op, offset, length, first, last):
                 guest_flush(r)
         elif o == OP_DISCARD:
             discard(r, pos, ln)  # no flush after it, even in writethrough (blk_co_do_pdiscard)
-        elif o == OP_STATUS:  # a block-status query from the image above: one extent's lookup
-            host_extent(r, r, True, pos, pos + ln)
+        elif o == OP_STATUS:  # a block-status query from the image above
+            status(r, pos, ln)
         elif o == OP_FLUSH:
             guest_flush(r)
         events = st[S_EVENTS]

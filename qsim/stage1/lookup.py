@@ -7,10 +7,10 @@ import numpy as np
 from numba import njit
 
 from ..bitops import trailing_zeros32
-from ..codes import (BACKING_READ, COMPRESSED, F_COMPRESSED, F_ZERO, GET, NORMAL, UNALLOC_ALLOC, UNALLOC_PLAIN,
-                     ZERO_ALLOC, ZERO_PLAIN)
-from .structs import (G_BACKING_MODELLED, G_BACKING_SIZE, G_CLUSTER_BITS, G_EXTENDED, G_SC_BITS, G_SLICE_BITS, G_SPC,
-                      G_L1_SIZE, G_TABLE_BITS, S_BACKING, emit, slice_key)
+from ..codes import (BACKING_READ, BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_ZERO, GET, NORMAL, UNALLOC_ALLOC,
+                     UNALLOC_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
+from .structs import (G_BACKING_MODELLED, G_BACKING_SIZE, G_CLUSTER_BITS, G_EXTENDED, G_HAS_BACKING_FILE, G_SC_BITS,
+                      G_SLICE_BITS, G_SPC, G_L1_SIZE, G_TABLE_BITS, S_BACKING, emit, slice_key)
 
 
 @njit(cache=True, inline="always")
@@ -120,7 +120,7 @@ def read(r, pos, length):
     end = pos + length
     while pos < end:
         n, t = host_extent(r, r, True, pos, end)
-        if modelled and (t == -1 or t == UNALLOC_PLAIN or t == UNALLOC_ALLOC):
+        if modelled and unallocated(t):
             queue_backing(r, pos, n, BACKING_READ)
         pos += n
 
@@ -137,3 +137,46 @@ def queue_backing(r, pos, n, kind):
     r.bqlen[k] = min(n, backing_size - pos)
     r.bqkind[k] = kind
     st[S_BACKING] = k + 1
+
+
+@njit(cache=True, inline="always")
+def unallocated(t):
+    """An extent's type that defers to the backing file (no L2 table, or an unallocated (sub)cluster)."""
+    return t == -1 or t == UNALLOC_PLAIN or t == UNALLOC_ALLOC
+
+
+@njit(cache=True)
+def status(r, pos, length):
+    """A block-status query from the image above (bdrv_co_block_status): one extent's lookup; where this image has
+    nothing, bdrv_co_common_block_status_above asks the next layer down for what this extent covers."""
+    n, t = host_extent(r, r, True, pos, pos + length)
+    if r.g[G_BACKING_MODELLED] and unallocated(t):
+        queue_backing(r, pos, n, BACKING_STATUS)
+
+
+@njit(cache=True)
+def zero_below(r, pos, n):
+    """How much of [pos, pos+n), unallocated in the run's image, reads as zeroes as bdrv_co_is_zero_fast sees it:
+    bdrv_co_common_block_status_above's walk down the chain (without want_zero; read-only, since each layer's
+    lookup is its own queued query). Each layer answers for what the layer above left, clamped to its size; the walk
+    stops at a layer with zero clusters there (zeroes), with data (0: not zero), at a layer without a backing
+    file (zeroes), past a layer's end (zeroes that count as allocated) or at a layer with data everywhere (0: a raw
+    file, or a synthetic backing file)."""
+    g = r.g
+    for k in range(len(r.below) + 1):
+        if not g[G_HAS_BACKING_FILE]:
+            return n
+        size = g[G_BACKING_SIZE]
+        if pos >= size:
+            return n
+        n = min(n, size - pos)
+        if not g[G_BACKING_MODELLED] or k == len(r.below):
+            return 0
+        im = r.below[k]
+        n, t = host_extent(r, im, False, pos, pos + n)
+        if t == ZERO_PLAIN or t == ZERO_ALLOC:
+            return n
+        if not unallocated(t):
+            return 0
+        g = im.g
+    return 0

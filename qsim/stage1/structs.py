@@ -25,12 +25,12 @@ STATE_SIZE = 5
 (C_REQUESTS, C_READS, C_WRITES, C_FLUSHES, C_DISCARDS, C_READ_BYTES, C_WRITE_BYTES, C_COW_READ_BYTES,
  C_COW_WRITE_BYTES, C_ZERO_FILL_BYTES, C_TABLES_ALLOCATED, C_CLUSTERS_ALLOCATED, C_ZERO_CHECKS,
  C_COW_READ_LOOKUPS, C_CLUSTERS_DISCARDED, C_CLUSTERS_FREED, C_HOST_DISCARDS, C_HOST_DISCARD_BYTES,
- C_DISCARD_BYTES, C_REFCOUNT_DROPS) = range(20)
+ C_DISCARD_BYTES, C_REFCOUNT_DROPS, C_RACING_SPLIT_WRITES) = range(21)
 COUNTER_NAMES = ("requests", "reads", "writes", "flushes", "discards", "guest_read_bytes",
                  "guest_write_bytes", "cow_read_bytes", "cow_write_bytes", "zero_fill_bytes", "l2_tables_allocated",
                  "clusters_allocated", "zero_check_lookups", "cow_read_lookups", "clusters_discarded",
                  "clusters_freed", "discards_to_host", "discarded_bytes", "guest_discard_bytes",
-                 "refcount_drops")
+                 "refcount_drops", "racing_split_writes")
 COUNTERS_SIZE = len(COUNTER_NAMES)
 
 # A meta (QCowL2Meta) row
@@ -65,13 +65,14 @@ class RunType(types.StructRef):
 
 class Run(structref.StructRefProxy):
     """A kernel run: the image's L2 mapping in L2View's own fields (so a Run serves wherever an L2View does, without
-    reading a nested struct), the backing image ``bim`` (L2View), the host allocator's maps (``used``,
+    reading a nested struct), the qcow2 layers of the backing chain below it, nearest first, ``below`` (a list of
+L2Views: what the zero-check asks of the chain), the host allocator's maps (``used``,
     ``covered``, ``alloc``: see qsim.hostalloc), event buffers (``okey``, ``okind``, ``oflush``), the backing-request
     queue (``bqoff``, ``bqlen``, ``bqkind``), run state ``state`` (S_*), counters ``cnt`` (C_*) and scratch rows for
     QCowL2Meta (``metas``) and write parts (``part_first``, ``part_last``)."""
 
 
-RUN_FIELDS = L2_VIEW_FIELDS + ["bim", "used", "covered", "alloc", "okey", "okind", "oflush", "state", "bqoff",
+RUN_FIELDS = L2_VIEW_FIELDS + ["below", "used", "covered", "alloc", "okey", "okind", "oflush", "state", "bqoff",
                                "bqlen", "bqkind", "cnt", "metas", "part_first", "part_last"]
 structref.define_proxy(Run, RunType, RUN_FIELDS)
 
@@ -80,10 +81,10 @@ if config.DISABLE_JIT:  # plain Python (the tests' reference run of this same co
     def new_l2_view(g, tslot, thost, ehost, eflags, ebits):
         return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits)
 
-    def new_run(g, tslot, thost, ehost, eflags, ebits, bim, used, covered, alloc, okey, okind, oflush, state, bqoff,
+    def new_run(g, tslot, thost, ehost, eflags, ebits, below, used, covered, alloc, okey, okind, oflush, state, bqoff,
                 bqlen, bqkind, cnt):
         metas, part_first, part_last = _scratch_rows()
-        return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits, bim=bim,
+        return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits, below=below,
                                used=used, covered=covered, alloc=alloc, okey=okey, okind=okind, oflush=oflush,
                                state=state, bqoff=bqoff, bqlen=bqlen, bqkind=bqkind, cnt=cnt, metas=metas,
                                part_first=part_first, part_last=part_last)
@@ -106,13 +107,13 @@ else:
                       _borrowed(ebits))
 
     @njit(cache=True)
-    def new_run(g, tslot, thost, ehost, eflags, ebits, bim, used, covered, alloc, okey, okind, oflush, state, bqoff,
+    def new_run(g, tslot, thost, ehost, eflags, ebits, below, used, covered, alloc, okey, okind, oflush, state, bqoff,
                 bqlen, bqkind, cnt):
-        """A Run over the image's arrays (L2View's fields) and the backing image's L2View ``bim``; run_requests
-        sizes its scratch rows."""
+        """A Run over the image's arrays (L2View's fields) and the chain's qcow2 layers ``below`` (a typed list of
+        L2Views); run_requests sizes its scratch rows."""
         metas, part_first, part_last = _scratch_rows()
         return Run(_borrowed(g), _borrowed(tslot), _borrowed(thost), _borrowed(ehost), _borrowed(eflags),
-                   _borrowed(ebits), bim, _borrowed(used), _borrowed(covered), _borrowed(alloc), _borrowed(okey),
+                   _borrowed(ebits), below, _borrowed(used), _borrowed(covered), _borrowed(alloc), _borrowed(okey),
                    _borrowed(okind), _borrowed(oflush), _borrowed(state), _borrowed(bqoff), _borrowed(bqlen),
                    _borrowed(bqkind), _borrowed(cnt), metas, part_first, part_last)
 

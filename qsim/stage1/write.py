@@ -9,15 +9,17 @@ from numba import njit
 
 from ..bitops import leading_zeros32, trailing_zeros32
 from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GET_DIRTY, GET_EMPTY, NORMAL,
-                     UNALLOC_ALLOC, UNALLOC_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
+                     UNALLOC_ALLOC, ZERO_ALLOC, ZERO_PLAIN)
 from ..hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
-from .lookup import bitmaps, subcluster_type, range_type, host_extent, read, queue_backing
+from .lookup import (bitmaps, subcluster_type, range_type, host_extent, read, queue_backing, unallocated,
+                     zero_below)
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES, C_REFCOUNT_DROPS,
-                      C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES, G_BACKING_MODELLED, G_BACKING_SIZE,
-                      G_CLUSTER_BITS, G_EXTENDED, G_HAS_BACKING_FILE, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS,
-                      G_SPC, G_TABLE_BITS, G_VIRTUAL_SIZE, M_ALLOC, M_END_N, M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD,
-                      M_NB, M_SKIP, M_START_N, M_START_OFF, S_EVENTS, S_REFCOUNT_DEPENDS_ON_L2, S_SLOTS, INT_MAX,
-                      REQUEST_MAX_BYTES, INV, emit, flush, slice_key)
+                      C_RACING_SPLIT_WRITES, C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES,
+                      G_BACKING_MODELLED, G_CLUSTER_BITS, G_EXTENDED, G_SC_BITS,
+                      G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS, G_VIRTUAL_SIZE, M_ALLOC, M_END_N,
+                      M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP, M_START_N, M_START_OFF, S_EVENTS,
+                      S_FLUSHES, S_REFCOUNT_DEPENDS_ON_L2, S_SLOTS, INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush,
+                      slice_key)
 
 
 @njit(cache=True)
@@ -255,7 +257,7 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
 
 
 @njit(cache=True)
-def _is_unallocated(r, pos, nbytes):
+def _is_zero(r, pos, nbytes):
     """is_zero_cow's bdrv_co_is_zero_fast. bdrv_co_block_status cuts the query at the end of the disk: a COW
     region past it (the tail of a partial last cluster) is answered BDRV_BLOCK_EOF without a lookup, and one that
     reaches past it is shorter than asked; either way it does not count as zeroes, so the COW is done."""
@@ -272,25 +274,17 @@ def _is_unallocated(r, pos, nbytes):
 
 @njit(cache=True)
 def _reads_as_zero(r, pos, nbytes):
-    """The block status of [pos, pos + nbytes): one lookup in this image; zero clusters read as zeroes; where this
-    image has nothing, the backing image answers (a block-status query in its own cache when it is modelled; taken
-    to hold data when a backing file exists but is not modelled)."""
-    g = r.g
+    """The block status of [pos, pos + nbytes): one lookup in this image; zero clusters here are zeroes; where this
+    image has nothing, the chain below answers (its first qcow2 layer is asked a block-status query in its own
+    cache, and passes on what it lacks)."""
     n, t = host_extent(r, r, True, pos, pos + nbytes)
     if t == ZERO_PLAIN or t == ZERO_ALLOC:  # reads as zeroes in this image (BDRV_BLOCK_ZERO), whatever lies below
         return n >= nbytes
-    if not (t == UNALLOC_PLAIN or t == UNALLOC_ALLOC or t == -1):
+    if not unallocated(t):
         return False
-    if not g[G_HAS_BACKING_FILE]:
-        return n >= nbytes
-    if not g[G_BACKING_MODELLED]:
-        return False
-    queue_backing(r, pos, n, BACKING_STATUS)
-    if pos >= g[G_BACKING_SIZE]:
-        return n >= nbytes
-    bn, bt = host_extent(r, r.bim, False, pos, pos + min(n, g[G_BACKING_SIZE] - pos))
-    unallocated = bt == UNALLOC_PLAIN or bt == UNALLOC_ALLOC or bt == -1 or bt == ZERO_PLAIN or bt == ZERO_ALLOC
-    return unallocated and min(n, bn) >= nbytes
+    if r.g[G_BACKING_MODELLED]:
+        queue_backing(r, pos, n, BACKING_STATUS)
+    return zero_below(r, pos, n) >= nbytes
 
 
 @njit(cache=True)
@@ -306,9 +300,9 @@ def _handle_alloc_space(r, first, last):
             continue
         base = m[M_GUEST_CLUSTER] * cs
         before = st[S_EVENTS]
-        zero = _is_unallocated(r, base + m[M_START_OFF], m[M_START_N])
+        zero = _is_zero(r, base + m[M_START_OFF], m[M_START_N])
         if zero:
-            zero = _is_unallocated(r, base + m[M_END_OFF], m[M_END_N])
+            zero = _is_zero(r, base + m[M_END_OFF], m[M_END_N])
         cnt[C_ZERO_CHECKS] += st[S_EVENTS] - before
         if zero:
             m[M_SKIP] = 1
@@ -366,7 +360,12 @@ def _link_l2(r, j, prealloc):
 @njit(cache=True)
 def write(r, offset, length, prealloc):
     """qcow2_co_pwritev_part: each part's lookups and zero-checks in order; the parts' L2 links come after all
-    parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part."""
+    parts' lookups, as QEMU's concurrent write tasks do. preallocate_co (prealloc) links after each part.
+
+    Where QEMU itself is not deterministic: a write split into parts runs them as parallel tasks
+    (aio_task_pool), so when a later part's allocation flushes the L2 cache (a new L2 table or refcount block), an
+    earlier part's link may dirty its slice before or after that flush, as I/O timing decides: write-backs vary
+    from run to run (counted in C_RACING_SPLIT_WRITES)."""
     cb = r.g[G_CLUSTER_BITS]
     nmeta = 0
     pos = offset
@@ -375,7 +374,10 @@ def write(r, offset, length, prealloc):
     parts = 0
     part_first = r.part_first
     part_last = r.part_last
+    flushes_after_first_part = 0
     while remaining > 0:
+        if parts == 1:
+            flushes_after_first_part = r.state[S_FLUSHES]
         first = nmeta
         done, nmeta = _alloc_host_offset(r, nmeta, pos, min(remaining, max_part))
         pos += done
@@ -389,6 +391,8 @@ def write(r, offset, length, prealloc):
         part_first[parts] = first
         part_last[parts] = nmeta
         parts += 1
+    if parts > 1 and r.state[S_FLUSHES] > flushes_after_first_part:
+        r.cnt[C_RACING_SPLIT_WRITES] += 1
     for p in range(parts):
         for j in range(part_last[p] - 1, part_first[p] - 1, -1):
             _link_l2(r, j, False)

@@ -8,10 +8,10 @@ Prints, for the same image: qemu-img map, ``qsim inspect --map`` (the CLI, whole
 process that imports only qsim.qcow2 and qsim.inspect) and ``qsim inspect``; checks the maps are byte-identical.
 
 Measured 2026-12-01 on the shared 2-core box, 2 TiB, 64 KiB clusters (4,096 L2 tables, 33,554,432 data
-clusters), maps byte-identical: qemu-img map 7.2: 40 MiB; the reader alone: 83 MiB; ``qsim inspect --map``:
-219 MiB, of which 168 MiB is ``import qsim.cli`` itself (pandas, numba, pyarrow, imported eagerly by
-qsim/__init__.py and the replay/sweep CLI modules). Before this change the reader held every L2 table and one
-refcount per host cluster: 3.4 GB at 1 TiB, MemoryError at 2 TiB under a 4 GiB cap.
+clusters), maps byte-identical: qemu-img map 7.2: 40 MiB (2.6 s); the reader alone: 85 MiB; ``qsim inspect
+--map``: 90 MiB (11.8 s), now that ``import qsim.cli`` loads no pandas or numba (it was 219 MiB, 168 MiB of it
+those imports). Before the streaming reader it held every L2 table and one refcount per host cluster: 3.4 GB at
+1 TiB, MemoryError at 2 TiB under a 4 GiB cap.
 """
 
 from __future__ import annotations

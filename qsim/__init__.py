@@ -12,6 +12,8 @@ numba.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -37,3 +39,18 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))
+
+
+class _Package(types.ModuleType):
+    """``qsim.replay``, ``qsim.sweep`` and ``qsim.validate`` are functions named like their modules. Importing a
+    submodule makes Python bind it on the package (``qsim.replay = <module>``); with names exported lazily that
+    would hide the function, so the package keeps those names for the functions. The modules stay importable
+    (``from qsim.replay import ...``, ``importlib.import_module("qsim.replay")``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -153,7 +153,8 @@ def backing_chain(img) -> tuple[ChainLayer, ...]:
         if not os.access(path, os.R_OK):
             raise QsimError(f"{current.path}: backing file {path} is not readable (QEMU could not open it)")
         if os.path.realpath(path) in seen or len(layers) >= MAX_CHAIN_DEPTH:
-            raise QsimError(f"{current.path}: backing file {path} makes a loop in the backing chain")
+            raise QsimError(f"{current.path}: backing file {path} creates an infinite loop (QEMU: \"Backing file "
+                            f"'{name}' creates an infinite loop.\")")
         seen.add(os.path.realpath(path))
         fmt = current.header.backing_format or _probe_format(path)
         if fmt == "qcow2":

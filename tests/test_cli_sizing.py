@@ -96,3 +96,16 @@ def test_sizing_commands_load_no_heavy_module():
             "print(sorted(m for m in ('numpy', 'pandas', 'numba', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_package_functions_stay_functions_after_their_modules_load():
+    """qsim.replay / sweep / validate are the functions even once something imported the modules of the same
+    name (the import system binds submodules on the package; notebook 04 once got the module and failed)."""
+    import subprocess
+    import sys
+
+    code = ("import qsim\nfrom qsim.validate import validate\nimport qsim.sweep\nimport importlib\n"
+            "print(callable(qsim.replay), callable(qsim.sweep), callable(qsim.validate),"
+            " type(importlib.import_module('qsim.replay')).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "True", "module"]

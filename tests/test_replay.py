@@ -357,11 +357,14 @@ def test_coarser_slices_share_the_finest_stage_1(case):
 def test_memory_follows_the_data_not_the_disk():
     """A small trace on a 1 EiB disk (2M clusters: 2^30 addressable 4k slices) costs what it costs on a small disk;
     stage 2 used to size itself by every slice the L1 table could address (23 GB, killed)."""
-    code = ("import resource\nfrom qsim.replay import replay\nfrom qsim.scenario import Scenario\n"
+    # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child of a large pytest process would report
+    # the parent's size at fork; VmHWM belongs to the child's own address space.
+    code = ("from qsim.replay import replay\nfrom qsim.scenario import Scenario\n"
             "from qsim.imageopts import ImageOptions\nfrom qsim.synth import synthesize\n"
             "t = synthesize(1 << 44, 20000, 'uniform', '4k', read_share=0.7, seed=1)\n"
             "rows = replay(t, Scenario.of((None, 1 << 20), None, ImageOptions(cluster_size=2 << 20), 1 << 60)).rows\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, rows[1]['l2_misses'])")
+            "hwm = [line for line in open('/proc/self/status') if line.startswith('VmHWM')][0].split()[1]\n"
+            "print(int(hwm) >> 10, rows[1]['l2_misses'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     peak_mib, misses = int(out[0]), int(out[1])
     assert peak_mib < 600, f"peak RSS {peak_mib} MiB"

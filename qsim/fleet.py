@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -22,7 +21,7 @@ import pandas as pd
 
 from .errors import QsimError, UsageError
 from .safeio import atomic_path
-from .scenario import Grid, Scenario
+from .scenario import Grid, Scenario, content_id
 from .traceio.reading import ReadOptions
 
 TRACE_SUFFIXES = (".iolog", ".iolog.gz", ".log", ".csv", ".npz", ".txt", ".blktrace")
@@ -40,9 +39,7 @@ class Task:
 
     @property
     def config_id(self) -> str:
-        config = {"scenario": self.scenario.to_dict(), "reading": asdict(self.reading)}
-        text = json.dumps(config, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return content_id({"scenario": self.scenario.to_dict(), "reading": asdict(self.reading)})
 
 
 def expand_corpus(items: list[str]) -> list[str]:
@@ -136,9 +133,14 @@ def local_workers(asked: int | None, tasks: int) -> int:
     """Worker processes for ``tasks`` tasks: as asked (default every core), never more than the cores or the
     tasks (a replay is CPU-bound: more processes than cores only add start-up and memory)."""
     cores = os.cpu_count() or 1
+    check_workers(asked)
+    return max(1, min(asked or cores, cores, tasks))
+
+
+def check_workers(asked: int | None) -> None:
+    """--workers takes at least one process (None: the default, every core)."""
     if asked is not None and asked < 1:
         raise UsageError(f"--workers {asked}: at least one worker process")
-    return max(1, min(asked or cores, cores, tasks))
 
 
 def _run_local(tasks: list[Task], workers: int | None):

@@ -29,6 +29,13 @@ DEFAULT_CACHE_CLEAN_INTERVAL = 600  # seconds: QEMU's default on Linux (block/qc
 MAX_CACHE_CLEAN_INTERVAL = 2**32 - 1  # UINT_MAX: QEMU refuses more ("Cache clean interval too big")
 
 
+def content_id(values: dict) -> str:
+    """16 hex digits of the SHA-256 of ``values`` as canonical JSON (sorted keys, no spaces): the name a fleet gives
+    a configuration's result part, stable across processes and machines."""
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def doubling_sizes(low: int, high: int) -> tuple[int, ...]:
     """Cache sizes in bytes from ``low``, doubling, up to ``high`` (included even when it is not on the way)."""
     sizes = [low << k for k in range((high // low).bit_length())]
@@ -150,9 +157,8 @@ class Scenario:
 
     @property
     def config_id(self) -> str:
-        """16 hex digits of the SHA-256 of the scenario's canonical JSON: equal scenarios, equal ids, everywhere."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """The scenario's ``content_id``: equal scenarios, equal ids, everywhere."""
+        return content_id(self.to_dict())
 
 
 @dataclass(frozen=True)

@@ -71,12 +71,11 @@ def is_fleet(args: argparse.Namespace) -> bool:
 def run(args: argparse.Namespace) -> int:
     grid = grid_from_args(args)
     reading = reading_from_args(args)
-    if args.scheduler:
-        from ..fleet import check_scheduler_address
+    from ..fleet import check_scheduler_address, check_workers
 
+    if args.scheduler:
         check_scheduler_address(args.scheduler)
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: at least one worker process")
+    check_workers(args.workers)
     if is_fleet(args):
         return run_fleet(args, grid, reading)
     from ..sweep import sweep

@@ -114,10 +114,6 @@ def image_from_qcow2(img) -> ImageState:
     )
 
 
-MAX_CHAIN_DEPTH = 64
-QCOW2_MAGIC = b"QFI\xfb"
-
-
 @dataclass(frozen=True)
 class ChainLayer:
     """One backing file below an image, as QEMU opens it: its path (the name resolved against the folder of the
@@ -129,49 +125,22 @@ class ChainLayer:
     state: ImageState | None = None
 
 
-def backing_path(image_path: str, name: str) -> str:
-    """Where QEMU looks for a backing file (bdrv_get_full_backing_filename / path_combine): an absolute name as it
-    is, a relative one beside the image that names it -- the folder of the path the image was opened by, symlinks
-    not resolved."""
-    return name if os.path.isabs(name) else os.path.join(os.path.dirname(image_path), name)
-
-
 def backing_chain(img) -> tuple[ChainLayer, ...]:
     """Every backing file below a real image read by ``qsim.qcow2.open_image``, nearest first, down to an image
     without one or a raw file (raw has no backing file). QsimError where QEMU would fail to open the chain (a
     missing or unreadable file, a loop) or where qsim cannot model a layer (another format, a protocol name)."""
-    from .qcow2 import open_image
+    from .backing import walk_chain
 
     layers: list[ChainLayer] = []
-    seen = {os.path.realpath(img.path)}
-    current = img
-    while current is not None and current.header.backing_file:
-        name = current.header.backing_file
-        if "://" in name or name.startswith("json:"):
-            raise QsimError(f"{current.path}: backing file {name} is not a local file; qsim models local chains")
-        path = backing_path(current.path, name)
-        if not os.access(path, os.R_OK):
-            raise QsimError(f"{current.path}: backing file {path} is not readable (QEMU could not open it)")
-        if os.path.realpath(path) in seen or len(layers) >= MAX_CHAIN_DEPTH:
-            raise QsimError(f"{current.path}: backing file {path} creates an infinite loop (QEMU: \"Backing file "
-                            f"'{name}' creates an infinite loop.\")")
-        seen.add(os.path.realpath(path))
-        fmt = current.header.backing_format or _probe_format(path)
-        if fmt == "qcow2":
-            current = open_image(path)
-            layers.append(ChainLayer(path, fmt, current.header.size, image_from_qcow2(current)))
-        elif fmt == "raw":
+    for link, opened in walk_chain(img):
+        if opened is not None:
+            layers.append(ChainLayer(link.path, link.format, opened.header.size, image_from_qcow2(opened)))
+        elif link.format == "raw":
             # bdrv_getlength: whole 512-byte sectors (refresh_total_sectors rounds the file's length up)
-            layers.append(ChainLayer(path, fmt, -(-os.path.getsize(path) // 512) * 512))
-            current = None
+            layers.append(ChainLayer(link.path, link.format, -(-os.path.getsize(link.path) // 512) * 512))
         else:
-            raise QsimError(f"{current.path}: backing file {name} is {fmt}; qsim models qcow2 and raw backing files")
+            raise QsimError(f"{link.parent}: backing file {link.name} is {link.format}; qsim models qcow2 and raw "
+                            "backing files")
     for k, layer in enumerate(layers[:-1]):  # each qcow2 layer reads zeroes past the end of the one below it
         layers[k] = replace(layer, state=replace(layer.state, backing_size=layers[k + 1].virtual_size))
     return tuple(layers)
-
-
-def _probe_format(path: str) -> str:
-    """QEMU probes a backing file named without a format: qcow2 by its magic, raw otherwise."""
-    with open(path, "rb") as f:
-        return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"

@@ -15,12 +15,12 @@ from typing import Iterator
 
 import numpy as np
 
+from .backing import BackingError, walk_chain
 from .cachecfg import resolve_cache
 from .errors import QsimError
-from .qcow2 import L2E_OFFSET_MASK, MAGIC, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Qcow2Image, open_image
+from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, Qcow2Image, open_image
 from .qcow2 import open_regular
 
-MAX_CHAIN = 16
 DATA, ZERO, COMPRESSED_DATA, UNALLOCATED, UNALLOCATED_AT, ZERO_AT = 1, 2, 3, 0, 4, 5
 WITH_HOST = (DATA, UNALLOCATED_AT, ZERO_AT)
 MAP_KEYS_72 = ("start", "length", "depth", "present", "zero", "data")
@@ -142,52 +142,18 @@ def inspect_image(path: str) -> dict:
     return info
 
 
-def backing_path(img_path: str, name: str) -> str:
-    """Where QEMU looks for a backing file named ``name`` in the image at ``img_path``."""
-    return name if os.path.isabs(name) else os.path.join(os.path.dirname(img_path), name)
-
-
 def backing_chain(img: Qcow2Image) -> list[dict]:
-    """Each backing file below the image (name resolved relative to the image's folder), with its format."""
-    chain, seen = [], {os.path.realpath(img.path)}
-    current = img
-    while current is not None and current.header.backing_file and len(chain) < MAX_CHAIN:
-        name = current.header.backing_file
-        path = backing_path(current.path, name)
-        entry = {"path": path, "format": current.header.backing_format, "readable": os.access(path, os.R_OK)}
-        chain.append(entry)
-        if os.path.realpath(path) in seen:
-            entry["error"] = f"Backing file '{name}' creates an infinite loop"
-            break
-        seen.add(os.path.realpath(path))
-        current = None
-        if entry["readable"] and entry["format"] in (None, "qcow2"):
-            try:
-                if entry["format"] is None and _probe(path) != "qcow2":
-                    entry["format"] = "raw"
-                    entry["virtual_size"] = os.stat(path).st_size
-                    continue
-                current = open_image(path)
-                entry["format"] = "qcow2"
-                entry["virtual_size"] = current.header.size
-            except QsimError as exc:
-                entry["error"] = str(exc)
-        elif entry["readable"]:
-            try:
-                os.close(open_regular(path, "backing file"))
-                entry["virtual_size"] = os.stat(path).st_size
-            except QsimError as exc:
-                entry["error"] = str(exc)
-    return chain
-
-
-def _probe(path: str) -> str:
-    """qcow2 when the file starts with the qcow2 magic, else raw (a regular file only: never blocks)."""
-    fd = open_regular(path, "backing file")
+    """Each backing file below the image (name resolved as QEMU resolves it), with its format and size; where QEMU
+    could not open the chain, a last entry says why (``error``) instead of failing the whole inspection."""
+    chain: list[dict] = []
     try:
-        return "qcow2" if os.pread(fd, 4, 0) == MAGIC else "raw"
-    finally:
-        os.close(fd)
+        for link, opened in walk_chain(img):
+            size = opened.header.size if opened is not None else os.stat(link.path).st_size
+            chain.append({"path": link.path, "format": link.format, "readable": True, "virtual_size": size})
+    except BackingError as exc:
+        chain.append({"path": exc.path or "(not a local file)", "format": exc.format,
+                      "readable": bool(exc.path) and os.access(exc.path, os.R_OK), "error": str(exc)})
+    return chain
 
 
 # --- qemu-img map -------------------------------------------------------------------------------------------------
@@ -280,33 +246,27 @@ def looks_metadata_preallocated(img: Qcow2Image) -> bool:
 class _Layer:
     """One image of the chain as ``qemu-img map`` sees it: its extents, and the layer below."""
 
-    def __init__(self, path: str, fmt: str | None, depth: int, seen: set[str]):
-        self.path, self.depth = path, depth
-        real = os.path.realpath(path)
-        if real in seen:
-            raise QsimError(f"{path}: backing file creates an infinite loop (QEMU: \"Backing file '{path}' creates "
-                            "an infinite loop.\")")
-        if depth > MAX_CHAIN:
-            raise QsimError(f"{path}: backing chain deeper than {MAX_CHAIN} images")
-        seen.add(real)
-        if fmt is None:
-            fmt = _probe(path)
-        self.format = fmt
-        self.below = None
-        self.img = None
-        if fmt == "qcow2":
-            self.img = open_image(path)
-            self.size = self.img.header.size // 512 * 512  # QEMU sees whole sectors (bs->total_sectors)
-            self.data_path = self.img.data_file or path
-            name = self.img.header.backing_file
-            if name:
-                self.below = _Layer(backing_path(path, name), self.img.header.backing_format, depth + 1, seen)
+    def __init__(self, path: str, fmt: str, img: Qcow2Image | None, depth: int, below: "_Layer | None"):
+        self.path, self.format, self.img, self.depth, self.below = path, fmt, img, depth, below
+        if img is not None:
+            self.size = img.header.size // 512 * 512  # QEMU sees whole sectors (bs->total_sectors)
+            self.data_path = img.data_file or path
         elif fmt == "raw":
-            os.close(open_regular(path, "backing file"))
             self.size = os.stat(path).st_size // 512 * 512
             self.data_path = path
         else:
             raise QsimError(f"{path}: backing format {fmt} is not mapped by qsim (qcow2 and raw are)")
+
+    @classmethod
+    def chain(cls, path: str) -> "_Layer":
+        """The image at ``path`` and every layer below it (walk_chain's rules), linked top to bottom."""
+        top = open_image(path)
+        layers = [(path, "qcow2", top)] + [(link.path, link.format, opened) for link, opened in walk_chain(top)]
+        below = None
+        for depth in range(len(layers) - 1, -1, -1):
+            below = cls(*layers[depth], depth, below)
+        assert below is not None
+        return below
 
     def runs(self, start: int, end: int) -> Iterator[tuple[int, int, bool, bool, bool, bool, int | None, int]]:
         """(start, length, present, zero, data, compressed, offset or None, depth) for [start, end)."""
@@ -361,7 +321,7 @@ def guest_map(path: str, qemu_version: tuple[int, int] | None = None) -> Iterato
     no ``compressed``); default: the qemu-img on PATH."""
     version = qemu_version or qemu_img_version()
     with_compressed = version >= COMPRESSED_KEY_SINCE
-    top = _Layer(path, "qcow2", 0, set())
+    top = _Layer.chain(path)
     current = None
     for s, n, present, zero, data, compressed, offset, depth in top.runs(0, top.size):
         if n <= 0:

@@ -240,7 +240,7 @@ def scratch_copy(image: str, path: str, workdir: str) -> tuple[str, ...]:
     """Copy ``image`` (sparse) to ``path``, and its external data file beside it; check its backing chain (every
     link a readable regular file, no loop). Returns the qemu-io ``--image-opts`` that point QEMU at the copies and,
     read-only, at the original backing file."""
-    from .inspect import backing_path
+    from .backing import backing_path, walk_chain
     from .qcow2 import open_image
 
     img = open_image(image)
@@ -253,37 +253,14 @@ def scratch_copy(image: str, path: str, workdir: str) -> tuple[str, ...]:
     name = img.header.backing_file
     if name:
         below = os.path.abspath(backing_path(image, name))
-        _check_chain(image, img)
+        for _ in walk_chain(img):  # every link a readable regular file, no loop: QEMU's errors, before qemu-io
+            pass
         extra += [f"backing.file.filename={below}", "backing.file.driver=file", "backing.read-only=on"]
         fmt = img.header.backing_format
         if fmt:
             extra.append(f"backing.driver={fmt}")
     img.close()
     return tuple(extra)
-
-
-def _check_chain(image: str, img) -> None:
-    """Every backing file below ``image`` is a readable regular file (never a FIFO: opening it would block), and
-    the chain has no loop (QEMU: "Backing file ... creates an infinite loop")."""
-    from .inspect import MAX_CHAIN, backing_path
-    from .qcow2 import MAGIC, open_image, open_regular
-
-    seen = {os.path.realpath(image)}
-    current, where = img, image
-    while current is not None and current.header.backing_file:
-        name = current.header.backing_file
-        below = backing_path(where, name)
-        if os.path.realpath(below) in seen:
-            raise QsimError(f"{image}: backing file {below} creates an infinite loop (QEMU: \"Backing file "
-                            f"'{name}' creates an infinite loop.\")")
-        if len(seen) > MAX_CHAIN:
-            raise QsimError(f"{image}: backing chain deeper than {MAX_CHAIN} images")
-        seen.add(os.path.realpath(below))
-        fd = open_regular(below, "backing file")
-        head = os.pread(fd, 4, 0)
-        os.close(fd)
-        fmt = current.header.backing_format or ("qcow2" if head == MAGIC else "raw")
-        current, where = (open_image(below), below) if fmt == "qcow2" else (None, below)
 
 
 def sparse_copy(source: str, target: str) -> None:

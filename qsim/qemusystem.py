@@ -15,10 +15,8 @@ come in short bursts well away from every tick (the tests keep them a third of a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,6 +24,7 @@ from dataclasses import dataclass
 
 from .errors import QsimError
 from .imageopts import ImageOptions
+from .qmp import QmpSocket
 from .qemu import MARKER, create_image, parse_cache_trace, _whole_clusters
 from .trace import DISCARD, FLUSH, READ, WRITE, Trace
 
@@ -41,52 +40,6 @@ class TimedRun:
     counts: dict
     worst_lateness: float
     sent: tuple[float, ...] = ()
-
-
-class _Qmp:
-    def __init__(self, path: str, deadline: float):
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise QsimError("qemu-system did not open its QMP socket") from None
-                time.sleep(0.02)
-        self.file = self.sock.makefile("rw", encoding="utf-8")
-        self._read()  # the greeting
-        self.execute("qmp_capabilities")
-
-    def _read(self) -> dict:
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise QsimError("qemu-system closed its QMP socket")
-            message = json.loads(line)
-            if "event" not in message:
-                return message
-
-    def execute(self, command: str, **arguments) -> dict:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise QsimError(f"QMP {command}: {reply['error'].get('desc', reply['error'])}")
-        return reply
-
-    def hmp(self, line: str) -> str:
-        out = self.execute("human-monitor-command", **{"command-line": line}).get("return", "")
-        if out.strip():
-            raise QsimError(f"HMP {line!r}: {out.strip()[:300]}")
-        return out
-
-    def close(self) -> None:
-        try:
-            self.file.close()
-        finally:
-            self.sock.close()
 
 
 def drive_options(image: str, cache_clean_interval: int, l2_cache_size: int | None = None,
@@ -139,7 +92,7 @@ def run_timed(binary: str, image: str, trace: Trace, cache_clean_interval: int =
     worst = 0.0
     sent = []
     try:
-        qmp = _Qmp(qmp_path, time.monotonic() + 20)
+        qmp = QmpSocket(qmp_path, timeout=120, wait_seconds=20)
         lines = [("flush" if op == FLUSH else f"{WORDS[op]} {offset} {length}")
                  for op, offset, length in zip(trace.op.tolist(), trace.offset.tolist(), trace.length.tolist())]
         due = [0.0] * len(lines) if time_scale is None else (trace.time / time_scale).tolist()

@@ -6,6 +6,7 @@ qemu-io and qemu-img; CI gives 7.2's /usr/bin and 10.0's /opt/qemu-10.0/usr/bin)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -87,3 +88,13 @@ def qemu_prefix(request, monkeypatch) -> str:
     _need_prefix(request.param)
     monkeypatch.setenv("PATH", request.param + os.pathsep + os.environ.get("PATH", ""))
     return request.param
+
+
+@contextlib.contextmanager
+def dask_local_cluster(n_workers: int):
+    """A real dask.distributed LocalCluster on loopback (worker processes, one thread each, quiet); skips without
+    the distributed package. Each test module starts its own: one of them kills workers."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None, silence_logs=40) as cluster:
+        yield cluster

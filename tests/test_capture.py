@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qsim.cli.capture import QmpSocket
-from qsim.errors import QsimError
+from qsim.qmp import QmpSocket
 from qsim.trace import FLUSH, Trace
 from qsim.traceio import read_trace
 
@@ -80,14 +79,7 @@ def wait_for(path: Path, seconds: float = 10) -> None:
 
 def connect(path: Path, seconds: float = 20) -> QmpSocket:
     """QEMU binds its socket a moment before it listens (and this machine can be slow): retry a while."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return QmpSocket(str(path))
-        except QsimError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+    return QmpSocket(str(path), wait_seconds=seconds)
 
 
 class GuestlessVM:

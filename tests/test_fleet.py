@@ -13,6 +13,8 @@ from qsim.scenario import Grid, Scenario
 from qsim.synth import synthesize
 from qsim.traceio import write_trace
 
+from conftest import dask_local_cluster
+
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ["trace_id", "cluster_size", "extended_l2", "l2_cache_size_asked", "l2_lookups", "l2_misses",
            "l2_disk_reads", "l2_writebacks", "zero_fill_bytes", "image_file_bytes"]
@@ -64,9 +66,7 @@ def test_local_workers_equal_in_process_and_resume(corpus, tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, silence_logs=40) as c:
+    with dask_local_cluster(n_workers=2) as c:
         yield c
 
 

@@ -16,7 +16,7 @@ LAYERS = [
     ("rules", {"geometry", "cachecfg", "imageopts", "sizing", "scenario"}),
     ("inputs", {"trace", "synth", "traceio", "qcow2", "backing", "inspect", "libvirt"}),
     ("model", {"hostalloc", "imagestate", "stage1", "engine", "lru", "image"}),
-    ("drivers", {"replay", "sweep", "fleet", "qemu", "qemusystem", "validate", "knapsack", "plan", "capture"}),
+    ("drivers", {"replay", "sweep", "fleet", "qemu", "qemusystem", "validate", "knapsack", "plan", "capture", "qmp"}),
     ("outputs", {"tables", "plot"}),
     ("cli", {"cli", "__main__", "__init__"}),
 ]

@@ -31,6 +31,8 @@ from qsim.trace import DISCARD, FLUSH, Trace
 from qsim.traceio import write_trace
 from qsim.validate import COMPARED
 
+from conftest import dask_local_cluster
+
 G, K = 1 << 30, 1 << 10
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -175,9 +177,7 @@ def images(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                  dashboard_address=None, silence_logs=40) as c:
+    with dask_local_cluster(n_workers=1) as c:
         yield c
 
 

@@ -263,7 +263,7 @@ class KernelRun:
             run = ev.new_run(**_l2_arrays(work, self.g), below=self.below_views, used=work.host_used,
                              covered=work.refblock_covered, alloc=work.alloc_state, okey=out[0], okind=out[1],
                              oflush=out[2], state=self.st, bqoff=queue[0], bqlen=queue[1], bqkind=queue[2],
-                             cnt=self.cnt, rlog=rlog, rst=self.rst)  # borrows: every array stays alive until the run ends
+                             cnt=self.cnt, rlog=rlog, rst=self.rst)  # borrows: all stay alive until the run ends
             nxt = run_requests(run, trace.op, offset, length, i, n)
             if nxt == i:  # one request needs more room than a whole buffer: grow it
                 self.capacity *= 4

@@ -24,10 +24,12 @@ GEOMETRY_SIZE = 16
 # L2 link, flushes the whole L2 cache first.
 # S_SCANNED: qcow2_detect_metadata_preallocation has run (once per open); S_REQUEST_HIGH_WATER: one past the last
 # host cluster written before the data of the current write (its new L2 tables are written by l2_allocate);
-# S_REQUEST_DATA: data clusters the current write allocated (not yet written when its zero-checks run).
+# S_REQUEST_DATA: data clusters the current write allocated (not yet written when its zero-checks run);
+# S_WRITTEN_BYTES: bytes the image file gained on disk since the open (new metadata clusters whole, data as written
+# in 4 KiB filesystem blocks, less freed clusters): what st_blocks says at the preallocation scan.
 S_EVENTS, S_FLUSHES, S_SLOTS, S_BACKING, S_REFCOUNT_DEPENDS_ON_L2, S_SCANNED, S_REQUEST_HIGH_WATER, \
-    S_REQUEST_DATA = range(8)
-STATE_SIZE = 8
+    S_REQUEST_DATA, S_WRITTEN_BYTES = range(9)
+STATE_SIZE = 9
 # counters (int64) indices
 (C_REQUESTS, C_READS, C_WRITES, C_FLUSHES, C_DISCARDS, C_READ_BYTES, C_WRITE_BYTES, C_COW_READ_BYTES,
  C_COW_WRITE_BYTES, C_ZERO_FILL_BYTES, C_TABLES_ALLOCATED, C_CLUSTERS_ALLOCATED, C_ZERO_CHECKS,

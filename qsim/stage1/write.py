@@ -11,9 +11,9 @@ from ..bitops import leading_zeros32, trailing_zeros32
 from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GET_DIRTY, GET_EMPTY, NORMAL,
                      R_FLUSH, R_GET_DIRTY, R_L2_DEP_FLUSH, R_L2_DEPENDS, R_RC_DEPENDS, UNALLOC_ALLOC, ZERO_ALLOC,
                      ZERO_PLAIN)
-from ..hostalloc import (ALLOCATED_AT_OPEN, CLUSTER_BITS as CLUSTER_BITS_, FILE_CLUSTERS_AT_OPEN, HIGH_WATER, REFBLOCK_BITS, REFBLOCKS_MADE,
-                         RS_AT, RS_L2_FLUSHES, USED_DELTA, alloc_clusters, alloc_clusters_at, free_cluster,
-                         get_refcount)
+from ..hostalloc import (ALLOCATED_AT_OPEN, CLUSTER_BITS as CLUSTER_BITS_, FILE_CLUSTERS_AT_OPEN, HIGH_WATER,
+                         REFBLOCK_BITS, REFBLOCKS_MADE, RS_AT, RS_L2_FLUSHES, alloc_clusters, alloc_clusters_at,
+                         free_cluster, get_refcount)
 from .lookup import (bitmaps, subcluster_type, range_type, host_extent, read, queue_backing, unallocated,
                      zero_below)
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES, C_REFCOUNT_DROPS,
@@ -22,7 +22,7 @@ from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS
                       G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS, G_VIRTUAL_SIZE, M_ALLOC, M_END_N,
                       M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP, M_START_N, M_START_OFF, S_EVENTS,
                       S_FLUSHES, S_REFCOUNT_DEPENDS_ON_L2, S_REQUEST_DATA, S_REQUEST_HIGH_WATER, S_SCANNED, S_SLOTS,
-                      INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush, l2_flush_only, rc_log, slice_key)
+                      S_WRITTEN_BYTES, INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush, l2_flush_only, rc_log, slice_key)
 
 
 @njit(cache=True)
@@ -50,6 +50,7 @@ def alloc_flushing(r, at, n):
         result = alloc_clusters_at(r.used, r.covered, alloc, r.rlog, r.rst, at, n)
     for _ in range(r.rst[RS_L2_FLUSHES]):  # alloc_refcount_block's L2 flushes (their markers are in the log)
         l2_flush_only(r)
+    r.state[S_WRITTEN_BYTES] += (alloc[REFBLOCKS_MADE] - before) << alloc[CLUSTER_BITS_]
     if alloc[REFBLOCKS_MADE] != before:  # its refcount-cache flush cleared the refcount cache's dependency
         r.state[S_REFCOUNT_DEPENDS_ON_L2] = 0
     return result
@@ -90,6 +91,7 @@ def free_any_cluster(r, host, flags):
         return False
     r.rst[RS_AT] = r.state[S_EVENTS]
     free_cluster(r.used, r.covered, r.alloc, r.rlog, r.rst, host)
+    r.state[S_WRITTEN_BYTES] -= np.int64(1) << r.alloc[CLUSTER_BITS_]  # its hole punched in the file
     return True
 
 
@@ -102,6 +104,7 @@ def l2_allocate(r, l1):
     flush_refcount_dependency(r)
     rc_log(r, 0, R_FLUSH)  # qcow2_cache_flush(bs, s->refcount_block_cache)
     r.state[S_REQUEST_HIGH_WATER] = max(r.state[S_REQUEST_HIGH_WATER], host + 1)  # the table is written now
+    r.state[S_WRITTEN_BYTES] += np.int64(1) << g[G_CLUSTER_BITS]
     slot = r.state[S_SLOTS]
     r.state[S_SLOTS] = slot + 1
     r.tslot[l1] = slot
@@ -306,12 +309,12 @@ def _reads_as_zero(r, pos, nbytes):
 def detect_metadata_preallocation(r):
     """qcow2_detect_metadata_preallocation, once per open at the first block-status query: qcow2_get_refcount of
     every host cluster from 0 until as many with refcount > 0 as the threshold max(n * 10 / 9, n + 2), or the file's
-    end. n is the file's allocated size in clusters (st_blocks): at open, plus what was written since (clusters
-    allocated since, less this write's data, not written yet); the length likewise."""
+    end. n is the file's allocated size in clusters (st_blocks): at open, plus what was written since
+    (S_WRITTEN_BYTES; this write's own data is written after its zero-checks); the length likewise."""
     r.state[S_SCANNED] = 1
     alloc = r.alloc
     cb = alloc[CLUSTER_BITS_]
-    allocated = alloc[ALLOCATED_AT_OPEN] + ((alloc[USED_DELTA] - r.state[S_REQUEST_DATA]) << cb)
+    allocated = alloc[ALLOCATED_AT_OPEN] + r.state[S_WRITTEN_BYTES]
     n = max(allocated, 0) >> cb
     threshold = max(n * 10 // 9, n + 2)
     end = max(alloc[FILE_CLUSTERS_AT_OPEN], r.state[S_REQUEST_HIGH_WATER])
@@ -372,6 +375,10 @@ def _link_l2(r, j, prealloc):
             cnt[C_COW_READ_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_READ_LOOKUPS] += r.state[S_EVENTS] - before
+    if not prealloc:  # the data and COW written: whole 4 KiB filesystem blocks of the image file
+        written_from = (m[M_ALLOC] << cb) + (m[M_START_OFF] & ~np.int64(4095))
+        written_to = (m[M_ALLOC] << cb) + ((m[M_END_OFF] + m[M_END_N] + 4095) & ~np.int64(4095))
+        r.state[S_WRITTEN_BYTES] += written_to - written_from
     gc = m[M_GUEST_CLUSTER]
     flush_refcount_dependency(r)  # qcow2_cache_set_dependency(l2, refcount)
     rc_log(r, 0, R_L2_DEPENDS)

@@ -18,6 +18,16 @@ GET = 0  # a lookup of a slice
 GET_DIRTY = 1  # a lookup whose slice is then dirtied
 GET_EMPTY = 2  # a new table's slice taken without a read (qcow2_cache_get_empty): dirty, never a disk read
 
+# Refcount-block cache operations (stage 1's refcount log -> the coupled stage 2, qsim.refcache), int64
+R_GET = 0  # a lookup of a refcount block (qcow2_get_refcount, load_refcount_block)
+R_GET_DIRTY = 1  # a lookup whose block is then dirtied (update_refcount)
+R_GET_EMPTY = 2  # a new refcount block taken without a read (qcow2_cache_get_empty), dirtied
+R_FLUSH = 3  # qcow2_cache_flush of the refcount cache
+R_L2_FLUSH = 4  # a whole L2-cache flush stage 1 put in its L2 stream (one per flush, in order)
+R_L2_DEP_FLUSH = 5  # the same, made for the refcount cache's dependency on the L2 cache (QEMU flushes only if set)
+R_L2_DEPENDS = 6  # qcow2_cache_set_dependency(L2 cache, refcount cache): an L2 link
+R_RC_DEPENDS = 7  # qcow2_cache_set_dependency(refcount cache, L2 cache): a refcount decrease
+
 # What an image asks of its backing image, when that image's cache is modelled
 BACKING_READ, BACKING_STATUS = 0, 1
 

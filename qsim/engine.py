@@ -99,6 +99,7 @@ class EventChunk(NamedTuple):
     backing_offset: np.ndarray
     backing_length: np.ndarray
     backing_kind: np.ndarray
+    refcount_log: np.ndarray = np.zeros((0, hostalloc.RLOG_WIDTH), np.int64)  # rows: see qsim.hostalloc
 
     def backing_trace(self) -> Trace:
         op = np.where(self.backing_kind == BACKING_READ, READ, STATUS).astype(np.uint8)
@@ -204,6 +205,7 @@ class KernelRun:
         self.st = np.zeros(ev.STATE_SIZE, dtype=np.int64)
         self.st[ev.S_SLOTS] = state.n_tables
         self.cnt = np.zeros(ev.COUNTERS_SIZE, dtype=np.int64)
+        self.rst = np.zeros(hostalloc.RST_SIZE, dtype=np.int64)
         self.capacity = CHUNK_EVENTS if record else 0
         self.buffers = None  # (events, backing queue) arrays, kept across chunks
 
@@ -243,20 +245,25 @@ class KernelRun:
         offset = trace.offset
         length = trace.length  # uint32: the kernel widens each value, no int64 copy of the whole column
         while i < n:
-            if self.buffers is None or len(self.buffers[0][0]) != self.capacity:  # reused: no fresh pages per chunk
+            # the refcount log: room for a linear search through every refcount block in one request
+            log_rows = self.capacity // 8 + 4 * len(work.refblock_covered) + 4096 if self.record else 0
+            if self.buffers is None or len(self.buffers[0][0]) != self.capacity or \
+                    len(self.buffers[2]) < log_rows:  # reused: no fresh pages per chunk
                 queue_size = self.capacity if self.g[ev.G_BACKING_MODELLED] else 0
                 self.buffers = ((np.empty(self.capacity, np.int64), np.empty(self.capacity, np.uint8),
                                  np.empty(self.capacity, np.int64)),
                                 (np.empty(queue_size, np.int64), np.empty(queue_size, np.int64),
-                                 np.empty(queue_size, np.uint8)))
-            out, queue = self.buffers
+                                 np.empty(queue_size, np.uint8)),
+                                np.empty((log_rows, hostalloc.RLOG_WIDTH), np.int64))
+            out, queue, rlog = self.buffers
             self.st[ev.S_EVENTS] = 0
             self.st[ev.S_FLUSHES] = 0
             self.st[ev.S_BACKING] = 0
+            self.rst[:] = 0
             run = ev.new_run(**_l2_arrays(work, self.g), below=self.below_views, used=work.host_used,
                              covered=work.refblock_covered, alloc=work.alloc_state, okey=out[0], okind=out[1],
                              oflush=out[2], state=self.st, bqoff=queue[0], bqlen=queue[1], bqkind=queue[2],
-                             cnt=self.cnt)  # borrows: every array stays alive until the run ends
+                             cnt=self.cnt, rlog=rlog, rst=self.rst)  # borrows: all stay alive until the run ends
             nxt = run_requests(run, trace.op, offset, length, i, n)
             if nxt == i:  # one request needs more room than a whole buffer: grow it
                 self.capacity *= 4
@@ -269,7 +276,7 @@ class KernelRun:
             if self.record:
                 events, flushes, asked = self.st[ev.S_EVENTS], self.st[ev.S_FLUSHES], self.st[ev.S_BACKING]
                 yield EventChunk(out[0][:events], out[1][:events], out[2][:flushes], queue[0][:asked],
-                                 queue[1][:asked], queue[2][:asked])
+                                 queue[1][:asked], queue[2][:asked], rlog[: self.rst[hostalloc.RS_COUNT]])
 
     @property
     def counters(self) -> dict[str, int]:
@@ -298,6 +305,7 @@ def run_kernel(state: ImageState, trace: Trace, entry_size: int, writethrough: b
     image = run.image
     if reopen and run.work is not None:
         image.alloc_state[hostalloc.FREE_INDEX] = 0
+        image.alloc_state[hostalloc.USED_DELTA] = 0
     stream = EventStream(
         key=np.concatenate(keys) if keys else np.zeros(0, np.int64),
         kind=np.concatenate(kinds) if kinds else np.zeros(0, np.uint8),

@@ -14,7 +14,17 @@ and the old table's clusters freed (the next allocations fill that hole first).
 State (int64 array ``alloc``): FREE_INDEX, REFBLOCK_BITS (log2 refcounts per block), REFBLOCKS_MADE,
 REFTABLE_ENTRIES, UNMODELLED (unused now: the table's growth and the recursion are modelled), HIGH_WATER (one past
 the last used host cluster), REFTABLE_CLUSTER (where the refcount table is), REFTABLE_GROWN (how many times it
-moved), CLUSTER_BITS.
+moved), CLUSTER_BITS, ALLOCATED_AT_OPEN (the image file's allocated bytes, st_blocks * 512, when QEMU opens it:
+what the preallocation scan's threshold comes from), FILE_CLUSTERS_AT_OPEN (its length in clusters then),
+USED_DELTA (clusters set used minus cleared since the open).
+
+The refcount-block cache operations QEMU does on the way are logged (``rlog``, rows of RL_KEY refcount block index,
+RL_KIND codes.R_*, RL_REPEAT, RL_AT; ``rst``: RS_COUNT rows, RS_AT the caller's L2 event count stamped on each row,
+RS_L2_FLUSHES the L2-cache flushes asked for, counted even when not recording): one R_GET per qcow2_get_refcount of
+a cluster a refcount block covers (consecutive ones of one block are one row with a repeat count), R_GET_DIRTY per
+update_refcount run in one block, R_GET_EMPTY for a new block, R_FLUSH for qcow2_cache_flush of the refcount
+cache, R_RC_DEPENDS for a refcount decrease (qcow2_cache_set_dependency(refcount, L2)), R_L2_FLUSH where
+alloc_refcount_block flushes the L2 cache.
 """
 
 from __future__ import annotations
@@ -22,9 +32,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from .codes import R_FLUSH, R_GET, R_GET_DIRTY, R_GET_EMPTY, R_L2_FLUSH, R_RC_DEPENDS
+
 (FREE_INDEX, REFBLOCK_BITS, REFBLOCKS_MADE, REFTABLE_ENTRIES, UNMODELLED, HIGH_WATER, OVERFLOW, REFTABLE_CLUSTER,
- REFTABLE_GROWN, CLUSTER_BITS) = range(10)
-ALLOC_STATE_SIZE = 10
+ REFTABLE_GROWN, CLUSTER_BITS, ALLOCATED_AT_OPEN, FILE_CLUSTERS_AT_OPEN, USED_DELTA) = range(13)
+ALLOC_STATE_SIZE = 13
+RL_KEY, RL_KIND, RL_REPEAT, RL_AT = range(4)
+RLOG_WIDTH = 4
+RS_COUNT, RS_AT, RS_L2_FLUSHES = range(3)
+RST_SIZE = 3
 REFTABLE_ENTRY_BYTES = 8
 EAGAIN = -11
 
@@ -38,6 +54,45 @@ def new_alloc_state(cluster_size: int, refcount_bits: int) -> np.ndarray:
     return state
 
 
+def no_log() -> tuple[np.ndarray, np.ndarray]:
+    """An empty refcount log (nothing recorded) and its state."""
+    return np.zeros((0, RLOG_WIDTH), np.int64), np.zeros(RST_SIZE, np.int64)
+
+
+@njit(cache=True)
+def log(rlog, rst, key, kind, repeat):
+    """One refcount-cache operation; R_GETs of one block with no L2 event between them merge into one row."""
+    if rlog.shape[0] == 0:
+        return
+    n = rst[RS_COUNT]
+    if kind == R_GET and n > 0:
+        last = rlog[n - 1]
+        if last[RL_KIND] == R_GET and last[RL_KEY] == key and last[RL_AT] == rst[RS_AT]:
+            last[RL_REPEAT] += repeat
+            return
+    row = rlog[n]
+    row[RL_KEY] = key
+    row[RL_KIND] = kind
+    row[RL_REPEAT] = repeat
+    row[RL_AT] = rst[RS_AT]
+    rst[RS_COUNT] = n + 1
+
+
+@njit(cache=True)
+def log_l2_flush(rlog, rst):
+    rst[RS_L2_FLUSHES] += 1
+    log(rlog, rst, 0, R_L2_FLUSH, 1)
+
+
+@njit(cache=True)
+def get_refcount(used, covered, alloc, rlog, rst, cluster):
+    """qcow2_get_refcount: one lookup of the covering block when the refcount table has one; refcount > 0."""
+    index = cluster >> alloc[REFBLOCK_BITS]
+    if index < alloc[REFTABLE_ENTRIES] and index < covered.shape[0] and covered[index]:
+        log(rlog, rst, index, R_GET, 1)
+    return _is_used(used, cluster)
+
+
 @njit(cache=True)
 def _is_used(used, cluster):
     return cluster < used.shape[0] and used[cluster] != 0
@@ -48,20 +103,23 @@ def _set_used(used, alloc, cluster, value):
     if cluster >= used.shape[0]:
         alloc[OVERFLOW] = 1  # the caller sized the map too small; reported, never written out of bounds
         return
+    if used[cluster] != value:
+        alloc[USED_DELTA] += 1 if value else -1
     used[cluster] = value
     if value and cluster + 1 > alloc[HIGH_WATER]:
         alloc[HIGH_WATER] = cluster + 1
 
 
 @njit(cache=True)
-def alloc_clusters_noref(used, alloc, n):
-    """First n free clusters in a row from free_cluster_index; advances it past them (no refcount change)."""
+def alloc_clusters_noref(used, covered, alloc, rlog, rst, n):
+    """First n free clusters in a row from free_cluster_index; advances it past them (no refcount change). One
+    qcow2_get_refcount per candidate, restarts included."""
     while True:
         restart = False
         for _ in range(n):
             index = alloc[FREE_INDEX]
             alloc[FREE_INDEX] += 1
-            if _is_used(used, index):
+            if get_refcount(used, covered, alloc, rlog, rst, index):
                 restart = True
                 break
         if not restart:
@@ -69,7 +127,7 @@ def alloc_clusters_noref(used, alloc, n):
 
 
 @njit(cache=True)
-def _alloc_refcount_block(used, covered, alloc, cluster):
+def _alloc_refcount_block(used, covered, alloc, rlog, rst, cluster):
     """A new refcount block for ``cluster``'s range, at the first free cluster; when the refcount table has no entry
     for it, the table grows (qcow2_refcount_area). QEMU then answers -EAGAIN.
 
@@ -78,7 +136,8 @@ def _alloc_refcount_block(used, covered, alloc, cluster):
     -EAGAIN, leaving the cluster free and ``cluster``'s range uncovered until the caller's retry."""
     bits = alloc[REFBLOCK_BITS]
     while True:
-        new_block = alloc_clusters_noref(used, alloc, 1)
+        log_l2_flush(rlog, rst)  # "We write to the refcount table, so we might depend on L2 tables"
+        new_block = alloc_clusters_noref(used, covered, alloc, rlog, rst, 1)
         new_block_index = new_block >> bits
         if new_block_index == cluster >> bits or new_block_index >= covered.shape[0] or covered[new_block_index]:
             break
@@ -87,13 +146,19 @@ def _alloc_refcount_block(used, covered, alloc, cluster):
     if block_index >= covered.shape[0]:
         alloc[OVERFLOW] = 1
         return EAGAIN
+    if new_block_index != block_index:  # described by another (existing) block: update_refcount, then a flush
+        log(rlog, rst, new_block_index, R_GET_DIRTY, 1)
+        log(rlog, rst, 0, R_FLUSH, 1)
     covered[block_index] = 1
     _set_used(used, alloc, new_block, 1)
     alloc[REFBLOCKS_MADE] += 1
+    log(rlog, rst, block_index, R_GET_EMPTY, 1)
+    log(rlog, rst, 0, R_FLUSH, 1)
     if block_index >= alloc[REFTABLE_ENTRIES]:
         per_block = np.int64(1) << bits
         blocks_used = (max(cluster, new_block) + per_block) // per_block
-        _refcount_area(used, covered, alloc, blocks_used * per_block)
+        _refcount_area(used, covered, alloc, rlog, rst, blocks_used * per_block)
+        log(rlog, rst, block_index, R_GET, 1)  # load_refcount_block(new_block)
     return EAGAIN
 
 
@@ -120,7 +185,7 @@ def refcount_metadata_blocks(clusters, cluster_bits, refblock_bits, generous):
 
 
 @njit(cache=True)
-def _refcount_area(used, covered, alloc, start):
+def _refcount_area(used, covered, alloc, rlog, rst, start):
     """qcow2_refcount_area(start, 0 additional clusters, not exact): refcount blocks for every range from ``start``'s
     up to what the new structures need, then the new table right after them, all with refcount 1; the old table is
     freed."""
@@ -137,38 +202,67 @@ def _refcount_area(used, covered, alloc, start):
     new_blocks = 0
     for i in range(area_index, total):
         if covered[i] == 0:
-            covered[i] = 1
             new_blocks += 1
     end = start + new_blocks + table_clusters
+    per_block = np.int64(1) << alloc[REFBLOCK_BITS]
+    for i in range(area_index, total):  # each block: reused (a lookup) or new (get_empty); dirtied if it covers
+        if covered[i] == 0:
+            covered[i] = 1
+            log(rlog, rst, i, R_GET_EMPTY, 1)
+        else:
+            log(rlog, rst, i, R_GET_DIRTY if i * per_block < end else R_GET, 1)
+    log(rlog, rst, 0, R_FLUSH, 1)
     for c in range(start, end):
         _set_used(used, alloc, c, 1)
     old, old_clusters = alloc[REFTABLE_CLUSTER], alloc[REFTABLE_ENTRIES] // per_table_cluster
     alloc[REFTABLE_CLUSTER] = start + new_blocks
     alloc[REFTABLE_ENTRIES] = table_size
     alloc[REFTABLE_GROWN] += 1
-    for c in range(old, old + old_clusters):  # qcow2_free_clusters of the old table (its refcount block exists)
+    log(rlog, rst, 0, R_RC_DEPENDS, 1)  # qcow2_free_clusters of the old table (its refcount block exists)
+    last_block = -1
+    for c in range(old, old + old_clusters):
+        if c >> alloc[REFBLOCK_BITS] != last_block:
+            last_block = c >> alloc[REFBLOCK_BITS]
+            log(rlog, rst, last_block, R_GET_DIRTY, 1)
         _set_used(used, alloc, c, 0)
     alloc[FREE_INDEX] = min(alloc[FREE_INDEX], old)
 
 
 @njit(cache=True)
-def update_refcount(used, covered, alloc, first, n, addend):
+def update_refcount(used, covered, alloc, rlog, rst, first, n, addend):
     """Set (addend 1) or clear (addend -1) clusters [first, first+n); -EAGAIN after creating a refcount block, with
-    the clusters already updated reverted, as QEMU's error path does."""
+    the clusters already updated reverted, as QEMU's error path does. One dirtying lookup per run of clusters in
+    one block; a decrease first makes the refcount cache depend on the L2 cache."""
+    if n <= 0:
+        return 0
+    if addend < 0:
+        log(rlog, rst, 0, R_RC_DEPENDS, 1)
+    last_block = -1
     for cluster in range(first, first + n):
         block_index = cluster >> alloc[REFBLOCK_BITS]
         if block_index >= covered.shape[0]:
             alloc[OVERFLOW] = 1
             return 0
         if covered[block_index] == 0:
-            ret = _alloc_refcount_block(used, covered, alloc, cluster)
+            ret = _alloc_refcount_block(used, covered, alloc, rlog, rst, cluster)
             if alloc[FREE_INDEX] > first:  # "try the same ones first to see if they're still free"
                 alloc[FREE_INDEX] = first
+            if cluster > first:  # the undo: update_refcount of the clusters done, the other way
+                if addend > 0:  # undoing an increase is a decrease
+                    log(rlog, rst, 0, R_RC_DEPENDS, 1)
+                undo_block = -1
+                for done in range(first, cluster):
+                    if done >> alloc[REFBLOCK_BITS] != undo_block:
+                        undo_block = done >> alloc[REFBLOCK_BITS]
+                        log(rlog, rst, undo_block, R_GET_DIRTY, 1)
             for done in range(first, cluster):  # revert
                 _set_used(used, alloc, done, 0 if addend > 0 else 1)
                 if addend > 0 and done < alloc[FREE_INDEX]:
                     alloc[FREE_INDEX] = done
             return ret
+        if block_index != last_block:
+            last_block = block_index
+            log(rlog, rst, block_index, R_GET_DIRTY, 1)
         if addend > 0:
             _set_used(used, alloc, cluster, 1)
         else:
@@ -179,27 +273,28 @@ def update_refcount(used, covered, alloc, first, n, addend):
 
 
 @njit(cache=True)
-def alloc_clusters(used, covered, alloc, n):
+def alloc_clusters(used, covered, alloc, rlog, rst, n):
     """qcow2_alloc_clusters: first host cluster of n newly allocated, contiguous clusters."""
     while True:
-        first = alloc_clusters_noref(used, alloc, n)
-        if update_refcount(used, covered, alloc, first, n, 1) != EAGAIN:
+        first = alloc_clusters_noref(used, covered, alloc, rlog, rst, n)
+        if update_refcount(used, covered, alloc, rlog, rst, first, n, 1) != EAGAIN:
             return first
 
 
 @njit(cache=True)
-def alloc_clusters_at(used, covered, alloc, first, n):
-    """qcow2_alloc_clusters_at: allocate up to n clusters exactly at ``first``; how many it got (0 if taken)."""
+def alloc_clusters_at(used, covered, alloc, rlog, rst, first, n):
+    """qcow2_alloc_clusters_at: allocate up to n clusters exactly at ``first``; how many it got (0 if taken). One
+    qcow2_get_refcount per cluster checked, the used one that stops the run included."""
     if n == 0:
         return 0
     while True:
         free = 0
-        while free < n and not _is_used(used, first + free):
+        while free < n and not get_refcount(used, covered, alloc, rlog, rst, first + free):
             free += 1
-        if update_refcount(used, covered, alloc, first, free, 1) != EAGAIN:
+        if update_refcount(used, covered, alloc, rlog, rst, first, free, 1) != EAGAIN:
             return free
 
 
 @njit(cache=True)
-def free_cluster(used, covered, alloc, cluster):
-    update_refcount(used, covered, alloc, cluster, 1, -1)
+def free_cluster(used, covered, alloc, rlog, rst, cluster):
+    update_refcount(used, covered, alloc, rlog, rst, cluster, 1, -1)

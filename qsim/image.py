@@ -20,7 +20,7 @@ from .engine import run_kernel
 from .errors import QsimError
 from .geometry import ImageGeometry
 from .imageopts import ImageOptions
-from .imagestate import SLOT_NONE, ImageState, fresh_image
+from .imagestate import SLOT_NONE, ImageState, as_opened, fresh_image
 from .trace import Trace
 
 def build_image(geometry: ImageGeometry, options: ImageOptions = ImageOptions()) -> ImageState:
@@ -31,11 +31,11 @@ def build_image(geometry: ImageGeometry, options: ImageOptions = ImageOptions())
         creation = resolve_cache(geometry)
         state = run_kernel(state, _prealloc_requests(geometry), creation.l2_cache_entry_size, record=False,
                            reopen=True).image
-        return _describe(state, "preallocation=metadata")
+        return _describe(as_opened(state, state.clusters_allocated), "preallocation=metadata")
     if options.fill > 0:
         state = run_kernel(state, _fill_requests(geometry, options.fill, options.seed),
                            min(geometry.cluster_size, 4096), record=False, reopen=True).image
-        return _describe(state, f"fill={options.fill:g},seed={options.seed}")
+        return _describe(as_opened(state, 0), f"fill={options.fill:g},seed={options.seed}")
     return state
 
 
@@ -98,6 +98,9 @@ def image_from_qcow2(img) -> ImageState:
     alloc[hostalloc.REFTABLE_CLUSTER] = img.header.refcount_table_offset // g.cluster_size
     used = (img.refcounts > 0).astype(np.uint8)
     alloc[hostalloc.HIGH_WATER] = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
+    info = os.stat(img.path)  # what the preallocation scan at QEMU's open reads: st_blocks, the length
+    alloc[hostalloc.ALLOCATED_AT_OPEN] = info.st_blocks * 512
+    alloc[hostalloc.FILE_CLUSTERS_AT_OPEN] = -(-info.st_size // g.cluster_size)
     return ImageState(
         geometry=g,
         n_tables=len(tables),

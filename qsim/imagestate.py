@@ -103,11 +103,12 @@ def fresh_image(geometry: ImageGeometry, backing: bool = False) -> ImageState:
     used = np.zeros(host_clusters, dtype=np.uint8)
     covered = np.zeros((host_clusters >> refblock_bits) + 2, dtype=np.uint8)
     covered[0] = 1  # qcow2_co_create writes refcount block 0 at cluster 2, before anything is allocated
-    hostalloc.alloc_clusters(used, covered, alloc, 3)  # header, refcount table, refcount block
+    rlog, rst = hostalloc.no_log()
+    hostalloc.alloc_clusters(used, covered, alloc, rlog, rst, 3)  # header, refcount table, refcount block
     if l1_clusters:
-        hostalloc.alloc_clusters(used, covered, alloc, l1_clusters)
+        hostalloc.alloc_clusters(used, covered, alloc, rlog, rst, l1_clusters)
     alloc[hostalloc.FREE_INDEX] = 0  # the image is opened afresh
-    return ImageState(
+    state = ImageState(
         geometry=geometry,
         n_tables=0,
         table_slot=np.full(geometry.l1_entries, SLOT_NONE, dtype=np.int32),
@@ -121,3 +122,27 @@ def fresh_image(geometry: ImageGeometry, backing: bool = False) -> ImageState:
         has_backing_file=backing,
         description="preallocation=off",
     )
+    return as_opened(state, 0)
+
+
+# What qemu-img create leaves allocated on this machine's ext4 /tmp (st_blocks * 512): every metadata cluster
+# written whole, the L1 table's bytes rounded up to a 4 KiB filesystem block, preallocated data clusters sparse.
+FS_BLOCK_BYTES = 4096
+
+
+def as_opened(state: ImageState, data_clusters_unwritten: int) -> ImageState:
+    """The state as QEMU's next open sees it: the file's length and allocated bytes at open (what the preallocation
+    scan reads) estimated for a synthetic image: metadata written whole, ``data_clusters_unwritten`` host clusters
+    allocated but never written (metadata preallocation) left out, the L1 table in 4 KiB filesystem blocks."""
+    g = state.geometry
+    alloc = state.alloc_state
+    l1_bytes = g.l1_entries * L1_ENTRY_BYTES
+    l1_clusters = -(-l1_bytes // g.cluster_size)
+    used = int(np.count_nonzero(state.host_used))
+    written = (used - l1_clusters - data_clusters_unwritten) * g.cluster_size + \
+        -(-l1_bytes // FS_BLOCK_BYTES) * FS_BLOCK_BYTES
+    alloc[hostalloc.ALLOCATED_AT_OPEN] = written
+    alloc[hostalloc.FILE_CLUSTERS_AT_OPEN] = alloc[hostalloc.HIGH_WATER]
+    alloc[hostalloc.USED_DELTA] = 0
+    alloc[hostalloc.FREE_INDEX] = 0
+    return state

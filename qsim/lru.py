@@ -561,6 +561,20 @@ class CacheModel:
         del self.distances
         self.dirty_state = None
 
+    def recency(self) -> np.ndarray:
+        """The keys cached, most recently used first (the largest cache's, when each size is simulated)."""
+        if self.direct:
+            prev, nxt, resident, dirty, stamp, s = self.sims[-1]
+            out = []
+            k = int(s[S_HEAD])
+            while k >= 0:
+                out.append(k)
+                k = int(nxt[k])
+            return np.asarray(out, np.int64)
+        mark = self.distances.mark_of_key
+        seen = np.flatnonzero(mark > 0)
+        return seen[np.argsort(mark[seen])[::-1]]
+
     def _cleaned_live(self, entries: int) -> int:
         """Entries a cache of ``entries`` lost to the one-pass cleans: of the dropped bottom of the stack, those
         within its top ``entries``."""

@@ -63,6 +63,10 @@ class QemuCounts:
     l2_writebacks_at_close: int
     refcount_lookups: int
     refcount_misses: int
+    refcount_disk_reads: int
+    refcount_evictions: int
+    refcount_writebacks: int
+    refcount_writebacks_at_close: int
     image_file_bytes: int
 
     def to_dict(self) -> dict[str, int]:
@@ -155,10 +159,12 @@ def _whole_clusters(file_bytes: int, image: str) -> int:
 
 
 def parse_cache_trace(log: str) -> dict[str, int]:
-    """Count L2 (is_l2_cache 1) and refcount (0) cache events; write-backs after the end marker are the close's."""
+    """Count L2 (is_l2_cache 1) and refcount (0) cache events, the same way for both; write-backs after the end
+    marker are the close's."""
     c = dict(l2_lookups=0, l2_misses=0, l2_disk_reads=0, l2_evictions=0, l2_writebacks=0, l2_writebacks_at_close=0,
-             refcount_lookups=0, refcount_misses=0)
-    filled: set[str] = set()
+             refcount_lookups=0, refcount_misses=0, refcount_disk_reads=0, refcount_evictions=0,
+             refcount_writebacks=0, refcount_writebacks_at_close=0)
+    filled: dict[bool, set[str]] = {True: set(), False: set()}
     closing = False
     reads_disk = False  # the last get's read_from_disk: get_read is traced for get_empty too
     with open(log, encoding="utf-8", errors="replace") as f:
@@ -171,22 +177,20 @@ def parse_cache_trace(log: str) -> dict[str, int]:
             if not name.startswith("qcow2_cache_"):
                 continue
             l2 = " is_l2_cache 1" in rest
+            cache = "l2_" if l2 else "refcount_"
             if name == "qcow2_cache_get":
-                c["l2_lookups" if l2 else "refcount_lookups"] += 1
+                c[cache + "lookups"] += 1
                 reads_disk = rest.rstrip().endswith("read_from_disk 1")
             elif name == "qcow2_cache_get_replace_entry":
-                if l2:
-                    c["l2_misses"] += 1
-                    index = rest.rsplit(" ", 1)[-1].strip()
-                    if index in filled:
-                        c["l2_evictions"] += 1
-                    filled.add(index)
-                else:
-                    c["refcount_misses"] += 1
-            elif name == "qcow2_cache_get_read" and l2 and reads_disk:
-                c["l2_disk_reads"] += 1
-            elif name == "qcow2_cache_entry_flush" and l2:
-                c["l2_writebacks_at_close" if closing else "l2_writebacks"] += 1
+                c[cache + "misses"] += 1
+                index = rest.rsplit(" ", 1)[-1].strip()
+                if index in filled[l2]:
+                    c[cache + "evictions"] += 1
+                filled[l2].add(index)
+            elif name == "qcow2_cache_get_read" and reads_disk:
+                c[cache + "disk_reads"] += 1
+            elif name == "qcow2_cache_entry_flush":
+                c[cache + ("writebacks_at_close" if closing else "writebacks")] += 1
     return c
 
 

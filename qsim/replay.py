@@ -19,7 +19,10 @@ from .errors import QsimError, UsageError
 from .geometry import ImageGeometry, measure
 from .image import ChainLayer, backing_chain as read_backing_chain, build_image, image_from_qcow2
 from .imagestate import ImageState
+from .codes import R_FLUSH, R_L2_FLUSH
+from .hostalloc import RL_KIND
 from .lru import CacheCounts, CacheModel
+from .refcache import CoupledCaches, RefcountCounts
 from .scenario import DEFAULT_CACHE_CLEAN_INTERVAL, ImageSpec, Scenario
 from .trace import Trace, apply_offset_policy
 from .units import format_size
@@ -147,6 +150,23 @@ class _SliceGroup:
     run: KernelRun
     model: CacheModel
     backing: _Layer | None
+    pairs: list[tuple[int, int]] = None  # (L2 entries, refcount entries) of each chosen configuration
+    coupled: dict | None = None  # pair -> CoupledCaches, from the first refcount-cache operation on
+
+    def feed_refcount(self, key: np.ndarray, kind: np.ndarray, rlog: np.ndarray) -> None:
+        """The coupled caches of every pair, started at the first refcount operation that is not a bare flush (an
+        image that was only read until then has a clean L2 cache, seeded from the one-pass model's recency)."""
+        if self.coupled is None:
+            kinds = rlog[:, RL_KIND]
+            if not ((kinds != R_L2_FLUSH) & (kinds != R_FLUSH)).any():
+                return
+            seed = self.model.recency() if self.model.lookups else None
+            self.coupled = {pair: CoupledCaches(*pair, self.run.n_keys, seed_keys=seed) for pair in set(self.pairs)}
+        for caches in self.coupled.values():
+            caches.feed(key, kind, rlog)
+
+    def refcount_counts(self, k: int) -> RefcountCounts | None:
+        return None if self.coupled is None else self.coupled[self.pairs[k]].finish()
 
 
 def _slice_groups(state: ImageState, below: tuple[ImageState, ...], configs: list[CacheConfig], scenario: Scenario,
@@ -159,7 +179,9 @@ def _slice_groups(state: ImageState, below: tuple[ImageState, ...], configs: lis
         run = KernelRun(state, entry_size, scenario.cache_mode == "writethrough", below=sizes,
                         fast_paths=fast_paths, discard=scenario.discard, discard_no_unref=scenario.discard_no_unref)
         model = CacheModel(run.n_keys, [configs[k].l2_cache_entries for k in chosen])
-        groups.append(_SliceGroup(entry_size, chosen, run, model, _Layer.open(below, layer_configs, fast_paths)))
+        pairs = [(configs[k].l2_cache_entries, configs[k].refcount_cache_entries) for k in chosen]
+        groups.append(_SliceGroup(entry_size, chosen, run, model, _Layer.open(below, layer_configs, fast_paths),
+                                  pairs))
     return groups
 
 
@@ -200,6 +222,9 @@ def _clean(groups: list[_SliceGroup], ticks: int, backing_ticks: int) -> None:
     for group in groups:
         if ticks:
             group.model.clean(ticks)
+            if group.coupled is not None:
+                for caches in group.coupled.values():
+                    caches.clean(ticks)
         layer = group.backing
         while backing_ticks and layer is not None:  # every qcow2 node of the chain has its own timer
             layer.model.clean(backing_ticks)
@@ -220,6 +245,8 @@ def _feed_chunk(groups: list[_SliceGroup], chunk: Trace, progress, share_stage_1
             group.run.cnt += finest.cnt - before  # the same requests, reads and bytes; a read-only image is unchanged
             continue
         for events in group.run.feed(chunk, progress if n == 0 else None):
+            if len(events.refcount_log) or group.coupled is not None:
+                group.feed_refcount(events.key, events.kind, events.refcount_log)  # seeded before this chunk
             group.model.feed(events.key, events.kind, events.flush_at)
             if n == 0 and shared:
                 for coarse in groups[1:]:
@@ -277,8 +304,9 @@ def replay(
     rows: list[dict | None] = [None] * len(configs)
     for group in groups:
         chain_columns = group.backing.columns() if group.backing is not None else {}
-        for k, counts in zip(group.chosen, group.model.finish()):
-            rows[k] = _row(source, image, group.run, configs[k], counts, scenario, scenario.caches[k])
+        for n, (k, counts) in enumerate(zip(group.chosen, group.model.finish())):
+            rows[k] = _row(source, image, group.run, configs[k], counts, scenario, scenario.caches[k],
+                           group.refcount_counts(n))
             rows[k].update(cache_clean_interval=interval, cache_clean_ticks=timer.fired, l2_cleaned=counts.cleaned)
             rows[k]["backing_depth"] = max(len(loaded.chain), len(loaded.below), int(image.has_backing_file))
             rows[k].update(chain_columns)
@@ -291,11 +319,23 @@ def asked_spelling(size: int | None) -> str:
 
 
 def _row(source: str, image: ImageState, run: KernelRun, config: CacheConfig, counts: CacheCounts,
-         scenario: Scenario, settings: CacheSettings) -> dict:
+         scenario: Scenario, settings: CacheSettings, rc: RefcountCounts | None = None) -> dict:
     g = image.geometry
     counters = run.counters
     entry = config.l2_cache_entry_size
     reasons = inexact_reasons(run, config)
+    if rc is not None and rc.divergence:
+        # QEMU's refcount cache flushed the L2 cache where stage 1's stream did not (or the other way): the coupled
+        # run's L2 counters are QEMU's (misses and lookups are the same either way)
+        counts = replace(counts, disk_reads=rc.l2_disk_reads, evictions=rc.l2_evictions,
+                         writebacks=rc.l2_writebacks, writebacks_at_close=rc.l2_writebacks_at_close)
+    refcount = dict(refcount_lookups=0, refcount_misses=0, refcount_disk_reads=0, refcount_evictions=0,
+                    refcount_writebacks=0, refcount_writebacks_at_close=0)
+    if rc is not None:
+        refcount = dict(refcount_lookups=rc.lookups, refcount_misses=rc.misses, refcount_disk_reads=rc.disk_reads,
+                        refcount_evictions=rc.evictions, refcount_writebacks=rc.writebacks,
+                        refcount_writebacks_at_close=rc.writebacks_at_close)
+    cluster = g.cluster_size
     return {
         "trace": source,
         "virtual_size": g.virtual_size,
@@ -324,8 +364,9 @@ def _row(source: str, image: ImageState, run: KernelRun, config: CacheConfig, co
         "l2_writebacks": counts.writebacks,
         "l2_writebacks_at_close": counts.writebacks_at_close,
         "l2_hit_ratio": counts.hits / counts.lookups if counts.lookups else 1.0,
-        "metadata_read_bytes": counts.disk_reads * entry,
-        "metadata_write_bytes": counts.writebacks * entry,
+        **refcount,
+        "metadata_read_bytes": counts.disk_reads * entry + refcount["refcount_disk_reads"] * cluster,
+        "metadata_write_bytes": counts.writebacks * entry + refcount["refcount_writebacks"] * cluster,
         "cow_read_bytes": counters["cow_read_bytes"],
         "cow_write_bytes": counters["cow_write_bytes"],
         "zero_fill_bytes": counters["zero_fill_bytes"],
@@ -357,23 +398,7 @@ def inexact_reasons(run: KernelRun, config: CacheConfig) -> list[str]:
     if counters["racing_split_writes"]:
         reasons.append(f"{counters['racing_split_writes']} writes split into parts that QEMU runs as parallel tasks "
                        "while a later part flushes the L2 cache: QEMU's own write-backs vary from run to run")
-    if _refcount_cache_may_flush_l2(run, config):
-        reasons.append("QEMU's refcount cache (not modelled) may have written the L2 cache back after a refcount "
-                       "drop, when one of its dirty blocks was evicted")
     return reasons
-
-
-def _refcount_cache_may_flush_l2(run: KernelRun, config: CacheConfig) -> bool:
-    """Whether QEMU's refcount cache (not modelled) may have flushed the L2 cache: after a refcount drop (a
-    discard, a COW of a shared cluster) it depends on the L2 cache until its next flush, and evicting one of its
-    dirty blocks then writes the L2 cache back first. Evictions need more refcount blocks in use than it has
-    entries; with a host file that fewer blocks describe, the counters are exact."""
-    if not run.counters["refcount_drops"]:
-        return False
-    g = run.image.geometry
-    refcounts_per_block = g.cluster_size * 8 // g.refcount_bits
-    blocks = -(-run.image.file_bytes // g.cluster_size // refcounts_per_block)
-    return blocks > config.refcount_cache_entries
 
 
 __all__ = ["replay", "load_image", "default_virtual_size", "ReplayResult", "QsimError"]

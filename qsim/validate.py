@@ -13,8 +13,9 @@ from .trace import Trace, apply_offset_policy
 
 COMPARED = ("l2_lookups", "l2_misses", "l2_disk_reads", "l2_evictions", "l2_writebacks", "l2_writebacks_at_close",
             "image_file_bytes")
-# Counted on both sides once qsim models them (the refcount cache): compared as soon as a qsim row has them.
-WHEN_MODELLED = ("refcount_lookups", "refcount_misses")
+# The refcount cache's counters, compared whenever a qsim row has them (every row does now)
+WHEN_MODELLED = ("refcount_lookups", "refcount_misses", "refcount_disk_reads", "refcount_evictions",
+                 "refcount_writebacks", "refcount_writebacks_at_close")
 CLEANING_NOTE = ("compared with cache cleaning off: qemu-io never runs the cleaner (its timer is on "
                  "QEMU_CLOCK_VIRTUAL, which only a running VM enables); see qsim.qemusystem for timed replays")
 

@@ -15,7 +15,7 @@ LAYERS = [
     ("vocabulary", {"codes", "errors", "units", "bitops", "safeio", "progress"}),
     ("rules", {"geometry", "cachecfg", "imageopts", "sizing", "scenario"}),
     ("inputs", {"trace", "synth", "traceio", "qcow2", "backing", "inspect", "libvirt"}),
-    ("model", {"hostalloc", "imagestate", "stage1", "engine", "lru", "image"}),
+    ("model", {"hostalloc", "imagestate", "stage1", "engine", "lru", "refcache", "image"}),
     ("drivers", {"replay", "sweep", "fleet", "qemu", "qemusystem", "validate", "knapsack", "plan", "capture", "qmp"}),
     ("outputs", {"tables", "plot"}),
     ("cli", {"cli", "__main__", "__init__"}),

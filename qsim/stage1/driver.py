@@ -11,6 +11,7 @@ from ..codes import (DISCARD as OP_DISCARD, FLUSH as OP_FLUSH, PREALLOC as OP_PR
                      STATUS as OP_STATUS, WRITE as OP_WRITE)
 from .discard import discard
 from .lookup import read, status
+from ..hostalloc import RS_COUNT
 from .structs import (C_DISCARD_BYTES, C_DISCARDS, C_FLUSHES, C_READS, C_READ_BYTES, C_REQUESTS, C_WRITES,
                       C_WRITE_BYTES, G_BACKING_MODELLED, G_CLUSTER_BITS, G_DISCARD_UNMAP, G_EXTENDED, G_FAST_PATHS,
                       G_L1_SIZE, G_SC_BITS, G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS, G_WRITETHROUGH,
@@ -47,6 +48,9 @@ def run_requests(r, op, offset, length, first, last):
     sc_mask = (np.int64(1) << scb) - 1
     ev_capacity = okey.shape[0]
     fl_capacity = r.oflush.shape[0]
+    rl_capacity = r.rlog.shape[0]
+    rst = r.rst
+    blocks = r.covered.shape[0]
     recording = ev_capacity > 0
     backing_model = g[G_BACKING_MODELLED]
     writethrough = g[G_WRITETHROUGH]
@@ -73,7 +77,8 @@ def run_requests(r, op, offset, length, first, last):
         n_tables = (n_clusters >> tb) + 2
         bound = n_clusters * (2 * spc + 8) + n_tables * (spt + 8) + 16
         if recording and (events + bound > ev_capacity or st[S_FLUSHES] + n_clusters + n_tables + 2 > fl_capacity
-                          or (backing_model and st[S_BACKING] + bound > r.bqoff.shape[0])):
+                          or (backing_model and st[S_BACKING] + bound > r.bqoff.shape[0])
+                          or rst[RS_COUNT] + 2 * bound + 4 * blocks + 64 > rl_capacity):
             stop = i
             break
         o = op[i]

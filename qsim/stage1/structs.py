@@ -11,6 +11,9 @@ from numba import carray, config, njit, types
 from numba.experimental import structref
 from numba.extending import intrinsic
 
+from ..codes import R_L2_FLUSH
+from ..hostalloc import RS_AT, log
+
 # geometry/options vector (int64) indices
 (G_CLUSTER_BITS, G_TABLE_BITS, G_SLICE_BITS, G_SC_BITS, G_EXTENDED, G_SPC, G_SLICES_PER_TABLE, G_L1_SIZE,
  G_HAS_BACKING_FILE, G_WRITETHROUGH, G_BACKING_MODELLED, G_BACKING_SIZE, G_FAST_PATHS, G_VIRTUAL_SIZE,
@@ -19,8 +22,14 @@ GEOMETRY_SIZE = 16
 # run state (int64) indices. S_REFCOUNT_DEPENDS_ON_L2: the refcount cache depends on the L2 cache (QEMU's
 # qcow2_cache_set_dependency after a refcount decrease), so the next flush of the refcount cache, or the next
 # L2 link, flushes the whole L2 cache first.
-S_EVENTS, S_FLUSHES, S_SLOTS, S_BACKING, S_REFCOUNT_DEPENDS_ON_L2 = range(5)
-STATE_SIZE = 5
+# S_SCANNED: qcow2_detect_metadata_preallocation has run (once per open); S_REQUEST_HIGH_WATER: one past the last
+# host cluster written before the data of the current write (its new L2 tables are written by l2_allocate);
+# S_REQUEST_DATA: data clusters the current write allocated (not yet written when its zero-checks run);
+# S_WRITTEN_BYTES: bytes the image file gained on disk since the open (new metadata clusters whole, data as written
+# in 4 KiB filesystem blocks, less freed clusters): what st_blocks says at the preallocation scan.
+S_EVENTS, S_FLUSHES, S_SLOTS, S_BACKING, S_REFCOUNT_DEPENDS_ON_L2, S_SCANNED, S_REQUEST_HIGH_WATER, \
+    S_REQUEST_DATA, S_WRITTEN_BYTES = range(9)
+STATE_SIZE = 9
 # counters (int64) indices
 (C_REQUESTS, C_READS, C_WRITES, C_FLUSHES, C_DISCARDS, C_READ_BYTES, C_WRITE_BYTES, C_COW_READ_BYTES,
  C_COW_WRITE_BYTES, C_ZERO_FILL_BYTES, C_TABLES_ALLOCATED, C_CLUSTERS_ALLOCATED, C_ZERO_CHECKS,
@@ -68,12 +77,13 @@ class Run(structref.StructRefProxy):
     reading a nested struct), the qcow2 layers of the backing chain below it, nearest first, ``below`` (a list of
 L2Views: what the zero-check asks of the chain), the host allocator's maps (``used``,
     ``covered``, ``alloc``: see qsim.hostalloc), event buffers (``okey``, ``okind``, ``oflush``), the backing-request
-    queue (``bqoff``, ``bqlen``, ``bqkind``), run state ``state`` (S_*), counters ``cnt`` (C_*) and scratch rows for
-    QCowL2Meta (``metas``) and write parts (``part_first``, ``part_last``)."""
+    queue (``bqoff``, ``bqlen``, ``bqkind``), run state ``state`` (S_*), counters ``cnt`` (C_*), the refcount-cache
+    log (``rlog``, ``rst``: see qsim.hostalloc) and scratch rows for QCowL2Meta (``metas``) and write parts
+    (``part_first``, ``part_last``)."""
 
 
 RUN_FIELDS = L2_VIEW_FIELDS + ["below", "used", "covered", "alloc", "okey", "okind", "oflush", "state", "bqoff",
-                               "bqlen", "bqkind", "cnt", "metas", "part_first", "part_last"]
+                               "bqlen", "bqkind", "cnt", "rlog", "rst", "metas", "part_first", "part_last"]
 structref.define_proxy(Run, RunType, RUN_FIELDS)
 
 
@@ -82,12 +92,12 @@ if config.DISABLE_JIT:  # plain Python (the tests' reference run of this same co
         return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits)
 
     def new_run(g, tslot, thost, ehost, eflags, ebits, below, used, covered, alloc, okey, okind, oflush, state, bqoff,
-                bqlen, bqkind, cnt):
+                bqlen, bqkind, cnt, rlog, rst):
         metas, part_first, part_last = _scratch_rows()
         return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits, below=below,
                                used=used, covered=covered, alloc=alloc, okey=okey, okind=okind, oflush=oflush,
-                               state=state, bqoff=bqoff, bqlen=bqlen, bqkind=bqkind, cnt=cnt, metas=metas,
-                               part_first=part_first, part_last=part_last)
+                               state=state, bqoff=bqoff, bqlen=bqlen, bqkind=bqkind, cnt=cnt, rlog=rlog, rst=rst,
+                               metas=metas, part_first=part_first, part_last=part_last)
 else:
     @intrinsic
     def _as_pointer(typingctx, address):
@@ -108,14 +118,14 @@ else:
 
     @njit(cache=True)
     def new_run(g, tslot, thost, ehost, eflags, ebits, below, used, covered, alloc, okey, okind, oflush, state, bqoff,
-                bqlen, bqkind, cnt):
+                bqlen, bqkind, cnt, rlog, rst):
         """A Run over the image's arrays (L2View's fields) and the chain's qcow2 layers ``below`` (a typed list of
         L2Views); run_requests sizes its scratch rows."""
         metas, part_first, part_last = _scratch_rows()
         return Run(_borrowed(g), _borrowed(tslot), _borrowed(thost), _borrowed(ehost), _borrowed(eflags),
                    _borrowed(ebits), below, _borrowed(used), _borrowed(covered), _borrowed(alloc), _borrowed(okey),
                    _borrowed(okind), _borrowed(oflush), _borrowed(state), _borrowed(bqoff), _borrowed(bqlen),
-                   _borrowed(bqkind), _borrowed(cnt), metas, part_first, part_last)
+                   _borrowed(bqkind), _borrowed(cnt), _borrowed(rlog), _borrowed(rst), metas, part_first, part_last)
 
 
 @njit(cache=True)
@@ -135,12 +145,27 @@ def emit(r, key, kind):
 
 
 @njit(cache=True)
-def flush(r):
+def l2_flush_only(r):
+    """A whole L2-cache flush in the L2 stream (its refcount-log marker is the caller's)."""
     if r.oflush.shape[0] == 0:
         return
     st = r.state
     r.oflush[st[S_FLUSHES]] = st[S_EVENTS]
     st[S_FLUSHES] += 1
+
+
+@njit(cache=True)
+def rc_log(r, key, kind):
+    """One refcount-cache operation (codes.R_*), stamped with the L2 events so far."""
+    r.rst[RS_AT] = r.state[S_EVENTS]
+    log(r.rlog, r.rst, key, kind, 1)
+
+
+@njit(cache=True)
+def flush(r):
+    """A whole L2-cache flush, in the L2 stream and (as R_L2_FLUSH) in the refcount log."""
+    rc_log(r, 0, R_L2_FLUSH)
+    l2_flush_only(r)
 
 
 @njit(cache=True, inline="always")

@@ -9,8 +9,11 @@ from numba import njit
 
 from ..bitops import leading_zeros32, trailing_zeros32
 from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GET_DIRTY, GET_EMPTY, NORMAL,
-                     UNALLOC_ALLOC, ZERO_ALLOC, ZERO_PLAIN)
-from ..hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
+                     R_FLUSH, R_GET_DIRTY, R_L2_DEP_FLUSH, R_L2_DEPENDS, R_RC_DEPENDS, UNALLOC_ALLOC, ZERO_ALLOC,
+                     ZERO_PLAIN)
+from ..hostalloc import (ALLOCATED_AT_OPEN, CLUSTER_BITS as CLUSTER_BITS_, FILE_CLUSTERS_AT_OPEN, HIGH_WATER,
+                         REFBLOCK_BITS, REFBLOCKS_MADE, RS_AT, RS_L2_FLUSHES, alloc_clusters, alloc_clusters_at,
+                         free_cluster, get_refcount)
 from .lookup import (bitmaps, subcluster_type, range_type, host_extent, read, queue_backing, unallocated,
                      zero_below)
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES, C_REFCOUNT_DROPS,
@@ -18,8 +21,8 @@ from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS
                       G_BACKING_MODELLED, G_CLUSTER_BITS, G_EXTENDED, G_SC_BITS,
                       G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS, G_VIRTUAL_SIZE, M_ALLOC, M_END_N,
                       M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP, M_START_N, M_START_OFF, S_EVENTS,
-                      S_FLUSHES, S_REFCOUNT_DEPENDS_ON_L2, S_SLOTS, INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush,
-                      slice_key)
+                      S_FLUSHES, S_REFCOUNT_DEPENDS_ON_L2, S_REQUEST_DATA, S_REQUEST_HIGH_WATER, S_SCANNED, S_SLOTS,
+                      S_WRITTEN_BYTES, INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush, l2_flush_only, rc_log, slice_key)
 
 
 @njit(cache=True)
@@ -39,12 +42,15 @@ def alloc_flushing(r, at, n):
     block on the way flushes the L2 cache first (alloc_refcount_block), once per block."""
     alloc = r.alloc
     before = alloc[REFBLOCKS_MADE]
+    r.rst[RS_AT] = r.state[S_EVENTS]
+    r.rst[RS_L2_FLUSHES] = 0
     if at < 0:
-        result = alloc_clusters(r.used, r.covered, alloc, n)
+        result = alloc_clusters(r.used, r.covered, alloc, r.rlog, r.rst, n)
     else:
-        result = alloc_clusters_at(r.used, r.covered, alloc, at, n)
-    for _ in range(alloc[REFBLOCKS_MADE] - before):
-        flush(r)
+        result = alloc_clusters_at(r.used, r.covered, alloc, r.rlog, r.rst, at, n)
+    for _ in range(r.rst[RS_L2_FLUSHES]):  # alloc_refcount_block's L2 flushes (their markers are in the log)
+        l2_flush_only(r)
+    r.state[S_WRITTEN_BYTES] += (alloc[REFBLOCKS_MADE] - before) << alloc[CLUSTER_BITS_]
     if alloc[REFBLOCKS_MADE] != before:  # its refcount-cache flush cleared the refcount cache's dependency
         r.state[S_REFCOUNT_DEPENDS_ON_L2] = 0
     return result
@@ -56,7 +62,8 @@ def flush_refcount_dependency(r):
     the refcount cache was last written), flushing the refcount cache (l2_allocate) or making the L2 cache depend
     on it (an L2 link) first flushes the whole L2 cache."""
     if r.state[S_REFCOUNT_DEPENDS_ON_L2]:
-        flush(r)
+        rc_log(r, 0, R_L2_DEP_FLUSH)
+        l2_flush_only(r)
         r.state[S_REFCOUNT_DEPENDS_ON_L2] = 0
 
 
@@ -65,6 +72,7 @@ def guest_flush(r):
     """qcow2_write_caches (a guest flush, writethrough's flush after each write): the L2 cache, then the
     refcount cache, whose dependency on the L2 cache is then cleared."""
     flush(r)
+    rc_log(r, 0, R_FLUSH)
     r.state[S_REFCOUNT_DEPENDS_ON_L2] = 0
 
 
@@ -78,8 +86,12 @@ def free_any_cluster(r, host, flags):
     r.state[S_REFCOUNT_DEPENDS_ON_L2] = 1
     r.cnt[C_REFCOUNT_DROPS] += 1
     if not (flags & F_COPIED) or (flags & F_COMPRESSED):
+        rc_log(r, 0, R_RC_DEPENDS)  # the refcount drops in its block, the cluster stays allocated
+        rc_log(r, host >> r.alloc[REFBLOCK_BITS], R_GET_DIRTY)
         return False
-    free_cluster(r.used, r.covered, r.alloc, host)
+    r.rst[RS_AT] = r.state[S_EVENTS]
+    free_cluster(r.used, r.covered, r.alloc, r.rlog, r.rst, host)
+    r.state[S_WRITTEN_BYTES] -= np.int64(1) << r.alloc[CLUSTER_BITS_]  # its hole punched in the file
     return True
 
 
@@ -90,6 +102,9 @@ def l2_allocate(r, l1):
     g = r.g
     host = alloc_flushing(r, -1, 1)
     flush_refcount_dependency(r)
+    rc_log(r, 0, R_FLUSH)  # qcow2_cache_flush(bs, s->refcount_block_cache)
+    r.state[S_REQUEST_HIGH_WATER] = max(r.state[S_REQUEST_HIGH_WATER], host + 1)  # the table is written now
+    r.state[S_WRITTEN_BYTES] += np.int64(1) << g[G_CLUSTER_BITS]
     slot = r.state[S_SLOTS]
     r.state[S_SLOTS] = slot + 1
     r.tslot[l1] = slot
@@ -250,6 +265,7 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
             if nb == 0:
                 break
         r.cnt[C_CLUSTERS_ALLOCATED] += nb
+        r.state[S_REQUEST_DATA] += nb
         cur = min(cur, min(cur + oic, nb * cs) - oic)
         nmeta = _calculate_l2_meta(r, nmeta, host, start, cur, slot, idx, False)
         cluster_offset = (host << cb) + oic
@@ -276,7 +292,9 @@ def _is_zero(r, pos, nbytes):
 def _reads_as_zero(r, pos, nbytes):
     """The block status of [pos, pos + nbytes): one lookup in this image; zero clusters here are zeroes; where this
     image has nothing, the chain below answers (its first qcow2 layer is asked a block-status query in its own
-    cache, and passes on what it lacks)."""
+    cache, and passes on what it lacks). The image's first block-status query scans refcounts first."""
+    if not r.state[S_SCANNED]:
+        detect_metadata_preallocation(r)
     n, t = host_extent(r, r, True, pos, pos + nbytes)
     if t == ZERO_PLAIN or t == ZERO_ALLOC:  # reads as zeroes in this image (BDRV_BLOCK_ZERO), whatever lies below
         return n >= nbytes
@@ -285,6 +303,28 @@ def _reads_as_zero(r, pos, nbytes):
     if r.g[G_BACKING_MODELLED]:
         queue_backing(r, pos, n, BACKING_STATUS)
     return zero_below(r, pos, n) >= nbytes
+
+
+@njit(cache=True)
+def detect_metadata_preallocation(r):
+    """qcow2_detect_metadata_preallocation, once per open at the first block-status query: qcow2_get_refcount of
+    every host cluster from 0 until as many with refcount > 0 as the threshold max(n * 10 / 9, n + 2), or the file's
+    end. n is the file's allocated size in clusters (st_blocks): at open, plus what was written since
+    (S_WRITTEN_BYTES; this write's own data is written after its zero-checks); the length likewise."""
+    r.state[S_SCANNED] = 1
+    alloc = r.alloc
+    cb = alloc[CLUSTER_BITS_]
+    allocated = alloc[ALLOCATED_AT_OPEN] + r.state[S_WRITTEN_BYTES]
+    n = max(allocated, 0) >> cb
+    threshold = max(n * 10 // 9, n + 2)
+    end = max(alloc[FILE_CLUSTERS_AT_OPEN], r.state[S_REQUEST_HIGH_WATER])
+    r.rst[RS_AT] = r.state[S_EVENTS]
+    count = 0
+    i = 0
+    while i < end and count < threshold:
+        if get_refcount(r.used, r.covered, alloc, r.rlog, r.rst, i):
+            count += 1
+        i += 1
 
 
 @njit(cache=True)
@@ -335,8 +375,13 @@ def _link_l2(r, j, prealloc):
             cnt[C_COW_READ_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_READ_LOOKUPS] += r.state[S_EVENTS] - before
+    if not prealloc:  # the data and COW written: whole 4 KiB filesystem blocks of the image file
+        written_from = (m[M_ALLOC] << cb) + (m[M_START_OFF] & ~np.int64(4095))
+        written_to = (m[M_ALLOC] << cb) + ((m[M_END_OFF] + m[M_END_N] + 4095) & ~np.int64(4095))
+        r.state[S_WRITTEN_BYTES] += written_to - written_from
     gc = m[M_GUEST_CLUSTER]
     flush_refcount_dependency(r)  # qcow2_cache_set_dependency(l2, refcount)
+    rc_log(r, 0, R_L2_DEPENDS)
     slot = get_cluster_table(r, gc, GET_DIRTY)
     idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
     written_to_all = m[M_END_OFF] + m[M_END_N]
@@ -375,6 +420,8 @@ def write(r, offset, length, prealloc):
     part_first = r.part_first
     part_last = r.part_last
     flushes_after_first_part = 0
+    r.state[S_REQUEST_HIGH_WATER] = r.alloc[HIGH_WATER]
+    r.state[S_REQUEST_DATA] = 0
     while remaining > 0:
         if parts == 1:
             flushes_after_first_part = r.state[S_FLUSHES]

@@ -64,6 +64,14 @@ def _fill_requests(geometry: ImageGeometry, share: float, seed: int):
     return Trace(np.full(count, WRITE, np.uint8), offsets, lengths.astype(np.uint32))
 
 
+def record_file_at_open(alloc: np.ndarray, path: str, cluster_size: int) -> None:
+    """What QEMU's one-time preallocation scan reads of the image file it opens (``path``): its allocated bytes
+    (st_blocks x 512, which depend on the filesystem) and its length in clusters, into the allocator state."""
+    info = os.stat(path)
+    alloc[hostalloc.ALLOCATED_AT_OPEN] = info.st_blocks * 512
+    alloc[hostalloc.FILE_CLUSTERS_AT_OPEN] = -(-info.st_size // cluster_size)
+
+
 def image_from_qcow2(img) -> ImageState:
     """The state of a real image read by ``qsim.qcow2.open_image``: its tables, entries, host layout and refcounts."""
     from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
@@ -98,9 +106,7 @@ def image_from_qcow2(img) -> ImageState:
     alloc[hostalloc.REFTABLE_CLUSTER] = img.header.refcount_table_offset // g.cluster_size
     used = (img.refcounts > 0).astype(np.uint8)
     alloc[hostalloc.HIGH_WATER] = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
-    info = os.stat(img.path)  # what the preallocation scan at QEMU's open reads: st_blocks, the length
-    alloc[hostalloc.ALLOCATED_AT_OPEN] = info.st_blocks * 512
-    alloc[hostalloc.FILE_CLUSTERS_AT_OPEN] = -(-info.st_size // g.cluster_size)
+    record_file_at_open(alloc, img.path, g.cluster_size)
     return ImageState(
         geometry=g,
         n_tables=len(tables),

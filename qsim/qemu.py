@@ -218,13 +218,14 @@ def _sigterm_stops_cleanly():
 def replay_in_qemu(trace: Trace, virtual_size: int, options: ImageOptions, l2_cache_size: int | None = None,
                    l2_cache_entry_size: int | None = None, cache_mode: str = "writeback",
                    image: str | None = None, progress=None, discard: str = "ignore", discard_no_unref: bool = False,
-                   qemu_io: str | None = None, backing_caches: tuple = ()) -> QemuCounts:
+                   qemu_io: str | None = None, backing_caches: tuple = (), before_run=None) -> QemuCounts:
     """Build the image (or copy ``image``) in a scratch directory, replay, clean up (also on Ctrl-C and SIGTERM).
     ``qemu_io``: which qemu-io (qemu-img from the same folder); default $QSIM_QEMU_IO, else PATH's.
 
     The user's files are never written: qemu-io runs on a copy of the image and, with an external data file, on
     a copy of the data file (qemu-io writes guest data there); backing files are opened read-only where they are
-    (QEMU never writes a backing file it opened read-only), after qsim has checked the whole chain."""
+    (QEMU never writes a backing file it opened read-only), after qsim has checked the whole chain.
+    ``before_run`` is called with the path of the image qemu-io will open, just before it does."""
     with _sigterm_stops_cleanly():
         workdir = tempfile.mkdtemp(prefix="qsim-validate-")
         try:
@@ -234,6 +235,8 @@ def replay_in_qemu(trace: Trace, virtual_size: int, options: ImageOptions, l2_ca
                 extra = scratch_copy(image, path, workdir)
             else:
                 create_image(path, virtual_size, options, workdir, qemu_io)
+            if before_run is not None:
+                before_run(path)
             return run_qemu_io(path, trace, l2_cache_size, l2_cache_entry_size, cache_mode, workdir, progress,
                                discard, discard_no_unref, qemu_io, extra, backing_caches)
         finally:

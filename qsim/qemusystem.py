@@ -125,13 +125,16 @@ def run_timed(binary: str, image: str, trace: Trace, cache_clean_interval: int =
     return TimedRun(counts, worst, tuple(sent))
 
 
-def replay_timed(binary: str, trace: Trace, virtual_size: int, options: ImageOptions, **kwargs) -> TimedRun:
+def replay_timed(binary: str, trace: Trace, virtual_size: int, options: ImageOptions, before_run=None,
+                 **kwargs) -> TimedRun:
     """A scratch image made by qemu-img create (the one on PATH: the format does not depend on its version) with
-    ``options``, replayed by ``run_timed``, cleaned up."""
+    ``options``, replayed by ``run_timed``, cleaned up. ``before_run`` is called with the image's path first."""
     workdir = tempfile.mkdtemp(prefix="qsim-timed-")
     try:
         path = os.path.join(workdir, "image.qcow2")
         create_image(path, virtual_size, options, workdir)
+        if before_run is not None:
+            before_run(path)
         return run_timed(binary, path, trace, workdir=workdir, **kwargs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

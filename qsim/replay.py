@@ -265,6 +265,7 @@ def replay(
     progress=None,
     share_stage_1: bool = True,
     fast_paths: bool = True,
+    loaded: LoadedImage | None = None,
 ) -> ReplayResult:
     """Replay ``trace`` under ``scenario``: one row per cache configuration of ``scenario.caches``, in order.
 
@@ -275,15 +276,16 @@ def replay(
 
     ``state`` (with ``below``, the qcow2 layers of its backing chain whose own caches are modelled, nearest first)
     replaces the scenario's image by a state built in Python (tests, notebooks); it cannot travel to a fleet.
+    ``loaded``: the scenario's image already loaded (``load_image``), e.g. as QEMU opens a given file (validate).
     ``progress`` is called with request counts. ``share_stage_1`` and ``fast_paths`` switch off two of the
     engine's shortcuts; results never depend on them (the tests compare both ways).
     """
     whole = trace if isinstance(trace, Trace) else None
     chunks: Iterable[Trace] = [trace] if whole is not None else trace
-    if state is None:
-        loaded = load_image(scenario.image, whole)
-    else:
+    if state is not None:
         loaded = LoadedImage(state, tuple(below))
+    elif loaded is None:
+        loaded = load_image(scenario.image, whole)
     image = loaded.state
     configs = [resolve_cache(image.geometry, settings, scenario.qemu_version) for settings in scenario.caches]
     groups = _slice_groups(image, loaded.below, configs, scenario, fast_paths)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, replace
 from .errors import UsageError
 from .qcow2 import open_image
 from .qemu import qemu_version, replay_in_qemu
-from .replay import default_virtual_size, replay
+from .image import record_file_at_open
+from .replay import default_virtual_size, load_image, replay
 from .scenario import Scenario
 from .trace import Trace, apply_offset_policy
 
@@ -66,8 +67,15 @@ def validate(trace: Trace, scenario: Scenario, progress=None, qemu_io: str | Non
     # (vm_start), whatever cache-clean-interval says. So the comparison is with cleaning off, on both sides.
     scenario = replace(scenario, image=spec, cache_clean_interval=0)
     trace = apply_offset_policy(trace, virtual_size, scenario.offset_policy)
-    result = replay(trace, scenario)
-    ours = result.rows[0]
+    rows: list[dict] = []
+
+    def qsim_side(path: str) -> None:
+        """qsim's row for the very file QEMU opens: its allocated size (st_blocks, which depends on the filesystem)
+        decides how far QEMU's one-time preallocation scan reads refcounts."""
+        loaded = load_image(spec, trace)
+        record_file_at_open(loaded.state.alloc_state, path, loaded.state.geometry.cluster_size)
+        rows.append(replay(trace, scenario, loaded=loaded).rows[0])
+
     if combined:  # qemu-io cannot take these options with -t; qemu-system's drive can (same counters, cleaning off)
         from .qemusystem import find_qemu_system, replay_timed, system_version
 
@@ -78,7 +86,7 @@ def validate(trace: Trace, scenario: Scenario, progress=None, qemu_io: str | Non
         timed = replay_timed(binary, trace, virtual_size, spec.options, cache_clean_interval=0, time_scale=None,
                              l2_cache_size=settings.l2_cache_size, l2_cache_entry_size=settings.l2_cache_entry_size,
                              cache_size=settings.cache_size, refcount_cache_size=settings.refcount_cache_size,
-                             cache_mode=scenario.cache_mode)
+                             cache_mode=scenario.cache_mode, before_run=qsim_side)
         theirs, version = timed.counts, system_version(binary)
         if progress is not None:
             progress(len(trace))
@@ -86,8 +94,10 @@ def validate(trace: Trace, scenario: Scenario, progress=None, qemu_io: str | Non
         theirs = replay_in_qemu(trace, virtual_size, spec.options, settings.l2_cache_size,
                                 settings.l2_cache_entry_size, scenario.cache_mode, image=spec.path, progress=progress,
                                 discard=scenario.discard, discard_no_unref=scenario.discard_no_unref,
-                                qemu_io=qemu_io, backing_caches=scenario.backing_caches).to_dict()
+                                qemu_io=qemu_io, backing_caches=scenario.backing_caches,
+                                before_run=qsim_side).to_dict()
         version = qemu_version(qemu_io)
+    ours = rows[0]
     shown = COMPARED + tuple(k for k in WHEN_MODELLED if k in ours)
     # QEMU's trace counts every layer's cache (its lines do not say which cache), so qsim's layers are summed
     qsim_counts = {k: ours[k] + sum(ours.get(f"backing{d if d > 1 else ''}_{k}", 0)

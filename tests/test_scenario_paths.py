@@ -11,6 +11,7 @@ pass. ``test_the_table_covers_every_option`` holds the table to the parsers: a n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import io
 import json
@@ -260,14 +261,18 @@ def test_validate_replays_the_same_scenario(name, traces, images, monkeypatch):
     handed = {}
 
     def fake_qemu(trace, virtual_size, options, l2_cache_size, l2_cache_entry_size, cache_mode, image=None,
-                  progress=None, discard="ignore", discard_no_unref=False, qemu_io=None, backing_caches=()):
+                  progress=None, discard="ignore", discard_no_unref=False, qemu_io=None, backing_caches=(),
+                  before_run=None):
+        before_run(image or "<the scratch image>")  # where validate computes its qsim side
         handed.update(virtual_size=virtual_size, options=options, l2_cache_size=l2_cache_size,
                       l2_cache_entry_size=l2_cache_entry_size, cache_mode=cache_mode, image=image,
                       requests=len(trace), discard=discard, discard_no_unref=discard_no_unref,
                       backing_caches=backing_caches)
-        return QemuCounts(0, 0, 0, 0, 0, 0, 0, 0, 0)
+        return QemuCounts(**{f.name: 0 for f in dataclasses.fields(QemuCounts)})
 
     monkeypatch.setattr(validate_module, "replay_in_qemu", fake_qemu)
+    # the file QEMU would open is the image itself (no scratch copy here): what replay reads of it at open stays
+    monkeypatch.setattr(validate_module, "record_file_at_open", lambda alloc, path, cluster_size: None)
     monkeypatch.setattr("qsim.qemu.find_tool", lambda name, qemu_io=None: name)
     monkeypatch.setattr(validate_module, "qemu_version", lambda qemu_io=None: "7.2.22 (stub)")
     status, out, err = run_cli(["validate", traces[row.trace], *args, "--output=json"])

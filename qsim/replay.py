@@ -19,8 +19,8 @@ from .errors import QsimError, UsageError
 from .geometry import ImageGeometry, measure
 from .image import ChainLayer, backing_chain as read_backing_chain, build_image, image_from_qcow2
 from .imagestate import ImageState
-from .codes import R_FLUSH, R_L2_FLUSH
-from .hostalloc import RL_KIND
+from .codes import GET, R_FLUSH, R_L2_FLUSH
+from .hostalloc import RL_KEY, RL_KIND, RL_REPEAT
 from .lru import CacheCounts, CacheModel
 from .refcache import CoupledCaches, RefcountCounts
 from .scenario import DEFAULT_CACHE_CLEAN_INTERVAL, ImageSpec, Scenario
@@ -112,7 +112,9 @@ class _Layer:
     config: CacheConfig
     run: KernelRun
     model: CacheModel
+    refcount: CacheModel  # its refcount cache: a read-only layer's only use of it is the one-time scan
     below: _Layer | None
+    refcount_repeats: int = 0  # lookups beyond the first of each log row (hits: the row's block was just used)
 
     @classmethod
     def open(cls, below: tuple[ImageState, ...], configs: list[CacheConfig], fast_paths: bool) -> _Layer | None:
@@ -121,11 +123,17 @@ class _Layer:
         sizes = tuple(zip(below, (c.l2_cache_entry_size for c in configs)))
         run = KernelRun(below[0], configs[0].l2_cache_entry_size, below=sizes[1:], fast_paths=fast_paths)
         return cls(configs[0], run, CacheModel(run.n_keys, [configs[0].l2_cache_entries]),
+                   CacheModel(max(len(below[0].refblock_covered), 1), [configs[0].refcount_cache_entries]),
                    cls.open(below[1:], configs[1:], fast_paths))
 
     def feed(self, asked) -> None:
         for chunk in self.run.feed(asked.backing_trace()):
             self.model.feed(chunk.key, chunk.kind, chunk.flush_at)
+            log = chunk.refcount_log
+            if len(log):  # the layer's first block-status query scanned its refcounts (lookups only: read-only)
+                self.refcount.feed(np.ascontiguousarray(log[:, RL_KEY]), np.full(len(log), GET, np.uint8),
+                                   np.zeros(0, np.int64))
+                self.refcount_repeats += int(log[:, RL_REPEAT].sum()) - len(log)
             if self.below is not None and len(chunk.backing_offset):
                 self.below.feed(chunk)
 
@@ -137,6 +145,11 @@ class _Layer:
                prefix + "l2_cache_entry_size": self.config.l2_cache_entry_size,
                prefix + "l2_lookups": counts.lookups, prefix + "l2_misses": counts.misses,
                prefix + "l2_disk_reads": counts.disk_reads, prefix + "l2_evictions": counts.evictions}
+        rc = self.refcount.finish()[0]
+        out |= {prefix + "refcount_lookups": rc.lookups + self.refcount_repeats,
+                prefix + "refcount_misses": rc.misses, prefix + "refcount_disk_reads": rc.disk_reads,
+                prefix + "refcount_evictions": rc.evictions, prefix + "refcount_writebacks": 0,
+                prefix + "refcount_writebacks_at_close": 0}
         return out | (self.below.columns(depth + 1) if self.below is not None else {})
 
 

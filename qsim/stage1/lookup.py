@@ -9,8 +9,10 @@ from numba import njit
 from ..bitops import trailing_zeros32
 from ..codes import (BACKING_READ, BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_ZERO, GET, NORMAL, UNALLOC_ALLOC,
                      UNALLOC_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
+from ..hostalloc import ALLOCATED_AT_OPEN, CLUSTER_BITS, FILE_CLUSTERS_AT_OPEN, RS_AT, get_refcount
 from .structs import (G_BACKING_MODELLED, G_BACKING_SIZE, G_CLUSTER_BITS, G_EXTENDED, G_HAS_BACKING_FILE, G_SC_BITS,
-                      G_SLICE_BITS, G_SPC, G_L1_SIZE, G_TABLE_BITS, S_BACKING, emit, slice_key)
+                      G_SLICE_BITS, G_SPC, G_L1_SIZE, G_TABLE_BITS, S_BACKING, S_EVENTS, S_REQUEST_HIGH_WATER,
+                      S_SCANNED, S_WRITTEN_BYTES, emit, slice_key)
 
 
 @njit(cache=True, inline="always")
@@ -146,9 +148,34 @@ def unallocated(t):
 
 
 @njit(cache=True)
+def detect_metadata_preallocation(r):
+    """qcow2_detect_metadata_preallocation, once per open at the first block-status query: qcow2_get_refcount of
+    every host cluster from 0 until as many with refcount > 0 as the threshold max(n * 10 / 9, n + 2), or the file's
+    end. n is the file's allocated size in clusters (st_blocks): at open, plus what was written since
+    (S_WRITTEN_BYTES; this write's own data is written after its zero-checks); the length likewise."""
+    r.state[S_SCANNED] = 1
+    alloc = r.alloc
+    cb = alloc[CLUSTER_BITS]
+    allocated = alloc[ALLOCATED_AT_OPEN] + r.state[S_WRITTEN_BYTES]
+    n = max(allocated, 0) >> cb
+    threshold = max(n * 10 // 9, n + 2)
+    end = max(alloc[FILE_CLUSTERS_AT_OPEN], r.state[S_REQUEST_HIGH_WATER])
+    r.rst[RS_AT] = r.state[S_EVENTS]
+    count = 0
+    i = 0
+    while i < end and count < threshold:
+        if get_refcount(r.used, r.covered, alloc, r.rlog, r.rst, i):
+            count += 1
+        i += 1
+
+
+@njit(cache=True)
 def status(r, pos, length):
     """A block-status query from the image above (bdrv_co_block_status): one extent's lookup; where this image has
-    nothing, bdrv_co_common_block_status_above asks the next layer down for what this extent covers."""
+    nothing, bdrv_co_common_block_status_above asks the next layer down for what this extent covers. A layer's
+    first query scans its refcounts first (qcow2_co_block_status runs the detection once per node)."""
+    if not r.state[S_SCANNED]:
+        detect_metadata_preallocation(r)
     n, t = host_extent(r, r, True, pos, pos + length)
     if r.g[G_BACKING_MODELLED] and unallocated(t):
         queue_backing(r, pos, n, BACKING_STATUS)

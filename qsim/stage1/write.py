@@ -11,11 +11,11 @@ from ..bitops import leading_zeros32, trailing_zeros32
 from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GET_DIRTY, GET_EMPTY, NORMAL,
                      R_FLUSH, R_GET_DIRTY, R_L2_DEP_FLUSH, R_L2_DEPENDS, R_RC_DEPENDS, UNALLOC_ALLOC, ZERO_ALLOC,
                      ZERO_PLAIN)
-from ..hostalloc import (ALLOCATED_AT_OPEN, CLUSTER_BITS as CLUSTER_BITS_, FILE_CLUSTERS_AT_OPEN, HIGH_WATER,
+from ..hostalloc import (CLUSTER_BITS as CLUSTER_BITS_, HIGH_WATER,
                          REFBLOCK_BITS, REFBLOCKS_MADE, RS_AT, RS_L2_FLUSHES, alloc_clusters, alloc_clusters_at,
-                         free_cluster, get_refcount)
-from .lookup import (bitmaps, subcluster_type, range_type, host_extent, read, queue_backing, unallocated,
-                     zero_below)
+                         free_cluster)
+from .lookup import (bitmaps, detect_metadata_preallocation, subcluster_type, range_type, host_extent, read,
+                     queue_backing, unallocated, zero_below)
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES, C_REFCOUNT_DROPS,
                       C_RACING_SPLIT_WRITES, C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES,
                       G_BACKING_MODELLED, G_CLUSTER_BITS, G_EXTENDED, G_SC_BITS,
@@ -303,28 +303,6 @@ def _reads_as_zero(r, pos, nbytes):
     if r.g[G_BACKING_MODELLED]:
         queue_backing(r, pos, n, BACKING_STATUS)
     return zero_below(r, pos, n) >= nbytes
-
-
-@njit(cache=True)
-def detect_metadata_preallocation(r):
-    """qcow2_detect_metadata_preallocation, once per open at the first block-status query: qcow2_get_refcount of
-    every host cluster from 0 until as many with refcount > 0 as the threshold max(n * 10 / 9, n + 2), or the file's
-    end. n is the file's allocated size in clusters (st_blocks): at open, plus what was written since
-    (S_WRITTEN_BYTES; this write's own data is written after its zero-checks); the length likewise."""
-    r.state[S_SCANNED] = 1
-    alloc = r.alloc
-    cb = alloc[CLUSTER_BITS_]
-    allocated = alloc[ALLOCATED_AT_OPEN] + r.state[S_WRITTEN_BYTES]
-    n = max(allocated, 0) >> cb
-    threshold = max(n * 10 // 9, n + 2)
-    end = max(alloc[FILE_CLUSTERS_AT_OPEN], r.state[S_REQUEST_HIGH_WATER])
-    r.rst[RS_AT] = r.state[S_EVENTS]
-    count = 0
-    i = 0
-    while i < end and count < threshold:
-        if get_refcount(r.used, r.covered, alloc, r.rlog, r.rst, i):
-            count += 1
-        i += 1
 
 
 @njit(cache=True)

@@ -21,9 +21,7 @@ import sys
 import time
 from contextlib import contextmanager
 
-from ..capture import EVENTS, SETTLE_SECONDS, event_states, restore, write_capture
 from ..errors import QsimError, UsageError
-from ..qmp import QmpSocket, QmpVirsh
 from ..safeio import check_output_path
 from .common import RawDefaultsHelp
 EXAMPLES = """examples:
@@ -66,7 +64,8 @@ def stop_signals():
 
 
 def run_capture(args: argparse.Namespace) -> int:
-
+    from ..capture import EVENTS, SETTLE_SECONDS, event_states, restore, write_capture
+    from ..qmp import QmpSocket, QmpVirsh
     from ..traceio import format_for_output, qemulog
 
     log = args.log or (f"/var/log/libvirt/qemu/{args.virsh}.log" if args.virsh else None)

@@ -26,10 +26,14 @@ from numba import njit
 from .codes import (GET_EMPTY, GET_DIRTY, R_FLUSH, R_GET, R_GET_DIRTY, R_GET_EMPTY, R_L2_DEP_FLUSH, R_L2_DEPENDS,
                     R_L2_FLUSH, R_RC_DEPENDS)
 from .hostalloc import RL_AT, RL_KEY, RL_KIND, RL_REPEAT
+from .lru import (S_CLEANED, S_EVICTED, S_HEAD, S_HITS, S_READS, S_SIZE, S_TAIL, S_WRITTEN, SIM_STATE_SIZE,
+                  _clean_step)
 
-# per-cache scalars
-HEAD, TAIL, SIZE, LOOKUPS, HITS, READS, WRITTEN, EVICTED, COUNTER, CLEANED = range(10)
-CACHE_SCALARS = 10
+# per-cache scalars: a direct simulation's (qsim.lru), so lru's kernels work on these caches too, then two more
+HEAD, TAIL, SIZE, HITS, READS, WRITTEN, EVICTED, CLEANED = (S_HEAD, S_TAIL, S_SIZE, S_HITS, S_READS, S_WRITTEN,
+                                                           S_EVICTED, S_CLEANED)
+LOOKUPS, COUNTER = SIM_STATE_SIZE, SIM_STATE_SIZE + 1
+CACHE_SCALARS = SIM_STATE_SIZE + 2
 # shared flags and counters
 L2_DEPENDS, RC_DEPENDS, DIVERGENCE, INDUCED_L2_FLUSHES = range(4)
 FLAGS_SIZE = 4
@@ -203,28 +207,6 @@ def _coupled_step(key, kind, rlog, l2, rc, flags, l2_entries, rc_entries):
         _l2_events(key, kind, i, key.shape[0], l2, rc, flags, l2_entries)
 
 
-@njit(cache=True)
-def _clean(prev, nxt, resident, dirty, stamp, s, cut):
-    """qcow2_cache_clean_unused: drop every entry not dirty and last used at or before ``cut``."""
-    k = s[TAIL]
-    while k >= 0 and stamp[k] <= cut:
-        up = prev[k]
-        if not dirty[k]:
-            q = nxt[k]
-            if up >= 0:
-                nxt[up] = q
-            else:
-                s[HEAD] = q
-            if q >= 0:
-                prev[q] = up
-            else:
-                s[TAIL] = up
-            resident[k] = 0
-            s[SIZE] -= 1
-            s[CLEANED] += 1
-        k = up
-
-
 def _grown(cache: tuple, n_keys: int) -> tuple:
     prev, nxt, resident, dirty, stamp, s = cache
     extra = n_keys - len(prev)
@@ -294,7 +276,7 @@ class CoupledCaches:
         for _ in range(min(ticks, 2)):
             for cache, cut in ((self.l2, self.l2_cut), (self.rc, self.rc_cut)):
                 if cut > 0:
-                    _clean(*cache, cut)
+                    _clean_step(*cache[:5], cut, cache[5])
             self.l2_cut, self.rc_cut = int(self.l2[5][COUNTER]), int(self.rc[5][COUNTER])
 
     def finish(self) -> RefcountCounts:

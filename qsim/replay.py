@@ -185,6 +185,10 @@ class _CleanTimer:
             self.untimed |= bool(self.interval) and chunk.time is None and len(chunk) > 0
             yield 0, 0, chunk
             return
+        latest = max(float(chunk.time.max()), 0.0)
+        if latest // self.interval <= self.fired and latest // self.backing_interval <= self.backing_fired:
+            yield 0, 0, chunk  # no tick falls inside the chunk (the common case): no per-request clock needed
+            return
         clock = np.maximum.accumulate(np.maximum(chunk.time, 0.0))
         due = np.floor_divide(clock, self.interval).astype(np.int64)
         below = np.floor_divide(clock, self.backing_interval).astype(np.int64)

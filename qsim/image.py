@@ -66,7 +66,7 @@ def _fill_requests(geometry: ImageGeometry, share: float, seed: int):
 
 def image_from_qcow2(img) -> ImageState:
     """The state of a real image read by ``qsim.qcow2.open_image``: its tables, entries, host layout and refcounts."""
-    from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
+    from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO
 
     g = img.geometry
     cb = img.header.cluster_bits

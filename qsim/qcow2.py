@@ -578,7 +578,7 @@ class Qcow2Image:
         h = self.header
         cs = h.cluster_size
         ext = b is not None
-        if not ext and not self.has_data_file:  # one pass for the common case: only aligned offsets and flags QEMU allows
+        if not ext and not self.has_data_file:  # one pass for the common case: aligned offsets, flags QEMU allows
             allowed = OFLAG_COPIED | (L2E_OFFSET_MASK & ~(cs - 1)) | (OFLAG_ZERO if h.version >= 3 else 0)
             if not (d & np.uint64(~allowed & (2**64 - 1))).any():
                 return

@@ -27,6 +27,7 @@ from numba import njit
 from ..errors import QsimError, UsageError
 from ..trace import Trace
 from . import streams
+from .textfile import open_binary
 
 MAGIC, VERSION = 0x65617400, 0x07
 HEADER = 48
@@ -117,7 +118,7 @@ class _CpuFile:
 
     def __init__(self, path: str, action: int, chunk_bytes: int):
         self.path, self.action, self.chunk_bytes = path, action, chunk_bytes
-        self.stream = streams.open_stream(path)
+        self.stream = open_binary(path)
         self.buffer = np.empty(chunk_bytes, dtype=np.uint8)  # reused, never zeroed
         self.rest = 0  # bytes at the buffer's start carried over from the last read
         self.position = 0  # file offset of ``rest``

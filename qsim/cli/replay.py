@@ -64,14 +64,37 @@ def run(args: argparse.Namespace) -> int:
     from ..replay import replay, virtual_size_for
 
     reading = reading_from_args(args)
-    size = None
-    if not args.image and args.size is None:  # one streaming pass for the largest end offset, then the replay
-        size = virtual_size_for(max((c.max_end_offset for c in reading.chunks(args.trace)), default=0))
+    size, chunks = None, None
+    if not args.image and args.size is None:  # the synthetic image's size is the trace's end: known once it is read
+        end, chunks = sized_chunks(reading, args.trace)
+        size = virtual_size_for(end)
     scenario = scenario_from_args(args, virtual_size=size)
     with progress_bar(total=None, unit="req", desc="replay") as bar:
-        result = replay(_non_empty(reading.chunks(args.trace), args.trace), scenario, progress=bar.update)
+        result = replay(_non_empty(chunks or reading.chunks(args.trace), args.trace), scenario, progress=bar.update)
     emit_frame(result.to_frame(), args)
     return 0
+
+
+def sized_chunks(reading, path: str, budget_bytes: int | None = None) -> tuple[int, list | None]:
+    """(largest end offset, the chunks) from one pass over the trace, keeping the chunks while they fit in
+    ``budget_bytes`` (a quarter of the free memory by default); (end, None) for a larger trace, which is then read a
+    second time instead of held."""
+    from ..traceio.textfile import available_memory
+
+    if budget_bytes is None:
+        free = available_memory()
+        budget_bytes = free // 4 if free is not None else 1 << 30
+    kept: list | None = []
+    held = end = 0
+    for chunk in reading.chunks(path):
+        end = max(end, chunk.max_end_offset)
+        if kept is not None:
+            held += chunk.nbytes
+            if held <= budget_bytes:
+                kept.append(chunk)
+            else:
+                kept = None  # (dropped at once: the rest of the pass holds one chunk at a time)
+    return end, kept
 
 
 def _non_empty(chunks, path: str):

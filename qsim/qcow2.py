@@ -688,6 +688,16 @@ class Qcow2Image:
 
     @functools.cached_property
     def _tables(self):
+        kept = self.__dict__.pop("_checked_tables", None)  # the active L2 tables as the check read them
+        if kept is not None:
+            entries = self.geometry.l2_entries_per_table
+            rows = np.asarray([i for batch, _, _ in kept for i in batch], dtype=np.int64)
+            d = np.concatenate([k[1] for k in kept]).reshape(-1, entries) if kept else np.zeros((0, entries),
+                                                                                                   np.uint64)
+            b = None
+            if self.header.extended_l2:
+                b = np.concatenate([k[2] for k in kept]).reshape(-1, entries) if kept else np.zeros_like(d)
+            return rows, d, b
         rows, ds, bs = [], [], []
         for index, _, d, b in self.iter_tables(within_disk=False, check=False):
             rows.append(index)
@@ -747,16 +757,21 @@ class Qcow2Image:
 
     # --- qemu-img check's corruptions -----------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Raise QsimError on the first thing ``qemu-img check`` counts as a corruption (leaks are fine)."""
-        _Check(self).run()
+    def check(self, keep_tables: bool = False) -> None:
+        """Raise QsimError on the first thing ``qemu-img check`` counts as a corruption (leaks are fine).
+        ``keep_tables``: keep the active L2 tables read for ``l2_descriptors`` (not read a second time)."""
+        checker = _Check(self, keep_tables)
+        checker.run()
+        if keep_tables:
+            self._checked_tables = checker.kept
 
 
 class _Check:
     """qemu-img check (calculate_refcounts, compare_refcounts, check_oflag_copied) with sparse reference counts."""
 
-    def __init__(self, img: Qcow2Image):
+    def __init__(self, img: Qcow2Image, keep_tables: bool = False):
         self.img = img
+        self.kept: list | None = [] if keep_tables else None  # (L1 indices, descriptors, bitmaps) of the active table
         self.cs = img.header.cluster_size
         self.bits = img.header.cluster_bits
         self.chunks: dict[int, np.ndarray] = {}
@@ -894,6 +909,8 @@ class _Check:
             self.what.setdefault(offset >> self.bits, f"L2 table at {offset:#x}")
         self.add_clusters(clusters)
         self.data_refs(batch[0], int(offsets[0]), d, b, active)
+        if active and self.kept is not None:
+            self.kept.append((batch, d, b))
         return True
 
     def table_refs(self, l1_offset: int, l1: np.ndarray, batch: list[int], active: bool, label: str) -> None:
@@ -913,6 +930,8 @@ class _Check:
             d, b = img.read_l2(index, offset)
             img._check_entries(index, offset, d, b, active)
             self.data_refs(index, offset, d, b, active)
+            if active and self.kept is not None:
+                self.kept.append(([index], d, b))
 
     def run(self) -> None:
         img, h, cs = self.img, self.img.header, self.cs
@@ -978,7 +997,7 @@ class _Check:
                                    f"{int(stored[np.flatnonzero(bad)[0]])}")
 
 
-def open_image(path: str, check: bool = True) -> Qcow2Image:
+def open_image(path: str, check: bool = True, keep_tables: bool = False) -> Qcow2Image:
     """Open the qcow2 image at ``path`` as QEMU would, and (``check``) refuse what qemu-img check calls corrupt.
     QsimError on anything QEMU refuses or calls corrupt, naming the structure and its offset."""
     r = _Reader(path)
@@ -1002,7 +1021,7 @@ def open_image(path: str, check: bool = True) -> Qcow2Image:
         if h.bitmaps:
             img.bitmap_tables = _read_bitmap_directory(r, h)
         if check and not h.incompatible_features & INCOMPAT_DIRTY:
-            img.check()
+            img.check(keep_tables)
         elif check:  # QEMU repairs the refcounts of a dirty image on open; the tables themselves must be sound
             for _ in img.iter_tables(within_disk=False):
                 pass

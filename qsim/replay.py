@@ -72,7 +72,7 @@ def load_image(spec: ImageSpec, trace: Trace | None = None) -> LoadedImage:
     if spec.is_real:
         from .qcow2 import open_image
 
-        img = open_image(spec.path)
+        img = open_image(spec.path, keep_tables=True)  # (the check's L2 tables become the state's)
         notes = tuple(f"{spec.path}: {w}" for w in img.warnings)
         chain = read_backing_chain(img)
         below = []

@@ -71,8 +71,39 @@ def run(args: argparse.Namespace) -> int:
     scenario = scenario_from_args(args, virtual_size=size)
     with progress_bar(total=None, unit="req", desc="replay") as bar:
         result = replay(_non_empty(chunks or reading.chunks(args.trace), args.trace), scenario, progress=bar.update)
-    emit_frame(result.to_frame(), args)
+    emit_rows(result, args)
     return 0
+
+
+def emit_rows(result, args: argparse.Namespace) -> None:
+    """Print a replay's rows: CSV and JSON of plain rows written directly (as pandas writes them: the tests
+    compare), sparing the command pandas' import; anything else through ``emit_frame``."""
+    rows = result.rows
+    if args.save or args.output == "human" or not plain_rows(rows):
+        emit_frame(result.to_frame(), args)
+        return
+    for note in result.notes:
+        print(f"qsim: warning: {note}", file=sys.stderr)
+    if args.output == "json":
+        print_json(rows)
+        return
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(rows[0])
+    writer.writerows([["" if v is None else v for v in row.values()] for row in rows])
+
+
+def plain_rows(rows: list[dict]) -> bool:
+    """Rows with the same columns, each column all of one Python type (bool, int, float, str) or all None: those
+    that pandas writes exactly as the csv and json modules do."""
+    if not rows or any(list(row) != list(rows[0]) for row in rows):
+        return False
+    for name in rows[0]:
+        kinds = {type(row[name]) for row in rows}
+        if len(kinds) != 1 or not kinds <= {bool, int, float, str, type(None)}:
+            return False
+    return True
 
 
 def sized_chunks(reading, path: str, budget_bytes: int | None = None) -> tuple[int, list | None]:

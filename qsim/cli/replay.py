@@ -62,6 +62,7 @@ def emit_frame(frame, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..progress import progress_bar
     from ..replay import replay, virtual_size_for
+    from ..traceio.prefetch import prefetched
 
     reading = reading_from_args(args)
     size, chunks = None, None
@@ -70,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         size = virtual_size_for(end)
     scenario = scenario_from_args(args, virtual_size=size)
     with progress_bar(total=None, unit="req", desc="replay") as bar:
-        result = replay(_non_empty(chunks or reading.chunks(args.trace), args.trace), scenario, progress=bar.update)
+        stream = chunks or prefetched(reading.chunks(args.trace))  # (read in a thread, ahead of the replay)
+        result = replay(_non_empty(stream, args.trace), scenario, progress=bar.update)
     emit_rows(result, args)
     return 0
 

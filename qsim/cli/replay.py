@@ -21,9 +21,11 @@ def add_replay_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     """Options replay and sweep share: the trace and how to read it, the scenario, the output."""
     if sweep:
         p.add_argument("trace", metavar="TRACE", nargs="+", help="trace files, globs ('corpus/*.iolog.gz'), "
-                       "directories or @list files; fio iolog (v2/v3), blkparse text, CSV or .npz; gzip is fine")
+                       "directories or @list files; fio iolog (v2/v3), blkparse text, CSV or .npz; gzip or zstd is "
+                       "fine")
     else:
-        p.add_argument("trace", metavar="TRACE", help="fio iolog (v2/v3), blkparse text, CSV or .npz; gzip is fine")
+        p.add_argument("trace", metavar="TRACE", help="fio iolog (v2/v3), blkparse text, CSV or .npz; gzip or zstd "
+                       "is fine")
     add_reader_options(p)
     add_scenario_options(p, sweep=sweep)
     p.add_argument("--output", choices=("human", "json", "csv"), default="human", help="printed format")

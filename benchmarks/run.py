@@ -8,19 +8,20 @@
 Peers: libCacheSim's LRU (PyPI ``libcachesim``, C, fed the same L2 slice-key stream as an oracleGeneral binary
 trace, one object of size 1 per slice so its cache size counts entries; ``hashpower`` set to fit the key count), a
 plain ``collections.OrderedDict`` LRU, and real ``qemu-io`` on a smaller trace (the ground truth, not a speed peer).
-Each figure is the median of several rounds run interleaved (A, B, C, A, B, C, ...) because this machine is shared
-and noisy: absolute seconds drift, ratios measured together hold. Every peer's miss count is checked against
-qsim's before its time is reported.
+Each figure is the best of several rounds run interleaved (A, B, C, A, B, C, ...) because this machine is shared
+and noisy: absolute seconds drift (the load average is printed before and after), ratios measured together hold.
+Every peer's miss count is checked against qsim's before its time is reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import os
 import platform
-import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -115,6 +116,15 @@ def libcachesim_lru(path: str, n: int, entries: int, n_keys: int) -> int:
     return int(round(miss_ratio * n))
 
 
+def best(times: list[float]) -> float:
+    """The fastest round: on a shared machine the others' load only ever adds time."""
+    return min(times)
+
+
+def load() -> str:
+    return "load average " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     result = fn(*args)
@@ -167,14 +177,35 @@ def parse_speed(lines: int, rounds: int) -> dict[str, float]:
             "csv_pandas_read_csv": (lambda p: pd.read_csv(p, dtype={"op": "category"}), paths[".csv"]),
             "csv_python_csv": (_python_csv, paths[".csv"]),
         }
+        try:
+            import zstandard
+        except ImportError:
+            zstandard = None
+        if zstandard is not None:  # the zstd text readers: the same files, zstd-compressed (and the CSV gzipped)
+            for suffix in (".iolog", ".csv"):
+                paths[suffix + ".zst"] = paths[suffix] + ".zst"
+                with open(paths[suffix], "rb") as src, open(paths[suffix + ".zst"], "wb") as dst:
+                    zstandard.ZstdCompressor().copy_stream(src, dst)
+            paths[".csv.gz"] = paths[".csv"] + ".gz"
+            write_trace(t, paths[".csv"] + ".tmp.csv")
+            with open(paths[".csv"] + ".tmp.csv", "rb") as src, gzip.open(paths[".csv.gz"], "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            contenders.update({
+                "iolog_zst": (read_trace, paths[".iolog.zst"]),
+                "iolog_zst_python_split": (_python_iolog, paths[".iolog.zst"]),
+                "csv_zst": (read_trace, paths[".csv.zst"]), "csv_gz": (read_trace, paths[".csv.gz"])})
         times: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(rounds):
             for name, (fn, path) in contenders.items():
                 dt, result = timed(fn, path)
                 assert len(result) == len(t), (name, len(result), len(t))
                 times[name].append(dt)
-    rate = {name: len(t) / statistics.median(ts) for name, ts in times.items()}
-    return {
+    rate = {name: len(t) / best(ts) for name, ts in times.items()}
+    zst = {} if "iolog_zst" not in rate else {
+        "iolog_zst_lines_s": rate["iolog_zst"], "iolog_zst_vs_python_split": rate["iolog_zst"] /
+        rate["iolog_zst_python_split"], "csv_zst_lines_s": rate["csv_zst"], "csv_zst_vs_gzip": rate["csv_zst"] /
+        rate["csv_gz"]}
+    return zst | {
         "iolog_lines_s": rate["iolog"], "iolog_vs_python_split": rate["iolog"] / rate["iolog_python_split"],
         "iolog_gz_lines_s": rate["iolog_gz"],
         "iolog_gz_vs_python_split": rate["iolog_gz"] / rate["iolog_gz_python_split"],
@@ -185,10 +216,14 @@ def parse_speed(lines: int, rounds: int) -> dict[str, float]:
 
 def _python_iolog(path):
     """The plain peer: split each line into three lists (no checks)."""
-    import gzip
-
     ops, offsets, lengths = [], [], []
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+    if path.endswith(".zst"):
+        import zstandard
+
+        f = zstandard.open(path, "rt")
+    else:
+        f = gzip.open(path, "rt") if path.endswith(".gz") else open(path)
+    with f:
         next(f)
         for line in f:
             parts = line.split()
@@ -304,9 +339,9 @@ def binary_format_speed(n: int, rounds: int) -> dict:
             dt, walked = timed(_python_blktrace, blk + ".blktrace.0", limit)
             t_pb.append(dt / walked)
         bytes_per_request = _traced_peak(read_trace, vscsi) / n
-    vscsi_rate, blk_rate = n / statistics.median(t_v), blk_records / statistics.median(t_b)
-    return {"vscsi_records_s": vscsi_rate, "vscsi_vs_python_struct": vscsi_rate * statistics.median(t_pv),
-            "blktrace_records_s": blk_rate, "blktrace_vs_python_struct": blk_rate * statistics.median(t_pb),
+    vscsi_rate, blk_rate = n / best(t_v), blk_records / best(t_b)
+    return {"vscsi_records_s": vscsi_rate, "vscsi_vs_python_struct": vscsi_rate * best(t_pv),
+            "blktrace_records_s": blk_rate, "blktrace_vs_python_struct": blk_rate * best(t_pb),
             "binary_read_bytes_per_request": bytes_per_request, "binary_records": n}
 
 
@@ -322,6 +357,55 @@ def _traced_peak(fn, *args) -> int:
         tracemalloc.stop()
 
 
+def end_to_end_replay(n: int, rounds: int, smoke: bool) -> dict:
+    """``qsim replay FILE`` from the command line, start-up included (a fresh process each round, as a user runs
+    it): n uniform 4 KiB reads of a 1 TiB disk as fio iolog v3, CSV and .npz, on a metadata-preallocated 1 TiB
+    image made by qemu-img (when it is installed) and on the synthetic image (--size 1T), 20 cache sizes; against
+    the same replay of the trace already in memory (in this process: what the command adds is start-up, reading
+    the file and opening the image). Requests per second, best of ``rounds``."""
+    import shutil
+
+    disk = 64 << 30 if smoke else TIB
+    sizes = "64k..64M:20"
+    out: dict = {"e2e_requests": n}
+    with tempfile.TemporaryDirectory() as d:
+        t = synthesize(disk, n, "uniform", "4k", seed=1)
+        paths = {fmt: os.path.join(d, f"t.{fmt}") for fmt in ("iolog", "csv", "npz")}
+        for path in paths.values():
+            write_trace(t, path, "/dev/vda")
+        image = None
+        if shutil.which("qemu-img"):
+            image = os.path.join(d, "img.qcow2")
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image,
+                            str(disk)], check=True)
+        runs = {}
+        for fmt, path in paths.items():
+            if image and not (smoke and fmt != "npz"):  # (--smoke: two runs, to check the harness)
+                runs[f"e2e_{fmt}_image_req_s"] = [path, "--image", image]
+            if not (smoke and fmt != "iolog"):
+                runs[f"e2e_{fmt}_synthetic_req_s"] = [path, "--size", str(disk), "-o", "preallocation=metadata"]
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        memory: list[float] = []
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        for _ in range(rounds):
+            for name, argv in runs.items():
+                cmd = [sys.executable, "-m", "qsim", "replay", *argv, "--l2-cache-size", sizes, "--output", "csv"]
+                start = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                times[name].append(time.perf_counter() - start)
+                assert proc.returncode == 0, proc.stderr[-2000:]
+                assert len(proc.stdout.splitlines()) == 21, proc.stdout[-500:]
+            memory.append(timed(qsim_replay, t, disk, ImageOptions(preallocation="metadata"),
+                                build_image(ImageGeometry(disk), ImageOptions(preallocation="metadata")),
+                                SIZES_20)[0])
+    in_memory = n / best(memory)
+    out["e2e_in_memory_req_s"] = in_memory
+    for name, ts in times.items():
+        out[name] = n / best(ts)
+        out[name.replace("_req_s", "_vs_in_memory")] = out[name] / in_memory
+    return out
+
+
 def qemu_rate(rounds: int) -> float | None:
     """Requests per second of real qemu-io replaying 5000 4k random reads (with cache tracing, as validate does)."""
     import shutil
@@ -333,7 +417,7 @@ def qemu_rate(rounds: int) -> float | None:
     t = synthesize(8 << 30, 5000, "uniform", "4k", seed=6)
     times = [timed(replay_in_qemu, t, 8 << 30, ImageOptions(preallocation="metadata"), 64 << 10)[0]
              for _ in range(rounds)]
-    return len(t) / statistics.median(times)
+    return len(t) / best(times)
 
 
 def main() -> int:
@@ -343,7 +427,7 @@ def main() -> int:
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, 1 round: checks the harness works")
     p.add_argument("--csv", default=str(ROOT / "benchmarks" / "results" / "latest.csv"))
     p.add_argument("--only", metavar="TEXT", help="only the workloads whose name contains TEXT (e.g. fio, zipf); "
-                   "'parse': trace parsing alone")
+                   "'parse': trace parsing alone; 'replay': qsim replay FILE end to end alone")
     args = p.parse_args()
     if args.smoke:
         counts, rounds, od_limit = [20_000], 1, 20_000
@@ -351,6 +435,8 @@ def main() -> int:
         counts, rounds, od_limit = [1_000_000], 3, 1_000_000
     else:
         counts, rounds, od_limit = [1_000_000, 10_000_000], 5, 10_000_000
+    started = load()
+    print(f"{started} at the start ({os.cpu_count()} cores)", flush=True)
     try:
         import libcachesim  # noqa: F401
         have_lcs = True
@@ -395,22 +481,55 @@ def main() -> int:
                         dt, misses = timed(ordered_dict_lru, key_list, entries_one)
                         assert misses == expected, f"OrderedDict {misses} != qsim {expected} ({name})"
                         t_od.append(dt)
-            q1, q20 = statistics.median(t_q1), statistics.median(t_q20)
+            q1, q20 = best(t_q1), best(t_q20)
             row = {"workload": name, "requests": n, "l2_lookups": len(keys), "misses_at_1M": expected,
                    "qsim_1_size_req_s": n / q1, "qsim_20_sizes_req_s": n / q20}
             if t_lcs:
-                lcs_t = statistics.median(t_lcs)
+                lcs_t = best(t_lcs)
                 row.update(libcachesim_1_size_req_s=n / lcs_t, qsim20_vs_libcachesim1=lcs_t / q20)
             if t_od:
-                od_t = statistics.median(t_od)
+                od_t = best(t_od)
                 row.update(ordereddict_1_size_req_s=n / od_t, qsim20_vs_ordereddict20=20 * od_t / q20)
             results.append(row)
             print(_format_row(row), flush=True)
-    extra = parse_speed(20_000 if args.smoke else 2_000_000, rounds)
-    extra.update(binary_format_speed(20_000 if args.smoke else 2_000_000 if args.quick else 10_000_000, rounds))
-    if not args.smoke and args.only != "parse":  # --only parse: the parsing figures alone
+    extra: dict = {"load_at_start": started}
+    if args.only != "replay":
+        extra.update(parse_speed(20_000 if args.smoke else 2_000_000, rounds))
+        extra.update(binary_format_speed(20_000 if args.smoke else 2_000_000 if args.quick else 10_000_000, rounds))
+    if args.only in (None, "replay"):
+        extra.update(end_to_end_replay(20_000 if args.smoke else 10_000_000, min(rounds, 3), args.smoke))
+    if not args.smoke and args.only not in ("parse", "replay"):  # --only parse / replay: those figures alone
         extra["bytes_per_request_10M"] = peak_bytes_per_request(10_000_000 if not args.quick else 1_000_000)
         extra["qemu_io_req_s"] = qemu_rate(rounds)
+    if "iolog_lines_s" in extra:
+        print_parsing(extra)
+    if "e2e_requests" in extra:
+        for image in ("image", "synthetic"):
+            formats = [f for f in ("iolog", "csv", "npz") if f"e2e_{f}_{image}_req_s" in extra]
+            if not formats:
+                continue
+            what = "a metadata-preallocated qcow2 (--image)" if image == "image" else "the synthetic image (--size)"
+            print(f"qsim replay FILE end to end ({extra['e2e_requests'] / 1e6:g}M reads, 20 sizes, {what}): " +
+                  ", ".join(f"{f} {extra[f'e2e_{f}_{image}_req_s'] / 1e6:.2f}M req/s "
+                            f"({extra[f'e2e_{f}_{image}_vs_in_memory']:.2f}x the in-memory replay)" for f in formats))
+        print(f"  (the in-memory replay of the same trace: {extra['e2e_in_memory_req_s'] / 1e6:.2f}M req/s)")
+    if "bytes_per_request_10M" in extra:
+        print(f"peak memory: {extra['bytes_per_request_10M']:.0f} bytes per request (1T, 20 cache sizes)")
+    if extra.get("qemu_io_req_s"):
+        print(f"qemu-io replay (ground truth): {extra['qemu_io_req_s']:.0f} requests/s")
+    extra["load_at_end"] = load()
+    print(f"machine: {machine}; {started} at the start, {extra['load_at_end']} at the end")
+    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in results for k in r}))
+        writer.writeheader()
+        writer.writerows(results)
+    with open(Path(args.csv).with_suffix(".json"), "w") as f:
+        json.dump({"machine": machine, "rows": results, **extra}, f, indent=2)
+    return 0
+
+
+def print_parsing(extra: dict) -> None:
     print(f"trace parsing: {extra['iolog_lines_s'] / 1e6:.2f}M iolog lines/s "
           f"({extra['iolog_vs_python_split']:.1f}x a plain Python split loop); gzip "
           f"{extra['iolog_gz_lines_s'] / 1e6:.2f}M/s ({extra['iolog_gz_vs_python_split']:.1f}x); CSV "
@@ -420,19 +539,10 @@ def main() -> int:
           f"records/s ({extra['vscsi_vs_python_struct']:.0f}x a Python struct loop), blktrace "
           f"{extra['blktrace_records_s'] / 1e6:.1f}M records/s ({extra['blktrace_vs_python_struct']:.0f}x); "
           f"read whole: {extra['binary_read_bytes_per_request']:.1f} bytes per request at peak")
-    if "bytes_per_request_10M" in extra:
-        print(f"peak memory: {extra['bytes_per_request_10M']:.0f} bytes per request (1T, 20 cache sizes)")
-    if extra.get("qemu_io_req_s"):
-        print(f"qemu-io replay (ground truth): {extra['qemu_io_req_s']:.0f} requests/s")
-    print(f"machine: {machine}")
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in results for k in r}))
-        writer.writeheader()
-        writer.writerows(results)
-    with open(Path(args.csv).with_suffix(".json"), "w") as f:
-        json.dump({"machine": machine, "rows": results, **extra}, f, indent=2)
-    return 0
+    if "iolog_zst_lines_s" in extra:
+        print(f"zstd text: iolog {extra['iolog_zst_lines_s'] / 1e6:.2f}M lines/s "
+              f"({extra['iolog_zst_vs_python_split']:.1f}x a Python split loop over zstandard's reader), CSV "
+              f"{extra['csv_zst_lines_s'] / 1e6:.2f}M lines/s ({extra['csv_zst_vs_gzip']:.2f}x the same CSV gzipped)")
 
 
 def _format_row(row: dict) -> str:

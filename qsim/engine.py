@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 from numba import njit
+from numba.typed import List as typed_list
 
 from . import hostalloc
 from .codes import BACKING_READ, DISCARD, PREALLOC, READ, STATUS
@@ -172,14 +173,22 @@ _EMPTY_VIEW_ARRAYS = dict(g=np.zeros(ev.GEOMETRY_SIZE, np.int64), tslot=np.zeros
 
 def _view_list(views: list):
     """The layers below as the kernel takes them: a typed list of L2Views (a plain list without the JIT)."""
-    from numba import config, typed, typeof
+    from numba import config, typed
 
     if config.DISABLE_JIT:
         return list(views)
-    if not views:
-        empty = typed.List.empty_list(typeof(ev.new_l2_view(**_EMPTY_VIEW_ARRAYS)))
-        return empty
+    if not views:  # (built in compiled, cached code: typed.List.empty_list compiles its helpers in every process)
+        return _empty_view_list(ev.new_l2_view(**_EMPTY_VIEW_ARRAYS))
     return typed.List(views)
+
+
+@njit(cache=True)
+def _empty_view_list(template):
+    """An empty typed list of ``template``'s type (L2View)."""
+    views = typed_list()
+    views.append(template)
+    views.pop()
+    return views
 
 
 class KernelRun:

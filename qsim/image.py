@@ -74,29 +74,30 @@ def record_file_at_open(alloc: np.ndarray, path: str, cluster_size: int) -> None
 
 def image_from_qcow2(img) -> ImageState:
     """The state of a real image read by ``qsim.qcow2.open_image``: its tables, entries, host layout and refcounts."""
-    from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
+    from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO
 
     g = img.geometry
     cb = img.header.cluster_bits
     n_l1 = g.l1_entries
     keep = img.l2_tables < n_l1
     tables = img.l2_tables[keep]
-    d = img.l2_descriptors[keep]
+    d = img.l2_descriptors if keep.all() else img.l2_descriptors[keep]  # (no 8-byte-per-entry copy when all fit)
     compressed = (d & np.uint64(OFLAG_COMPRESSED)) != 0
-    copied = (d & np.uint64(OFLAG_COPIED)) != 0
-    x = 62 - (cb - 8)
-    compressed_host = (d & np.uint64((1 << x) - 1)) >> np.uint64(cb)
-    host = np.where(compressed, np.maximum(compressed_host, 1), (d & np.uint64(L2E_OFFSET_MASK)) >> np.uint64(cb))
-    host = host.astype(np.int64)
     file_clusters = -(-img.file_bytes // g.cluster_size)
+    host = ((d & np.uint64(L2E_OFFSET_MASK)) >> np.uint64(cb)).astype(np.int64)
+    flags = ((d >> np.uint64(63)).astype(np.uint8) * np.uint8(F_COPIED))  # (OFLAG_COPIED is bit 63)
+    if compressed.any():  # a compressed entry's host field is its byte offset and sector count
+        x = 62 - (cb - 8)
+        compressed_host = ((d & np.uint64((1 << x) - 1)) >> np.uint64(cb)).astype(np.int64)
+        host = np.where(compressed, np.maximum(compressed_host, 1), host)
+        flags |= np.where(compressed, np.uint8(F_COMPRESSED), np.uint8(0))
     beyond = (host >= file_clusters) & ~compressed
     if beyond.any():
         row, col = (int(v[0]) for v in np.nonzero(beyond))
         raise QsimError(f"{img.path}: L2 entry {col} of the table for L1 entry {tables[row]} points at host offset "
                         f"{int(host[row, col]) << cb:#x}, past the end of the file")
-    flags = np.where(compressed, F_COMPRESSED, 0) | np.where(copied, F_COPIED, 0)
     if not g.extended_l2:
-        flags |= np.where((d & np.uint64(OFLAG_ZERO)) != 0, F_ZERO, 0)
+        flags |= (d & np.uint64(OFLAG_ZERO)).astype(np.uint8) * np.uint8(F_ZERO)  # (OFLAG_ZERO is bit 0)
     table_slot = np.full(n_l1, SLOT_NONE, dtype=np.int32)
     table_slot[tables] = np.arange(len(tables), dtype=np.int32)
     l1_offsets = img.l1[tables] & np.uint64(L2E_OFFSET_MASK)
@@ -104,7 +105,7 @@ def image_from_qcow2(img) -> ImageState:
     alloc = hostalloc.new_alloc_state(g.cluster_size, g.refcount_bits)
     alloc[hostalloc.REFTABLE_ENTRIES] = img.header.refcount_table_clusters * g.cluster_size // 8
     alloc[hostalloc.REFTABLE_CLUSTER] = img.header.refcount_table_offset // g.cluster_size
-    used = (img.refcounts > 0).astype(np.uint8)
+    used = img.host_used
     alloc[hostalloc.HIGH_WATER] = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
     record_file_at_open(alloc, img.path, g.cluster_size)
     return ImageState(
@@ -112,8 +113,8 @@ def image_from_qcow2(img) -> ImageState:
         n_tables=len(tables),
         table_slot=table_slot,
         table_host=(l1_offsets >> np.uint64(cb)).astype(np.int64),
-        entry_host=np.where(host == 0, 0, host).astype(np.int64),
-        entry_flags=flags.astype(np.uint8),
+        entry_host=host,
+        entry_flags=flags,
         entry_bitmap=bitmap,
         host_used=used,
         refblock_covered=img.refblock_present.copy(),

@@ -94,7 +94,7 @@ def _compact(tree, bits, key_at, mark_of_key, t, scalars):
     return pos
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _distances_step(keys, kinds, tree, bits, key_at, mark_of_key, scalars, dist, hist, empty_hist, cold_hist):
     """Stack distances of ``keys`` (written to ``dist``; counted into ``hist`` and, for GET_EMPTY accesses, which
     never read the disk, ``empty_hist``, clipped at n_keys + 1 = cold), continuing from earlier chunks' state.
@@ -213,7 +213,7 @@ class _DistanceState:
         return live, live - int(self.scalars[D_MARKS])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _cut(tree, bits, key_at, mark_of_key, scalars):
     upto = scalars[D_SAVED]
     t = scalars[D_TIME]
@@ -255,7 +255,7 @@ def _low_bits(count):
     return np.int64(-1) if count >= 64 else (np.int64(1) << count) - 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _writebacks_step(keys, kinds, dist, flush_at, flushes, entries, dirty, last_flushes, written):
     """Dirty entries written back, for every cache size (``entries``, ascending) in one pass, continuing earlier
     chunks' state.
@@ -291,7 +291,7 @@ def _writebacks_step(keys, kinds, dist, flush_at, flushes, entries, dirty, last_
             dirty[k, :] = every_size
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _writebacks_finish(entries, dirty, last_flushes, forward_distinct, total_flushes, written, left):
     """Per size: write-backs after each key's last access (a later flush, or evicted by what came after), and
     entries still dirty at the end of the trace."""
@@ -319,7 +319,7 @@ def _flush_all(nxt, dirty, head):
     return written
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, stamp, base, s):
     """One LRU cache of ``entries`` entries, simulated directly (keys are dense ints: the LRU list is two arrays),
     continuing from state ``s`` (head, tail, size, hits, disk reads, write-backs, evictions, cleaned). ``flush_at``:
@@ -380,7 +380,7 @@ def _simulate_step(keys, kinds, flush_at, entries, prev, nxt, resident, dirty, s
     s[S_HEAD], s[S_TAIL], s[S_SIZE] = head, tail, size
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _clean_step(prev, nxt, resident, dirty, stamp, cut, s):
     """qcow2_cache_clean_unused on one directly simulated cache: drop every resident entry not dirty and last used
     at or before access number ``cut`` (the count at the previous tick). Those are a run at the LRU end of the

@@ -60,6 +60,7 @@ MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
 CHUNK_BITS = 18  # reference counts (uint8, saturating) are kept per 2^18 host clusters that something references
 SATURATED = 255
+BATCH_ENTRIES = 1 << 20  # L2 entries checked in one set of array operations (8 MiB of descriptors)
 CORRUPT = 'QEMU: "Image is corrupt"'
 
 # The header in spec order (docs/interop/qcow2.txt, as tests/qemu-iotests/qcow2_format.py declares it): name,
@@ -576,9 +577,13 @@ class Qcow2Image:
         corrupt, entry by entry."""
         h = self.header
         cs = h.cluster_size
+        ext = b is not None
+        if not ext and not self.has_data_file:  # one pass for the common case: aligned offsets, flags QEMU allows
+            allowed = OFLAG_COPIED | (L2E_OFFSET_MASK & ~(cs - 1)) | (OFLAG_ZERO if h.version >= 3 else 0)
+            if not (d & np.uint64(~allowed & (2**64 - 1))).any():
+                return
         compressed = (d & np.uint64(OFLAG_COMPRESSED)) != 0
         host = d & np.uint64(L2E_OFFSET_MASK)
-        ext = b is not None
         zero_flag = ((d & np.uint64(OFLAG_ZERO)) != 0) & ~compressed & (not ext)
         copied = (d & np.uint64(OFLAG_COPIED)) != 0
         if self.has_data_file:
@@ -666,18 +671,33 @@ class Qcow2Image:
             return out
         bits = self.refblock_bits
         blocks = clusters >> bits
-        for block in np.unique(blocks).tolist():
-            values = self.refblock(block)
-            if values is None:
-                continue
-            sel = blocks == block
-            out[sel] = values[clusters[sel] & ((1 << bits) - 1)]
+        order = None if (blocks[1:] >= blocks[:-1]).all() else np.argsort(blocks, kind="stable")
+        ordered = clusters if order is None else clusters[order]
+        runs = np.flatnonzero(np.diff(ordered >> bits)) + 1
+        found = np.zeros(len(clusters), dtype=np.uint64)
+        for a, b in zip(np.r_[0, runs].tolist(), np.r_[runs, len(clusters)].tolist()):
+            values = self.refblock(int(ordered[a]) >> bits)
+            if values is not None:
+                found[a:b] = values[ordered[a:b] & ((1 << bits) - 1)]
+        if order is None:
+            return found
+        out[order] = found
         return out
 
     # --- the whole-image arrays of earlier versions ---------------------------------------------------------
 
     @functools.cached_property
     def _tables(self):
+        kept = self.__dict__.pop("_checked_tables", None)  # the active L2 tables as the check read them
+        if kept is not None:
+            entries = self.geometry.l2_entries_per_table
+            rows = np.asarray([i for batch, _, _ in kept for i in batch], dtype=np.int64)
+            d = np.concatenate([k[1] for k in kept]).reshape(-1, entries) if kept else np.zeros((0, entries),
+                                                                                                   np.uint64)
+            b = None
+            if self.header.extended_l2:
+                b = np.concatenate([k[2] for k in kept]).reshape(-1, entries) if kept else np.zeros_like(d)
+            return rows, d, b
         rows, ds, bs = [], [], []
         for index, _, d, b in self.iter_tables(within_disk=False, check=False):
             rows.append(index)
@@ -717,21 +737,41 @@ class Qcow2Image:
         return out
 
     @property
+    def host_used(self) -> np.ndarray:
+        """uint8 1 for every host cluster of the image file with a refcount above 0 (``refcounts > 0`` at a byte a
+        cluster)."""
+        cs = self.header.cluster_size
+        n = -(-self.file_bytes // cs)
+        out = np.zeros(n, dtype=np.uint8)
+        per = 1 << self.refblock_bits
+        for index in np.flatnonzero(self.reftable & np.uint64(REFT_OFFSET_MASK)).tolist():
+            first = index * per
+            if first < n:
+                k = min(per, n - first)
+                np.greater(self.refblock(index)[:k], 0, out=out[first:first + k], casting="unsafe")
+        return out
+
+    @property
     def refblock_present(self) -> np.ndarray:
         return ((self.reftable & np.uint64(REFT_OFFSET_MASK)) != 0).astype(np.uint8)
 
     # --- qemu-img check's corruptions -----------------------------------------------------------------------
 
-    def check(self) -> None:
-        """Raise QsimError on the first thing ``qemu-img check`` counts as a corruption (leaks are fine)."""
-        _Check(self).run()
+    def check(self, keep_tables: bool = False) -> None:
+        """Raise QsimError on the first thing ``qemu-img check`` counts as a corruption (leaks are fine).
+        ``keep_tables``: keep the active L2 tables read for ``l2_descriptors`` (not read a second time)."""
+        checker = _Check(self, keep_tables)
+        checker.run()
+        if keep_tables:
+            self._checked_tables = checker.kept
 
 
 class _Check:
     """qemu-img check (calculate_refcounts, compare_refcounts, check_oflag_copied) with sparse reference counts."""
 
-    def __init__(self, img: Qcow2Image):
+    def __init__(self, img: Qcow2Image, keep_tables: bool = False):
         self.img = img
+        self.kept: list | None = [] if keep_tables else None  # (L1 indices, descriptors, bitmaps) of the active table
         self.cs = img.header.cluster_size
         self.bits = img.header.cluster_bits
         self.chunks: dict[int, np.ndarray] = {}
@@ -759,15 +799,21 @@ class _Check:
         if not len(clusters):
             return
         clusters = np.asarray(clusters, dtype=np.int64)
-        chunk = clusters >> CHUNK_BITS
-        lo, hi = int(chunk.min()), int(chunk.max())
+        if len(clusters) > 1 and not (clusters[1:] >= clusters[:-1]).all():
+            clusters = np.sort(clusters)
+        runs = np.flatnonzero(np.diff(clusters >> CHUNK_BITS)) + 1
         mask = (1 << CHUNK_BITS) - 1
-        for k in ([lo] if lo == hi else np.unique(chunk).tolist()):
-            sel = clusters if lo == hi else clusters[chunk == k]
+        for a, b in zip(np.r_[0, runs].tolist(), np.r_[runs, len(clusters)].tolist()):
+            sel = clusters[a:b]
+            k = int(sel[0]) >> CHUNK_BITS
             counts = self.chunks.get(k)
             if counts is None:
                 counts = self.chunks[k] = np.zeros(1 << CHUNK_BITS, dtype=np.uint8)
-            local, n = np.unique(sel & mask, return_counts=True)
+            local = sel & mask
+            if len(local) > 1 and not (local[1:] > local[:-1]).all():  # (sorted) each once: the common case
+                local, n = np.unique(local, return_counts=True)
+            else:
+                n = 1
             total = counts[local].astype(np.int64) + n
             full = total >= SATURATED
             if full.any():
@@ -822,9 +868,54 @@ class _Check:
                 self.add_clusters(np.arange(coffset >> self.bits, ((coffset + size - 1) >> self.bits) + 1))
 
     def l1_refs(self, l1_offset: int, l1: np.ndarray, active: bool, label: str) -> None:
-        img = self.img
+        """The L1 table's L2 tables and their data clusters, checked a batch of tables at a time (one set of array
+        operations per BATCH_ENTRIES entries); a batch that fails is walked again table by table, which raises the
+        first problem in QEMU's order with its exact table and entry."""
         self.add(l1_offset, len(l1) * 8, label)
-        for index in np.flatnonzero(l1).tolist():
+        used = np.flatnonzero(l1).tolist()
+        per_batch = max(BATCH_ENTRIES // self.img.geometry.l2_entries_per_table, 1)
+        for start in range(0, len(used), per_batch):
+            batch = used[start:start + per_batch]
+            try:
+                done = self.batch_refs(l1_offset, l1, batch, active, label)
+            except QsimError:
+                self.table_refs(l1_offset, l1, batch, active, label)  # raises the first problem, exactly
+                raise
+            if not done:
+                self.table_refs(l1_offset, l1, batch, active, label)
+
+    def batch_refs(self, l1_offset: int, l1: np.ndarray, batch: list[int], active: bool, label: str) -> bool:
+        """``table_refs`` over several tables at once; False (nothing done) for an image with an external data file
+        or compressed clusters, which go table by table. QsimError, not necessarily the first problem, if any."""
+        img = self.img
+        if img.has_data_file:
+            return False
+        entries = l1[batch]
+        offsets = (entries & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+        bad = self.corrupt(f"{label} at {l1_offset:#x}", "an L2 table entry is invalid")
+        if (entries & np.uint64(L1E_RESERVED_MASK)).any() or (offsets % self.cs).any() or \
+                (offsets < self.cs).any() or (offsets >= img.file_bytes).any():
+            raise bad
+        clusters = offsets >> self.bits
+        if active and ((img.refcount_of(clusters) == 1) != ((entries & np.uint64(OFLAG_COPIED)) != 0)).any():
+            raise bad
+        tables = [img.read_l2(index, offset) for index, offset in zip(batch, offsets.tolist())]
+        d = np.concatenate([t[0] for t in tables])
+        if ((d & np.uint64(OFLAG_COMPRESSED)) != 0).any():
+            return False
+        b = np.concatenate([t[1] for t in tables]) if tables[0][1] is not None else None
+        img._check_entries(batch[0], int(offsets[0]), d, b, active)
+        for offset in offsets.tolist():
+            self.what.setdefault(offset >> self.bits, f"L2 table at {offset:#x}")
+        self.add_clusters(clusters)
+        self.data_refs(batch[0], int(offsets[0]), d, b, active)
+        if active and self.kept is not None:
+            self.kept.append((batch, d, b))
+        return True
+
+    def table_refs(self, l1_offset: int, l1: np.ndarray, batch: list[int], active: bool, label: str) -> None:
+        img = self.img
+        for index in batch:
             entry = int(l1[index])
             where = f"{label} at {l1_offset:#x}, entry {index}"
             if entry & L1E_RESERVED_MASK:
@@ -839,6 +930,8 @@ class _Check:
             d, b = img.read_l2(index, offset)
             img._check_entries(index, offset, d, b, active)
             self.data_refs(index, offset, d, b, active)
+            if active and self.kept is not None:
+                self.kept.append(([index], d, b))
 
     def run(self) -> None:
         img, h, cs = self.img, self.img.header, self.cs
@@ -904,7 +997,7 @@ class _Check:
                                    f"{int(stored[np.flatnonzero(bad)[0]])}")
 
 
-def open_image(path: str, check: bool = True) -> Qcow2Image:
+def open_image(path: str, check: bool = True, keep_tables: bool = False) -> Qcow2Image:
     """Open the qcow2 image at ``path`` as QEMU would, and (``check``) refuse what qemu-img check calls corrupt.
     QsimError on anything QEMU refuses or calls corrupt, naming the structure and its offset."""
     r = _Reader(path)
@@ -928,7 +1021,7 @@ def open_image(path: str, check: bool = True) -> Qcow2Image:
         if h.bitmaps:
             img.bitmap_tables = _read_bitmap_directory(r, h)
         if check and not h.incompatible_features & INCOMPAT_DIRTY:
-            img.check()
+            img.check(keep_tables)
         elif check:  # QEMU repairs the refcounts of a dirty image on open; the tables themselves must be sound
             for _ in img.iter_tables(within_disk=False):
                 pass

@@ -75,7 +75,7 @@ def load_image(spec: ImageSpec, trace: Trace | None = None) -> LoadedImage:
     if spec.is_real:
         from .qcow2 import open_image
 
-        img = open_image(spec.path)
+        img = open_image(spec.path, keep_tables=True)  # (the check's L2 tables become the state's)
         notes = tuple(f"{spec.path}: {w}" for w in img.warnings)
         chain = read_backing_chain(img)
         below = []
@@ -219,6 +219,10 @@ class _CleanTimer:
         if not self.interval or chunk.time is None or not len(chunk):
             self.untimed |= bool(self.interval) and chunk.time is None and len(chunk) > 0
             yield 0, 0, chunk
+            return
+        latest = max(float(chunk.time.max()), 0.0)
+        if latest // self.interval <= self.fired and latest // self.backing_interval <= self.backing_fired:
+            yield 0, 0, chunk  # no tick falls inside the chunk (the common case): no per-request clock needed
             return
         clock = np.maximum.accumulate(np.maximum(chunk.time, 0.0))
         due = np.floor_divide(clock, self.interval).astype(np.int64)

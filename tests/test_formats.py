@@ -298,6 +298,58 @@ def test_public_trace_errors_name_file_and_line(tmp_path, fmt, text, problem):
     assert message.startswith(f"{path}: line ")
 
 
+def _zstd_forms(zstandard, data: bytes) -> dict[str, bytes]:
+    """The same bytes as zstd writes them in its several shapes: one frame with size and checksum, the streaming
+    compressor's (no content size, many blocks), and several frames with a skippable frame between."""
+    streaming = zstandard.ZstdCompressor(write_content_size=False).compressobj()
+    half = len(data) // 2
+    skippable = (0x184D2A5E).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"qsm"
+    return {"frame": zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data),
+            "stream": streaming.compress(data) + streaming.flush(),
+            "frames": zstandard.ZstdCompressor().compress(data[:half]) + skippable
+            + zstandard.ZstdCompressor(level=19).compress(data[half:])}
+
+
+TEXT_CASES = {  # name -> (text, format, reader options)
+    "iolog-v3": (("fio version 3 iolog\n0 /dev/vda add\n0 /dev/vda open\n" + "".join(
+        f"{i * 7} /dev/vda {('read', 'write', 'sync', 'trim')[i % 4]} {i * 53248 % (1 << 34)} {4096 * (1 + i % 3)}\n"
+        for i in range(60_000))).encode(), "iolog", {}),
+    "iolog-v2": (("fio version 2 iolog\n/dev/vda add\n" + "".join(
+        f"/dev/vda read {i * 512} 512\n" for i in range(70_000))).encode(), "iolog", {}),
+    "csv": (("op,offset,length,time\n" + "".join(f"{('read', 'write')[i % 2]},{i * 8192},4096,{i / 1000}\n"
+                                                 for i in range(80_000))).encode(), "csv", {}),
+    "blkparse": ((FIX / "blk.blkparse.txt").read_bytes(), "blkparse", {}),
+    "qemu-log": (Path(QEMU72).read_bytes(), "qemu-log", {"device": DRIVE0}),
+    "msr": ((FIX / "msr-hm.csv").read_bytes(), "msr", {"volume": "hm_0"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_CASES))
+def test_text_formats_read_through_zstd_exactly_as_plain(tmp_path, case):
+    """Every text format, zstd-compressed in each shape, is detected and read to the very arrays of the plain file,
+    whole and streamed in chunks."""
+    zstandard = pytest.importorskip("zstandard")
+    data, fmt, options = TEXT_CASES[case]
+    plain = tmp_path / "plain"
+    plain.write_bytes(data)
+    want = read_trace(str(plain), **options)
+    assert len(want) > 0 and detect_format(str(plain)) == fmt
+    for shape, blob in _zstd_forms(zstandard, data).items():
+        path = tmp_path / f"{case}.{shape}.zst"
+        path.write_bytes(blob)
+        assert detect_format(str(path)) == fmt, shape
+        for got in (read_trace(str(path), **options), _joined(iter_trace(str(path), chunk_requests=5000, **options))):
+            for column in ("op", "offset", "length", "time"):
+                a, b = getattr(got, column), getattr(want, column)
+                assert (a is None and b is None) or np.array_equal(a, b), (shape, column)
+
+
+def _joined(chunks):
+    from qsim.trace import concat
+
+    return concat(list(chunks))
+
+
 def test_zstd_without_the_package_says_what_to_install(monkeypatch):
     real_import = builtins.__import__
 
@@ -327,9 +379,9 @@ def test_unknown_and_binary_garbage_are_one_line(tmp_path):
     cut_gz = tmp_path / "cut.log.gz"
     cut_gz.write_bytes(gzip.compress(Path(QEMU72).read_bytes())[:-30])
     one_line_error(lambda: read_trace(str(cut_gz), format="qemu-log"), "the gzip data is truncated")
-    iolog_zst = tmp_path / "t.iolog.zst"
-    iolog_zst.write_bytes(zstandard.ZstdCompressor().compress(b"fio version 2 iolog\n/dev/vda read 0 4096\n"))
-    one_line_error(lambda: read_trace(str(iolog_zst)), "zstd-compressed, and not a format qsim reads through zstd")
+    junk_zst = tmp_path / "junk.zst"
+    junk_zst.write_bytes(zstandard.ZstdCompressor().compress(bytes(range(256)) * 8))
+    one_line_error(lambda: read_trace(str(junk_zst)), "binary data, not a trace")
 
 
 def test_public_traces_through_the_cli(tmp_path):

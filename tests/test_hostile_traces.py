@@ -30,6 +30,12 @@ BLK = "  8,0    1        1     0.000000000  1234  Q   R {} + {} [fio]\n"
 GOOD_IOLOG = (V3 + "".join(f"{i} /dev/vda read {i * 4096} 4096\n" for i in range(2000))).encode()
 
 
+def compressed_magic() -> bytes:
+    from qsim.traceio.compressed import ZSTD_MAGIC
+
+    return ZSTD_MAGIC
+
+
 def npz(**columns) -> bytes:
     columns.setdefault("format", np.array(FORMAT_TAG))
     out = io.BytesIO()
@@ -125,6 +131,24 @@ HOSTILE = {
     "bad-gzip.gz": (b"\x1f\x8b\x08\x00" + b"\xff" * 100, "damaged gzip data"),
     "blank-lines": (b"\n\n\n", "unknown trace format"),
 }
+
+try:
+    import zstandard
+except ImportError:  # the optional dependency: without it, zstd files get the install hint (tests/test_formats.py)
+    zstandard = None
+if zstandard is not None:
+    def _zst(text) -> bytes:
+        return zstandard.ZstdCompressor().compress(text.encode() if isinstance(text, str) else text)
+
+    HOSTILE.update({
+        "truncated.iolog.zst": (_zst(GOOD_IOLOG)[:-200], "the zstd data ends inside a frame (truncated file?)"),
+        "truncated.csv.zst": (_zst(CSV + "read,0,4096\n" * 5000)[:-10], "the zstd data ends inside a frame"),
+        "truncated.blk.zst": (_zst(BLK.format(8, 8) * 3000)[:-1], "the zstd data ends inside a frame"),
+        "bad-number.iolog.zst": (_zst(V3 + "1 /dev/vda read 12x 4096\n"), "line 4: offset '12x' is not a whole"),
+        "negative.csv.zst": (_zst(CSV + "read,0,4096\nwrite,-1,4096\n"), "line 3: offset -1 is negative"),
+        "garbage.zst": (_zst(bytes(range(256)) * 20), "binary data"),
+        "bad-zstd.zst": (compressed_magic() + b"\xff" * 100, "damaged zstd data"),
+    })
 
 
 def _digest(path: Path) -> str:
@@ -249,6 +273,26 @@ def test_gzip_bombs_stream_in_bounded_memory(tmp_path, fmt, head, line, size, co
         results.append(_streamed_peak(path))
     (few, _, small_peak), (many, biggest, big_peak) = results
     assert (few, many) == tuple(n * (len(member) // len(line)) for n in copies)
+    assert big_peak < 1.2 * small_peak + (4 << 20), (small_peak, big_peak)
+    assert biggest <= 1 << 21
+
+
+@pytest.mark.parametrize("fmt, head, line", [("csv", CSV, "read,0,4096\n"), ("iolog", V3, "0 /dev/vda read 0 4096\n")])
+def test_zstd_bombs_stream_in_bounded_memory(tmp_path, fmt, head, line):
+    """Concatenated zstd frames, each 4 MiB of text in a few hundred bytes: the decoder is fed a few blocks at a
+    time, so the peak does not grow with the text (one frame decoded whole would be the whole frame)."""
+    if zstandard is None:
+        pytest.skip("zstandard is not installed (the optional 'zstd' extra)")
+    member = line.encode() * ((4 << 20) // len(line))
+    results = []
+    for n in (5, 15):  # (from 3 blocks on, two chunks' columns are alive at once: the peak stops growing)
+        path = tmp_path / f"bomb{n}.{fmt}.zst"
+        one = zstandard.ZstdCompressor(level=19).compress(member)
+        assert len(one) < len(member) // 1000
+        path.write_bytes(_zst(head) + one * n)
+        results.append(_streamed_peak(path))
+    (few, _, small_peak), (many, biggest, big_peak) = results
+    assert (few, many) == (5 * (len(member) // len(line)), 15 * (len(member) // len(line)))
     assert big_peak < 1.2 * small_peak + (4 << 20), (small_peak, big_peak)
     assert biggest <= 1 << 21
 

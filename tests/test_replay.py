@@ -369,3 +369,68 @@ def test_memory_follows_the_data_not_the_disk():
     peak_mib, misses = int(out[0]), int(out[1])
     assert peak_mib < 600, f"peak RSS {peak_mib} MiB"
     assert misses > 10_000  # the writes' tables are real: most 4k reads and writes miss a 1M cache of 4k slices
+
+
+def test_cli_replay_without_size_reads_the_trace_once_and_equals_size_given(tmp_path, monkeypatch, capsys):
+    """Without --size (synthetic image), the one pass that finds the trace's end keeps the chunks for the replay;
+    the rows equal those of --size given, and of the two-pass fallback for a trace larger than the memory budget."""
+    from qsim.cli import main
+    from qsim.synth import synthesize
+    from qsim.traceio import textfile, write_trace
+    from qsim.traceio.reading import ReadOptions
+
+    path = str(tmp_path / "t.iolog")
+    t = synthesize(5 * G, 20_000, "zipf:1.1", "4k/70:64k/30", read_share=0.7, flush_every=40, seed=3)
+    write_trace(t, path)
+    assert 4 * G < t.max_end_offset <= 5 * G
+    passes = []
+    real_chunks = ReadOptions.chunks
+    monkeypatch.setattr(ReadOptions, "chunks", lambda self, p, **kw: passes.append(p) or real_chunks(self, p, **kw))
+
+    def rows(*extra):
+        passes.clear()
+        assert main(["replay", path, "-o", "preallocation=metadata", "--l2-cache-size", "64k,1M,default",
+                     "--output", "json", *extra]) == 0
+        return json.loads(capsys.readouterr().out), len(passes)
+
+    once, reads = rows()
+    assert reads == 1 and once[0]["virtual_size"] == 5 * G and once[0]["requests"] == len(t)
+    given, reads = rows("--size", "5G")
+    assert reads == 1 and given == once
+    monkeypatch.setattr(textfile, "available_memory", lambda: 1000)  # too little to hold it: read it twice
+    twice, reads = rows()
+    assert reads == 2 and twice == once
+
+
+@pytest.mark.parametrize("case", ["reads", "writes-timed", "comma,name"])
+def test_cli_rows_written_without_pandas_equal_pandas_output(tmp_path, case, capsys):
+    """``qsim replay --output csv|json`` writes plain rows itself (no pandas import at start-up): byte for byte what
+    pandas' to_csv and to_dict wrote."""
+    import argparse
+    import io
+
+    from qsim.cli.common import print_json
+    from qsim.cli.replay import emit_rows, plain_rows
+    from qsim.synth import synthesize
+
+    t = synthesize(4 * G, 3000, "zipf:1.1", "4k/70:64k/30", read_share=1.0 if case == "reads" else 0.6,
+                   flush_every=0 if case == "reads" else 20, seed=9)
+    if case == "writes-timed":
+        t = Trace(t.op, t.offset, t.length, np.arange(len(t)) * 0.5, "timed.iolog")
+    if case == "comma,name":
+        t = Trace(t.op, t.offset, t.length, None, 'a,b "c".iolog')
+    result = replay(t, scenario(4 * G, ImageOptions(preallocation="metadata" if case == "reads" else "off"),
+                                "16k,1M,default"))
+    assert plain_rows(result.rows)
+    for output in ("csv", "json"):
+        emit_rows(result, argparse.Namespace(save=None, output=output))
+        ours = capsys.readouterr().out
+        frame = result.to_frame()
+        if output == "csv":
+            buffer = io.StringIO()
+            frame.to_csv(buffer, index=False)
+            expected = buffer.getvalue()
+        else:
+            print_json(frame.to_dict(orient="records"))
+            expected = capsys.readouterr().out
+        assert ours == expected, output

@@ -248,3 +248,37 @@ def test_qsim_reads_what_fio_records(tmp_path, fio):
         assert int((t.op == op).sum()) == job[name]["total_ios"]
         assert int(t.length[t.op == op].sum()) == job[name]["io_bytes"]
     assert int((t.op == FLUSH).sum()) == job["sync"]["total_ios"]
+
+
+def test_prefetched_chunks_are_the_chunks_in_order_with_errors_where_they_happened():
+    """The reader thread hands over every chunk in order, holds at most the budget (plus one chunk), raises the
+    reader's error after the chunks before it, and stops when the consumer stops."""
+    import threading
+
+    from qsim.errors import QsimError
+    from qsim.traceio.prefetch import prefetched
+
+    made = []
+
+    def chunks(fail_at=None):
+        for k in range(40):
+            if k == fail_at:
+                raise QsimError(f"t.iolog: line {k}: bad")
+            made.append(k)
+            yield np.full(1000, k, dtype=np.int64)  # 8000 bytes each
+
+    got = [int(c[0]) for c in prefetched(chunks(), budget_bytes=20_000)]
+    assert got == list(range(40))
+    seen = []
+    with pytest.raises(QsimError, match="t.iolog: line 25: bad"):
+        for c in prefetched(chunks(fail_at=25), budget_bytes=20_000):
+            seen.append(int(c[0]))
+    assert seen == list(range(25))
+    made.clear()
+    stream = prefetched(chunks(), budget_bytes=20_000)
+    assert int(next(stream)[0]) == 0
+    stream.close()  # the consumer stops: the reader stops within the budget instead of reading the rest
+    for thread in threading.enumerate():
+        if thread.name == "qsim-trace-reader":
+            thread.join(5)
+    assert len(made) <= 5

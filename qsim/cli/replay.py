@@ -21,9 +21,11 @@ def add_replay_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     """Options replay and sweep share: the trace and how to read it, the scenario, the output."""
     if sweep:
         p.add_argument("trace", metavar="TRACE", nargs="+", help="trace files, globs ('corpus/*.iolog.gz'), "
-                       "directories or @list files; fio iolog (v2/v3), blkparse text, CSV or .npz; gzip is fine")
+                       "directories or @list files; fio iolog (v2/v3), blkparse text, CSV or .npz; gzip or zstd is "
+                       "fine")
     else:
-        p.add_argument("trace", metavar="TRACE", help="fio iolog (v2/v3), blkparse text, CSV or .npz; gzip is fine")
+        p.add_argument("trace", metavar="TRACE", help="fio iolog (v2/v3), blkparse text, CSV or .npz; gzip or zstd "
+                       "is fine")
     add_reader_options(p)
     add_scenario_options(p, sweep=sweep)
     p.add_argument("--output", choices=("human", "json", "csv"), default="human", help="printed format")
@@ -62,16 +64,72 @@ def emit_frame(frame, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..progress import progress_bar
     from ..replay import replay, virtual_size_for
+    from ..traceio.prefetch import prefetched
 
     reading = reading_from_args(args)
-    size = None
-    if not args.image and args.size is None:  # one streaming pass for the largest end offset, then the replay
-        size = virtual_size_for(max((c.max_end_offset for c in reading.chunks(args.trace)), default=0))
+    size, chunks = None, None
+    if not args.image and args.size is None:  # the synthetic image's size is the trace's end: known once it is read
+        end, chunks = sized_chunks(reading, args.trace)
+        size = virtual_size_for(end)
     scenario = scenario_from_args(args, virtual_size=size)
     with progress_bar(total=None, unit="req", desc="replay") as bar:
-        result = replay(_non_empty(reading.chunks(args.trace), args.trace), scenario, progress=bar.update)
-    emit_frame(result.to_frame(), args)
+        stream = chunks or prefetched(reading.chunks(args.trace))  # (read in a thread, ahead of the replay)
+        result = replay(_non_empty(stream, args.trace), scenario, progress=bar.update)
+    emit_rows(result, args)
     return 0
+
+
+def emit_rows(result, args: argparse.Namespace) -> None:
+    """Print a replay's rows: CSV and JSON of plain rows written directly (as pandas writes them: the tests
+    compare), sparing the command pandas' import; anything else through ``emit_frame``."""
+    rows = result.rows
+    if args.save or args.output == "human" or not plain_rows(rows):
+        emit_frame(result.to_frame(), args)
+        return
+    for note in result.notes:
+        print(f"qsim: warning: {note}", file=sys.stderr)
+    if args.output == "json":
+        print_json(rows)
+        return
+    import csv
+
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(rows[0])
+    writer.writerows([["" if v is None else v for v in row.values()] for row in rows])
+
+
+def plain_rows(rows: list[dict]) -> bool:
+    """Rows with the same columns, each column all of one Python type (bool, int, float, str) or all None: those
+    that pandas writes exactly as the csv and json modules do."""
+    if not rows or any(list(row) != list(rows[0]) for row in rows):
+        return False
+    for name in rows[0]:
+        kinds = {type(row[name]) for row in rows}
+        if len(kinds) != 1 or not kinds <= {bool, int, float, str, type(None)}:
+            return False
+    return True
+
+
+def sized_chunks(reading, path: str, budget_bytes: int | None = None) -> tuple[int, list | None]:
+    """(largest end offset, the chunks) from one pass over the trace, keeping the chunks while they fit in
+    ``budget_bytes`` (a quarter of the free memory by default); (end, None) for a larger trace, which is then read a
+    second time instead of held."""
+    from ..traceio.textfile import available_memory
+
+    if budget_bytes is None:
+        free = available_memory()
+        budget_bytes = free // 4 if free is not None else 1 << 30
+    kept: list | None = []
+    held = end = 0
+    for chunk in reading.chunks(path):
+        end = max(end, chunk.max_end_offset)
+        if kept is not None:
+            held += chunk.nbytes
+            if held <= budget_bytes:
+                kept.append(chunk)
+            else:
+                kept = None  # (dropped at once: the rest of the pass holds one chunk at a time)
+    return end, kept
 
 
 def _non_empty(chunks, path: str):

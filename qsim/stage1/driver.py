@@ -19,7 +19,7 @@ from .structs import (C_DISCARD_BYTES, C_DISCARDS, C_FLUSHES, C_READS, C_READ_BY
 from .write import guest_flush, write
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def run_requests(r, op, offset, length, first, last):
     """Process requests [first, last) until done or the event buffers might overflow; returns the next request.
 

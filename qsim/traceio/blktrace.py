@@ -27,6 +27,7 @@ from numba import njit
 from ..errors import QsimError, UsageError
 from ..trace import Trace
 from . import streams
+from .textfile import open_binary
 
 MAGIC, VERSION = 0x65617400, 0x07
 HEADER = 48
@@ -117,12 +118,13 @@ class _CpuFile:
 
     def __init__(self, path: str, action: int, chunk_bytes: int):
         self.path, self.action, self.chunk_bytes = path, action, chunk_bytes
-        self.stream = streams.open_stream(path)
+        self.stream = open_binary(path)
         self.buffer = np.empty(chunk_bytes, dtype=np.uint8)  # reused, never zeroed
         self.rest = 0  # bytes at the buffer's start carried over from the last read
         self.position = 0  # file offset of ``rest``
         self.records = 0
         self.done = False
+        self.scratch: tuple | None = None
         self.dtype = byte_order(streams.head_bytes(path, HEADER))
         if self.dtype is None:
             raise QsimError(f"{path}: not a blktrace file (no blk_io_trace magic 0x65617407 at byte 0)")
@@ -147,8 +149,10 @@ class _CpuFile:
             return
         buf = self.buffer[:self.rest + got]
         m = len(buf) // HEADER
-        cols = (np.empty(m, np.uint8), np.empty(m, np.int64), np.empty(m, np.uint32), np.empty(m, np.int64),
-                np.empty(m, np.uint32), np.empty(m, np.uint32))
+        if self.scratch is None or len(self.scratch[0]) < m:  # reused: fresh columns cost page faults every chunk
+            self.scratch = (np.empty(m, np.uint8), np.empty(m, np.int64), np.empty(m, np.uint32),
+                            np.empty(m, np.int64), np.empty(m, np.uint32), np.empty(m, np.uint32))
+        cols = self.scratch
         n, kept, used, bad, version = _decode(buf, self.dtype is BE, self.action, *cols)
         if bad >= 0 and version < 0:
             raise QsimError(f"{self.path}: record {self.records + n + 1} (byte {self.position + bad}): no "
@@ -164,7 +168,7 @@ class _CpuFile:
         self.records += n
         new = dict(zip(("op", "offset", "length", "time", "device", "sequence"), (c[:kept] for c in cols)))
         for k, v in new.items():
-            self.columns[k] = np.concatenate([self.columns[k], v]) if len(self.columns[k]) else v
+            self.columns[k] = np.concatenate([self.columns[k], v]) if len(self.columns[k]) else v.copy()
 
     def take_before(self, horizon: int | None) -> dict[str, np.ndarray]:
         """Hand out the records with time < horizon (all of them when None)."""

@@ -1,6 +1,6 @@
 """The trace formats beyond qsim's own (QEMU logs, public block traces, binary captures): detection and dispatch.
 
-``qsim.traceio`` asks here first (binary and zstd files, which its text sniffing cannot look at) and last (text
+``qsim.traceio`` asks here first (binary files, which its text sniffing cannot look at) and last (text
 formats that have no header to recognise), and hands these formats' reading to the modules named in FORMATS.
 """
 
@@ -34,8 +34,8 @@ QEMU_LOG_PROBE = 1 << 20  # a libvirt domain log can start with a long command l
 
 
 def detect_first(path: str) -> str | None:
-    """Formats to recognise before any text sniffing: blktrace (also NAME for NAME.blktrace.*), vscsi, and what a
-    zstd file holds."""
+    """Formats to recognise before any text sniffing: blktrace (also NAME for NAME.blktrace.*) and vscsi, plain or
+    compressed."""
     if not os.path.exists(path) and blktrace.per_cpu_files(path):
         return "blktrace"
     check_readable(path)
@@ -45,13 +45,7 @@ def detect_first(path: str) -> str | None:
         return "blktrace"
     if vscsi.vscsi_version(head, os.path.getsize(path) if kind is None else None):
         return "vscsi"
-    if kind == "zstd":
-        found = detect_last(path, head.decode("utf-8", errors="replace").splitlines()[:20])
-        if found:
-            return found
-        raise QsimError(f"{path}: zstd-compressed, and not a format qsim reads through zstd ({', '.join(FORMATS)}); "
-                        "decompress it first (zstd -d) or give --format")
-    return None
+    return None  # text (plain, gzip or zstd): sniffed from its first lines
 
 
 def detect_last(path: str, lines: list[str]) -> str | None:

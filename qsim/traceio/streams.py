@@ -1,4 +1,4 @@
-"""What the public-trace and QEMU-log readers share: compressed input (gzip, zstd), records in chunks, one volume.
+"""What the public-trace and QEMU-log readers share: records in chunks, one volume (compressed input: ``compressed``).
 
 Every reader here turns its file into ``Raw`` chunks: columns of op, offset, length, integer time ticks, the volume
 key of each record (or None) and where each record came from (line number for text, record number for binary), so
@@ -18,11 +18,9 @@ import numpy as np
 
 from ..errors import QsimError, UsageError
 from ..trace import DISCARD, FLUSH, READ, WRITE, Trace
+from . import compressed
 from .textfile import check_readable, open_binary
 
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-ZSTD_HINT = "pip install zstandard (or pip install 'qsim[zstd]')"
 CHUNK_RECORDS = 1 << 20
 
 
@@ -32,73 +30,7 @@ def compression(path: str) -> str | None:
     if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
         raise QsimError(f"{path}: not a regular file (a FIFO, socket or device); qsim reads trace files")
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic.startswith(GZIP_MAGIC):
-        return "gzip"
-    if magic == ZSTD_MAGIC:
-        return "zstd"
-    return None
-
-
-def open_stream(path: str) -> IO[bytes]:
-    """The file's bytes, decompressed when it is gzip or zstd. Plain and gzip files open as every trace file does
-    (regular files only; gzip through ``textfile.open_binary``, damage named in one line); zstd through
-    ``ZstdReader``."""
-    kind = compression(path)  # (checks the path is a regular, readable file)
-    if kind is None:
-        return open(path, "rb")  # seekable: capture reads a log from where it was when the capture began
-    if kind == "gzip":
-        return open_binary(path)
-    try:
-        import zstandard
-    except ImportError:
-        raise QsimError(f"{path}: zstd-compressed; reading it needs the zstandard package: {ZSTD_HINT}") from None
-    return io.BufferedReader(ZstdReader(path, open(path, "rb"), zstandard), 1 << 20)  # type: ignore[return-value]
-
-
-class ZstdReader(io.RawIOBase):
-    """A zstd file's decompressed bytes (frame after frame), and an error when the file ends inside a frame
-    (zstandard's own stream reader ends quietly there, which would cut a trace short without a word)."""
-
-    def __init__(self, path: str, raw, zstandard):
-        self.path, self.raw, self.zstandard = path, raw, zstandard
-        self.dobj = zstandard.ZstdDecompressor().decompressobj()
-        self.pending = b""
-        self.started = False  # some input of the current frame was fed
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        while not self.pending:
-            block = self.raw.read(1 << 20)
-            if not block:
-                if self.started and not self.dobj.eof:
-                    raise QsimError(f"{self.path}: the zstd data ends inside a frame (truncated file?)")
-                return 0
-            self.pending = self._feed(block)
-        n = min(len(buffer), len(self.pending))
-        buffer[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
-
-    def _feed(self, block: bytes) -> bytes:
-        out = []
-        while block:
-            self.started = True
-            try:
-                out.append(self.dobj.decompress(block))
-            except self.zstandard.ZstdError as exc:
-                raise QsimError(f"{self.path}: damaged zstd data ({exc})") from None
-            block = self.dobj.unused_data if self.dobj.eof else b""
-            if self.dobj.eof:
-                self.dobj = self.zstandard.ZstdDecompressor().decompressobj()
-                self.started = bool(block)
-        return b"".join(out)
-
-    def close(self) -> None:
-        self.raw.close()
-        super().close()
+        return compressed.kind(f.read(4))
 
 
 @contextmanager
@@ -116,7 +48,7 @@ def reading(path: str):
 
 def head_bytes(path: str, size: int = 64 * 1024) -> bytes:
     """The first ``size`` decompressed bytes (for format detection)."""
-    with open_stream(path) as f, reading(path):
+    with open_binary(path) as f, reading(path):
         return read_exactly(f, size)
 
 
@@ -146,7 +78,7 @@ def read_into(path: str, f: IO[bytes], buffer) -> int:
 
 def byte_chunks(path: str, chunk_bytes: int = 64 << 20, start: int = 0, end: int | None = None) -> Iterator[bytes]:
     """The decompressed file in blocks of about ``chunk_bytes`` (of an uncompressed file: bytes start .. end)."""
-    with open_stream(path) as f:
+    with open_binary(path) as f:
         if start or end is not None:
             f.seek(start)
         left = None if end is None else end - start
@@ -279,8 +211,8 @@ def first_bad(path: str, lines: Iterable[tuple[int, bytes]], problem: Callable[[
 
 def numbered_lines(path: str) -> Iterator[tuple[int, bytes]]:
     """(line number, line without its end) over the decompressed file: for the slow pass that explains an error."""
-    with open_stream(path) as f:
-        for number, raw in enumerate(io.BufferedReader(f) if not hasattr(f, "readline") else f, start=1):
+    with open_binary(path) as f:
+        for number, raw in enumerate(io.BufferedReader(f, 1 << 20), start=1):
             yield number, raw.rstrip(b"\r\n")
 
 
@@ -299,7 +231,7 @@ def csv_raws(path: str, fmt: str, names: tuple[str, ...], dtypes: dict, convert:
     skip = 1 if has_header(path, names) else 0
     first_line = 1 + skip
     try:
-        with open_stream(path) as stream:
+        with open_binary(path) as stream:
             reader = pd.read_csv(stream, header=None, names=list(names), dtype=dtypes, skiprows=skip, engine="c",
                                  chunksize=chunk_lines, skip_blank_lines=False, na_filter=True,
                                  skipinitialspace=True)

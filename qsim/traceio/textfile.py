@@ -1,8 +1,9 @@
-"""Opening trace files: regular files only (never blocking on a FIFO), gzip read transparently, the text handed out
-in blocks of whole lines, and clear one-line errors for whatever a file can be instead of a trace.
+"""Opening trace files: regular files only (never blocking on a FIFO), gzip and zstd read transparently, the text
+handed out in blocks of whole lines, and clear one-line errors for whatever a file can be instead of a trace.
 
 Everything a reader learns about a hostile file becomes a QsimError naming the file: a missing file, a folder, a
-FIFO or device, a /proc file, a truncated or corrupt gzip stream, a line longer than ``MAX_LINE_BYTES``, binary data.
+FIFO or device, a /proc file, a truncated or corrupt gzip or zstd stream, a line longer than ``MAX_LINE_BYTES``,
+binary data.
 Messages quote at most ``QUOTE_CHARS`` characters of a bad field (see ``shorten``).
 """
 
@@ -22,8 +23,8 @@ import numpy as np
 from numba import njit
 
 from ..errors import QsimError
+from . import compressed
 
-GZIP_MAGIC = b"\x1f\x8b"
 BLOCK_BYTES = 1 << 23  # text handed to a parser at a time (decompressed): bounded memory whatever the file's size
 MAX_LINE_BYTES = 1 << 20  # no trace format has lines anywhere near this long
 QUOTE_CHARS = 60
@@ -79,15 +80,20 @@ def _open_regular(path: str) -> IO[bytes]:
 
 
 class _Reader(io.RawIOBase):
-    """A file's bytes, decompressed if gzip; read errors become QsimError naming the file."""
+    """A file's bytes, decoded if gzip or zstd (``compressed.decoder``); read errors become QsimError naming the
+    file. An uncompressed file can seek (capture reads a log from where it was when the capture began)."""
 
     def __init__(self, path: str):
         self.path = path
         self.raw = _open_regular(path)
-        head = self._guard(self.raw.read, 2)
+        head = self._guard(self.raw.read, 4)
         self.raw.seek(0)
-        self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb") if head == GZIP_MAGIC else self.raw
-        self.compressed = head == GZIP_MAGIC
+        try:
+            self.stream = compressed.decoder(path, self.raw, head)
+        except BaseException:
+            self.raw.close()
+            raise
+        self.compressed = self.stream is not self.raw
 
     def _guard(self, fn, *args):
         try:
@@ -106,6 +112,17 @@ class _Reader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def seekable(self) -> bool:
+        return not self.compressed
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if self.compressed:
+            raise io.UnsupportedOperation("seek in a compressed trace")
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
     def readinto(self, buffer) -> int:
         return self._guard(self.stream.readinto, buffer)
 
@@ -122,7 +139,8 @@ class _Reader(io.RawIOBase):
 
 
 def open_binary(path: str) -> IO[bytes]:
-    """The file's bytes, decompressed if it is gzip (by content, not by name); errors are QsimError."""
+    """The file's bytes, decompressed if it is gzip or zstd (by content, not by name); errors are QsimError. Every
+    trace reader opens its files here."""
     return _Reader(path)  # type: ignore[return-value]
 
 

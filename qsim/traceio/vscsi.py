@@ -18,6 +18,7 @@ from numba import njit
 from ..errors import QsimError
 from ..trace import FLUSH, READ, WRITE, Trace
 from . import streams
+from .textfile import open_binary
 
 V1 = np.dtype([("sn", "<u4"), ("len", "<u4"), ("nSG", "<u4"), ("cmd", "<u2"), ("ver", "<u2"), ("lbn", "<u8"),
                ("ts", "<u8")])
@@ -81,7 +82,7 @@ def iter_vscsi(path: str, chunk_records: int = streams.CHUNK_RECORDS) -> Iterato
     dtype = LAYOUTS[version]
     t0, first = None, 0
     buffer = np.empty(chunk_records * dtype.itemsize, dtype=np.uint8)  # reused, never zeroed
-    with streams.open_stream(path) as f:
+    with open_binary(path) as f:
         while True:
             got = streams.read_into(path, f, buffer)
             whole = got - got % dtype.itemsize

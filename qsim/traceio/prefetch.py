@@ -1,0 +1,57 @@
+"""Read a trace ahead of its replay, in a thread: the parsers' compiled scans release the GIL, so on a second core
+the next chunks are parsed while the replay works on this one (and while a real image is opened and checked).
+
+At most ``budget_bytes`` of chunks wait (bounded memory whatever the file's size); an error in the reader reaches
+the consumer as it was raised, at the point of the stream where it happened; a consumer that stops early stops the
+reader.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+
+BUDGET_BYTES = 256 << 20  # about 12M requests with times: a 10M-request file is read while the image opens
+
+_END = object()
+
+
+def prefetched(chunks: Iterable, budget_bytes: int = BUDGET_BYTES) -> Iterator:
+    """The chunks of ``chunks`` (objects with ``nbytes``), produced by a reader thread up to ``budget_bytes``
+    ahead of the consumer."""
+    ready: queue.Queue = queue.Queue()
+    room = threading.Condition()
+    state = {"held": 0, "stop": False}
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                with room:
+                    while state["held"] > 0 and state["held"] + chunk.nbytes > budget_bytes and not state["stop"]:
+                        room.wait()
+                    if state["stop"]:
+                        return
+                    state["held"] += chunk.nbytes
+                ready.put((chunk, None))
+            ready.put((_END, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put((_END, exc))
+
+    reader = threading.Thread(target=read, name="qsim-trace-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            chunk, error = ready.get()
+            if chunk is _END:
+                if error is not None:
+                    raise error
+                return
+            with room:
+                state["held"] -= chunk.nbytes
+                room.notify()
+            yield chunk
+    finally:
+        with room:
+            state["stop"] = True
+            room.notify()

@@ -11,6 +11,7 @@ from ..bitops import leading_zeros32, trailing_zeros32
 from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GET_DIRTY, GET_EMPTY, NORMAL,
                      UNALLOC_ALLOC, ZERO_ALLOC, ZERO_PLAIN)
 from ..hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
+from .entries import entry, entry_bitmap, entry_host, set_entry, set_entry_bitmap
 from .lookup import (bitmaps, subcluster_type, range_type, host_extent, read, queue_backing, unallocated,
                      zero_below)
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES, C_REFCOUNT_DROPS,
@@ -25,10 +26,10 @@ from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS
 @njit(cache=True)
 def _needs_new_alloc(im, slot, idx):
     """cluster_needs_new_alloc: only an allocated (normal or zero-allocated) cluster with COPIED is kept."""
-    f = im.eflags[slot, idx]
+    h, f = entry(im, slot, idx)
     if f & F_COMPRESSED:
         return True
-    if im.ehost[slot, idx] != 0 and (f & F_COPIED):
+    if h != 0 and (f & F_COPIED):
         return False
     return True
 
@@ -182,13 +183,13 @@ def _calculate_l2_meta(r, nmeta, host_cluster, guest, nbytes, slot, idx, keep_ol
 
 @njit(cache=True)
 def _count_single_write_clusters(im, slot, idx, nb, new_alloc):
-    expected = im.ehost[slot, idx]
+    expected = entry_host(im, slot, idx)
     i = 0
     while i < nb:
         if _needs_new_alloc(im, slot, idx + i) != new_alloc:
             break
         if not new_alloc:
-            if expected != im.ehost[slot, idx + i]:
+            if expected != entry_host(im, slot, idx + i):
                 break
             expected += 1
         i += 1
@@ -231,7 +232,7 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
         nb = _clusters_to_slice_end(g, start, cur)
         slot = get_cluster_table(r, gc, GET)
         if not _needs_new_alloc(r, slot, idx):
-            host = r.ehost[slot, idx]
+            host = entry_host(r, slot, idx)
             if cluster_offset != INV and (host << cb) != cluster_offset - oic:
                 break
             keep = _count_single_write_clusters(r, slot, idx, nb, False)
@@ -340,21 +341,18 @@ def _link_l2(r, j, prealloc):
     slot = get_cluster_table(r, gc, GET_DIRTY)
     idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
     written_to_all = m[M_END_OFF] + m[M_END_N]
-    ehost = r.ehost
-    eflags = r.eflags
     for i in range(m[M_NB]):
-        old = ehost[slot, idx + i]
+        old, old_flags = entry(r, slot, idx + i)
         if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i:
-            free_any_cluster(r, old, eflags[slot, idx + i])  # a compressed cluster's refcount drops too
-        ehost[slot, idx + i] = m[M_ALLOC] + i
-        eflags[slot, idx + i] = F_COPIED
+            free_any_cluster(r, old, old_flags)  # a compressed cluster's refcount drops too
+        set_entry(r, slot, idx + i, m[M_ALLOC] + i, F_COPIED)
         if g[G_EXTENDED] and not prealloc:
             written_from = max(m[M_START_OFF], i << cb)
             written_to = min(written_to_all, (i + 1) << cb)
             first_sc = (written_from >> scb) & (g[G_SPC] - 1)
             last_sc = ((written_to - 1) >> scb) & (g[G_SPC] - 1)
             bits = np.uint64(((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1))
-            r.ebits[slot, idx + i] = (r.ebits[slot, idx + i] | bits) & ~(bits << np.uint64(32))
+            set_entry_bitmap(r, slot, idx + i, (entry_bitmap(r, slot, idx + i) | bits) & ~(bits << np.uint64(32)))
 
 
 @njit(cache=True)

@@ -81,6 +81,7 @@ def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
     vec[ev.G_VIRTUAL_SIZE] = g.virtual_size // 512 * 512  # bs->total_sectors * BDRV_SECTOR_SIZE
     vec[ev.G_DISCARD_UNMAP] = int(discard == "unmap")
     vec[ev.G_DISCARD_NO_UNREF] = int(discard_no_unref)
+    vec[ev.G_DATA_FILE] = int(state.has_data_file)
     return vec
 
 

@@ -81,7 +81,16 @@ def image_from_qcow2(img) -> ImageState:
     host = np.where(compressed, np.maximum(compressed_host, 1), (d & np.uint64(L2E_OFFSET_MASK)) >> np.uint64(cb))
     host = host.astype(np.int64)
     file_clusters = -(-img.file_bytes // g.cluster_size)
-    beyond = (host >= file_clusters) & ~compressed
+    if img.has_data_file:
+        # qcow2_get_cluster_type: offset 0 is data-file offset 0 when QCOW_OFLAG_COPIED says the cluster is
+        # allocated (a zero flag without extended_l2 comes first: zero, plain); the reader has checked that every
+        # data cluster sits at its guest offset, and data offsets are not bounded by the image file
+        zero_flag = ((d & np.uint64(OFLAG_ZERO)) != 0) & (not g.extended_l2)
+        allocated = (host != 0) | (copied & ~zero_flag)
+        host = np.where(allocated, host + 1, 0)  # stage1.entries.data_file_host
+        beyond = np.zeros(host.shape, dtype=bool)
+    else:
+        beyond = (host >= file_clusters) & ~compressed
     if beyond.any():
         row, col = (int(v[0]) for v in np.nonzero(beyond))
         raise QsimError(f"{img.path}: L2 entry {col} of the table for L1 entry {tables[row]} points at host offset "
@@ -111,6 +120,7 @@ def image_from_qcow2(img) -> ImageState:
         alloc_state=alloc,
         has_backing_file=bool(img.header.backing_file),
         description=f"image {os.path.basename(img.path)}",
+        has_data_file=img.has_data_file,
     )
 
 

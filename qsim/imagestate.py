@@ -91,6 +91,9 @@ class ImageState:
     Read entries with ``table_entries`` (or the kernels' qsim.stage1.entries), never by indexing ``entry_host``.
     ``has_backing_file``: a backing file sits below, so copy-on-write copies its data instead of zero-filling;
     ``backing_size``: its size in bytes (0: as large as this image), beyond which QEMU reads zeroes.
+    ``has_data_file``: guest data lives in an external data file at the guest offset (``-o data_file``): data
+    clusters' host indexes are stage1.entries.data_file_host values, and only L2 tables (and refcount structures)
+    are allocated in the image file.
     """
 
     geometry: ImageGeometry
@@ -107,6 +110,7 @@ class ImageState:
     description: str = ""
     backing_size: int = 0
     sparse: SparseEntries | None = None
+    has_data_file: bool = False
 
     def __post_init__(self):
         if self.sparse is None:
@@ -210,6 +214,7 @@ class ImageState:
             description=self.description,
             backing_size=self.backing_size,
             sparse=self.sparse.with_room(sparse_entries or 0, extended, share_entries),
+            has_data_file=self.has_data_file,
         )
 
 

@@ -26,14 +26,24 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @njit(cache=True, inline="always")
+def data_file_host(guest_cluster):
+    """The host index of a data cluster in an image with an external data file: the data-file cluster (always
+    the guest cluster, QEMU's do_alloc_cluster_offset) plus one, since data-file offset 0 is valid data
+    (qcow2_get_cluster_type: offset 0 with QCOW_OFLAG_COPIED is a normal cluster) and host index 0 means none.
+    Never an index into the image file's host cluster map."""
+    return guest_cluster + 1
+
+
+@njit(cache=True, inline="always")
 def _home(key, bits):
     """Fibonacci hashing: the top ``bits`` bits of key x 2^64/phi."""
     return np.int64((np.uint64(key) * _GOLDEN) >> np.uint64(64 - bits))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _find(im, slot, idx):
-    """Position of the entry's key in the hash, or -1 - (the empty position where it would go)."""
+    """Position of the entry's key in the hash, or -1 - (the empty position where it would go). Not inlined: the
+    dense path of every accessor stays a branch and a load in the kernels' loops."""
     key = (np.int64(slot) << im.g[G_TABLE_BITS]) | idx
     keys = im.skey
     mask = keys.shape[0] - 1
@@ -47,7 +57,7 @@ def _find(im, slot, idx):
         p = (p + 1) & mask
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _insert(im, slot, idx):
     """Position of the entry, inserted (all zero) when absent."""
     p = _find(im, slot, idx)

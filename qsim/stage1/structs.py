@@ -14,8 +14,8 @@ from numba.extending import intrinsic
 # geometry/options vector (int64) indices
 (G_CLUSTER_BITS, G_TABLE_BITS, G_SLICE_BITS, G_SC_BITS, G_EXTENDED, G_SPC, G_SLICES_PER_TABLE, G_L1_SIZE,
  G_HAS_BACKING_FILE, G_WRITETHROUGH, G_BACKING_MODELLED, G_BACKING_SIZE, G_FAST_PATHS, G_VIRTUAL_SIZE,
- G_DISCARD_UNMAP, G_DISCARD_NO_UNREF) = range(16)
-GEOMETRY_SIZE = 16
+ G_DISCARD_UNMAP, G_DISCARD_NO_UNREF, G_DATA_FILE) = range(17)
+GEOMETRY_SIZE = 17
 # run state (int64) indices. S_REFCOUNT_DEPENDS_ON_L2: the refcount cache depends on the L2 cache (QEMU's
 # qcow2_cache_set_dependency after a refcount decrease), so the next flush of the refcount cache, or the next
 # L2 link, flushes the whole L2 cache first.

@@ -11,12 +11,12 @@ from ..bitops import leading_zeros32, trailing_zeros32
 from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GET_DIRTY, GET_EMPTY, NORMAL,
                      UNALLOC_ALLOC, ZERO_ALLOC, ZERO_PLAIN)
 from ..hostalloc import REFBLOCKS_MADE, alloc_clusters, alloc_clusters_at, free_cluster
-from .entries import entry, entry_bitmap, entry_host, set_entry, set_entry_bitmap
+from .entries import data_file_host, entry, entry_bitmap, entry_host, set_entry, set_entry_bitmap
 from .lookup import (bitmaps, subcluster_type, range_type, host_extent, read, queue_backing, unallocated,
                      zero_below)
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES, C_REFCOUNT_DROPS,
                       C_RACING_SPLIT_WRITES, C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES,
-                      G_BACKING_MODELLED, G_CLUSTER_BITS, G_EXTENDED, G_SC_BITS,
+                      G_BACKING_MODELLED, G_CLUSTER_BITS, G_DATA_FILE, G_EXTENDED, G_SC_BITS,
                       G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS, G_VIRTUAL_SIZE, M_ALLOC, M_END_N,
                       M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP, M_START_N, M_START_OFF, S_EVENTS,
                       S_FLUSHES, S_REFCOUNT_DEPENDS_ON_L2, S_SLOTS, INT_MAX, REQUEST_MAX_BYTES, INV, emit, flush,
@@ -75,7 +75,11 @@ def free_any_cluster(r, host, flags):
     makes the refcount cache depend on the L2 cache). With COPIED the refcount was 1, so the cluster is free again
     and the allocator's free_cluster_index moves back to it; without COPIED (shared by a snapshot: refcount 2 or
     more) it stays allocated, and so do a compressed cluster's host clusters (shared with other compressed
-    clusters; qsim keeps no per-cluster refcounts). Returns whether the cluster was freed."""
+    clusters; qsim keeps no per-cluster refcounts). With an external data file nothing is freed and no refcount
+    changes: the cluster lives in the data file, which has no refcounts (the data file may get a discard).
+    Returns whether the cluster was freed."""
+    if r.g[G_DATA_FILE]:
+        return False
     r.state[S_REFCOUNT_DEPENDS_ON_L2] = 1
     r.cnt[C_REFCOUNT_DROPS] += 1
     if not (flags & F_COPIED) or (flags & F_COMPRESSED):
@@ -243,7 +247,9 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
         # handle_alloc
         slot = get_cluster_table(r, gc, GET)
         nb = _count_single_write_clusters(r, slot, idx, nb, True)
-        if cluster_offset == INV:
+        if r.g[G_DATA_FILE]:  # do_alloc_cluster_offset: the data file's cluster is the guest cluster, nothing
+            host = data_file_host(gc)  # is allocated (nor refcounted) for it
+        elif cluster_offset == INV:
             host = alloc_flushing(r, -1, nb)
         else:
             host = (cluster_offset - oic) >> cb

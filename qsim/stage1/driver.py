@@ -10,7 +10,6 @@ from ..codes import F_COMPRESSED, F_COPIED, F_ZERO, GET
 from ..codes import (DISCARD as OP_DISCARD, FLUSH as OP_FLUSH, PREALLOC as OP_PREALLOC, READ as OP_READ,
                      STATUS as OP_STATUS, WRITE as OP_WRITE)
 from .discard import discard
-from .entries import entry, entry_bitmap, entry_host
 from .lookup import read, status
 from .structs import (C_DISCARD_BYTES, C_DISCARDS, C_FLUSHES, C_READS, C_READ_BYTES, C_REQUESTS, C_WRITES,
                       C_WRITE_BYTES, G_BACKING_MODELLED, G_CLUSTER_BITS, G_DISCARD_UNMAP, G_EXTENDED, G_FAST_PATHS,
@@ -32,6 +31,13 @@ def run_requests(r, op, offset, length, first, last):
     okey = r.okey
     okind = r.okind
     tslot = r.tslot
+    # The fast paths read dense rows directly (the tables the image held when loaded; stage1.entries says how
+    # entries are stored): a table created during the replay, kept sparse, takes the general path, so no hash
+    # probe sits in this loop.
+    ehost = r.ehost
+    eflags = r.eflags
+    ebits = r.ebits
+    dense = ehost.shape[0]
     cb = g[G_CLUSTER_BITS]
     tb = g[G_TABLE_BITS]
     sb = g[G_SLICE_BITS]
@@ -90,13 +96,15 @@ def run_requests(r, op, offset, length, first, last):
                 if not one and not extended:
                     last_gc = (pos + ln - 1) >> cb
                     one = (last_gc >> sb) == (gc >> sb)
-                    if one and slot >= 0:
-                        h0, f0 = entry(r, slot, idx)
-                        f0 &= F_ZERO | F_COMPRESSED
+                    if one and slot >= dense:
+                        one = False
+                    elif one and slot >= 0:
+                        f0 = eflags[slot, idx] & (F_ZERO | F_COMPRESSED)
+                        h0 = ehost[slot, idx]
                         one = (f0 & F_COMPRESSED) == 0
                         for j in range(1, last_gc - gc + 1):
-                            h, f = entry(r, slot, idx + j)
-                            if (f & (F_ZERO | F_COMPRESSED)) != f0 or (h != 0) != (h0 != 0) \
+                            h = ehost[slot, idx + j]
+                            if (eflags[slot, idx + j] & (F_ZERO | F_COMPRESSED)) != f0 or (h != 0) != (h0 != 0) \
                                     or (h0 != 0 and h != h0 + j):
                                 one = False
                                 break
@@ -118,12 +126,12 @@ def run_requests(r, op, offset, length, first, last):
                 l1 = gc >> tb
                 slot = tslot[l1] if l1 < l1_size else -1
                 idx = gc & table_mask
-                one = slot >= 0 and (last_gc >> sb) == (gc >> sb)
+                one = 0 <= slot < dense and (last_gc >> sb) == (gc >> sb)
                 if one:
-                    h0 = entry_host(r, slot, idx)
+                    h0 = ehost[slot, idx]
                     for j in range(last_gc - gc + 1):
-                        h, f = entry(r, slot, idx + j)
-                        if h0 == 0 or h != h0 + j or (f & F_COPIED) == 0 or \
+                        f = eflags[slot, idx + j]
+                        if h0 == 0 or ehost[slot, idx + j] != h0 + j or (f & F_COPIED) == 0 or \
                                 (f & (F_COMPRESSED | F_ZERO)) != 0:
                             one = False
                             break
@@ -131,7 +139,7 @@ def run_requests(r, op, offset, length, first, last):
                             first_sc = 0 if j > 0 else (pos & cluster_mask) >> scb
                             last_sc = spc - 1 if gc + j < last_gc else ((pos + ln - 1) & cluster_mask) >> scb
                             want = ((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1)
-                            bitmap = np.int64(entry_bitmap(r, slot, idx + j))
+                            bitmap = np.int64(ebits[slot, idx + j])
                             if (bitmap & want) != want or ((bitmap >> 32) & want) != 0:
                                 one = False
                                 break

@@ -82,8 +82,9 @@ def _insert(im, slot, idx):
 @njit(cache=True, inline="always")
 def entry(im, slot, idx):
     """(host cluster index (0: none), codes.F_* flags) of entry ``idx`` of the table in ``slot``."""
-    if slot < im.ehost.shape[0]:
-        return im.ehost[slot, idx], im.eflags[slot, idx]
+    eh = im.ehost
+    if slot < eh.shape[0]:
+        return eh[slot, idx], im.eflags[slot, idx]
     p = _find(im, slot, idx)
     if p < 0:
         return np.int64(0), np.uint8(0)
@@ -93,8 +94,9 @@ def entry(im, slot, idx):
 @njit(cache=True, inline="always")
 def entry_host(im, slot, idx):
     """Host cluster index of the entry (0: none)."""
-    if slot < im.ehost.shape[0]:
-        return im.ehost[slot, idx]
+    eh = im.ehost
+    if slot < eh.shape[0]:
+        return eh[slot, idx]
     p = _find(im, slot, idx)
     return im.shost[p] if p >= 0 else np.int64(0)
 
@@ -102,8 +104,9 @@ def entry_host(im, slot, idx):
 @njit(cache=True, inline="always")
 def entry_flags(im, slot, idx):
     """codes.F_* flags of the entry."""
-    if slot < im.ehost.shape[0]:
-        return im.eflags[slot, idx]
+    ef = im.eflags
+    if slot < ef.shape[0]:
+        return ef[slot, idx]
     p = _find(im, slot, idx)
     return im.sflags[p] if p >= 0 else np.uint8(0)
 
@@ -111,7 +114,7 @@ def entry_flags(im, slot, idx):
 @njit(cache=True, inline="always")
 def entry_bitmap(im, slot, idx):
     """The extended-L2 subcluster bitmap (uint64, QEMU's layout); only with extended_l2."""
-    if slot < im.ehost.shape[0]:
+    if slot < im.ehost.shape[0]:  # (the [1, 1] placeholder of ebits never answers: only with extended_l2)
         return im.ebits[slot, idx]
     p = _find(im, slot, idx)
     return im.sbits[p] if p >= 0 else np.uint64(0)
@@ -120,8 +123,9 @@ def entry_bitmap(im, slot, idx):
 @njit(cache=True, inline="always")
 def set_entry(im, slot, idx, host, flags):
     """Write the entry's host cluster and flags (an absent sparse entry stays absent when both are 0)."""
-    if slot < im.ehost.shape[0]:
-        im.ehost[slot, idx] = host
+    eh = im.ehost
+    if slot < eh.shape[0]:
+        eh[slot, idx] = host
         im.eflags[slot, idx] = flags
         return
     if host == 0 and flags == 0:

@@ -20,6 +20,7 @@ from .stage1 import structs as ev
 from .stage1.driver import run_requests
 from .errors import QsimError
 from .imagestate import ImageState
+from .stage1.entries import SP_OVERFLOW
 from .trace import WRITE, Trace
 
 CHUNK_EVENTS = 1 << 22
@@ -81,13 +82,16 @@ def geometry_vector(state: ImageState, entry_size: int, writethrough: bool,
     vec[ev.G_VIRTUAL_SIZE] = g.virtual_size // 512 * 512  # bs->total_sectors * BDRV_SECTOR_SIZE
     vec[ev.G_DISCARD_UNMAP] = int(discard == "unmap")
     vec[ev.G_DISCARD_NO_UNREF] = int(discard_no_unref)
+    vec[ev.G_DATA_FILE] = int(state.has_data_file)
     return vec
 
 
 def _l2_arrays(state: ImageState, g: np.ndarray) -> dict:
     """The arrays of the kernel's L2View of ``state``, by field name."""
+    sp = state.sparse
     return dict(g=g, tslot=state.table_slot, thost=state.table_host, ehost=state.entry_host,
-                eflags=state.entry_flags, ebits=state.entry_bitmap)
+                eflags=state.entry_flags, ebits=state.entry_bitmap, skey=sp.key, shost=sp.host, sflags=sp.flags,
+                sbits=sp.bitmap, sstate=sp.state)
 
 
 class EventChunk(NamedTuple):
@@ -131,6 +135,32 @@ def _room_needed(state: ImageState, trace: Trace, unmap: bool = False) -> tuple[
     return new_tables, host + 2 * (host // refcounts_per_block + 1)
 
 
+def _entries_needed(state: ImageState, trace: Trace, new_tables: int, unmap: bool = False) -> int:
+    """How many L2 entries of tables without dense rows the trace could write at most: every cluster a write
+    spans (and, with ``unmap``, a discard), no more than those tables hold."""
+    g = state.geometry
+    cb = g.cluster_size.bit_length() - 1
+    allocating = (trace.op == WRITE) | (trace.op == PREALLOC)
+    if unmap:
+        allocating |= trace.op == DISCARD
+    first = trace.offset[allocating] >> cb
+    spanned = int((((trace.end[allocating] - 1) >> cb) - first + 1).sum()) if len(first) else 0
+    sparse_tables = max(state.n_tables + new_tables - state.dense_tables, 0)
+    return min(spanned, sparse_tables * g.l2_entries_per_table)
+
+
+def _dense_is_cheaper(state: ImageState, new_tables: int, entries: int) -> bool:
+    """Whether dense rows for ``new_tables`` new tables take no more memory than the sparse hash would for
+    ``entries`` entries at its load of one half (building a preallocated image; a trace writing most of what it
+    touches). Only while every table so far is dense: dense slots come first."""
+    if state.n_tables > state.dense_tables or new_tables == 0:
+        return False
+    extended = state.geometry.extended_l2
+    dense_bytes = new_tables * state.geometry.l2_entries_per_table * (17 if extended else 9)
+    sparse_bytes = 2 * (state.sparse.count + entries) * (25 if extended else 17)
+    return dense_bytes <= sparse_bytes
+
+
 def events_nest(trace: Trace, state: ImageState, entry_size: int, unmap: bool = False) -> bool:
     """Whether every larger slice (entry) size sees exactly the L2 events ``entry_size`` sees, each key shifted
     right by log2 of the ratio (keys number slices in table order, and slices of a power-of-two size nest).
@@ -168,7 +198,9 @@ def _reads_within_slices(op, offset, length, slice_bits):
 
 _EMPTY_VIEW_ARRAYS = dict(g=np.zeros(ev.GEOMETRY_SIZE, np.int64), tslot=np.zeros(0, np.int32),
                           thost=np.zeros(0, np.int64), ehost=np.zeros((1, 1), np.int64),
-                          eflags=np.zeros((1, 1), np.uint8), ebits=np.zeros((1, 1), np.uint64))
+                          eflags=np.zeros((1, 1), np.uint8), ebits=np.zeros((1, 1), np.uint64),
+                          skey=np.full(2, -1, np.int64), shost=np.zeros(2, np.int64), sflags=np.zeros(2, np.uint8),
+                          sbits=np.zeros(1, np.uint64), sstate=np.array([0, 1, 0], np.int64))
 
 
 def _view_list(views: list):
@@ -235,15 +267,19 @@ class KernelRun:
             return self.work if self.work is not None else self.original  # reads never change the image
         current = self.image
         extra_tables, extra_host = _room_needed(current, trace, self.unmap)
+        extra_entries = _entries_needed(current, trace, extra_tables, self.unmap)
+        sparse = None if _dense_is_cheaper(current, extra_tables, extra_entries) else extra_entries
         if self.work is None:
-            self.work = current.with_capacity(extra_tables, extra_host)
+            self.work = current.with_capacity(extra_tables, extra_host, sparse)
         else:
-            rows_free = self.work.entry_host.shape[0] - current.n_tables
+            rows_free = len(self.work.table_host) - current.n_tables
             host_free = len(self.work.host_used) - int(self.work.alloc_state[hostalloc.HIGH_WATER])
-            if rows_free < extra_tables or host_free < extra_host + 1024:
+            hash_free = len(self.work.sparse.key) // 2 - self.work.sparse.count
+            if rows_free < extra_tables or host_free < extra_host + 1024 or hash_free < extra_entries:
                 grow_tables = max(extra_tables, current.n_tables)
                 grow_host = max(extra_host, int(self.work.alloc_state[hostalloc.HIGH_WATER]) // 2)
-                self.work = current.with_capacity(grow_tables, grow_host)
+                sparse = None if _dense_is_cheaper(current, grow_tables, extra_entries) else extra_entries
+                self.work = current.with_capacity(grow_tables, grow_host, sparse, share_entries=sparse is not None)
         return self.work
 
     def feed(self, trace: Trace, progress=None):
@@ -279,6 +315,9 @@ class KernelRun:
                 continue
             if work.alloc_state[hostalloc.OVERFLOW]:
                 raise QsimError("internal error: the host cluster map was sized too small (please report this trace)")
+            if work.sparse.state[SP_OVERFLOW]:
+                raise QsimError("internal error: the sparse L2 entry table was sized too small (please report this "
+                                "trace)")
             if progress is not None:
                 progress(nxt - i)
             i = nxt

@@ -85,13 +85,23 @@ def image_from_qcow2(img) -> ImageState:
     compressed = (d & np.uint64(OFLAG_COMPRESSED)) != 0
     file_clusters = -(-img.file_bytes // g.cluster_size)
     host = ((d & np.uint64(L2E_OFFSET_MASK)) >> np.uint64(cb)).astype(np.int64)
-    flags = ((d >> np.uint64(63)).astype(np.uint8) * np.uint8(F_COPIED))  # (OFLAG_COPIED is bit 63)
+    copied = (d >> np.uint64(63)).astype(np.uint8)  # (OFLAG_COPIED is bit 63)
+    flags = copied * np.uint8(F_COPIED)
     if compressed.any():  # a compressed entry's host field is its byte offset and sector count
         x = 62 - (cb - 8)
         compressed_host = ((d & np.uint64((1 << x) - 1)) >> np.uint64(cb)).astype(np.int64)
         host = np.where(compressed, np.maximum(compressed_host, 1), host)
         flags |= np.where(compressed, np.uint8(F_COMPRESSED), np.uint8(0))
-    beyond = (host >= file_clusters) & ~compressed
+    if img.has_data_file:
+        # qcow2_get_cluster_type: offset 0 is data-file offset 0 when QCOW_OFLAG_COPIED says the cluster is
+        # allocated (a zero flag without extended_l2 comes first: zero, plain); the reader has checked that every
+        # data cluster sits at its guest offset, and data offsets are not bounded by the image file
+        zero_flag = ((d & np.uint64(OFLAG_ZERO)) != 0) & (not g.extended_l2)
+        allocated = (host != 0) | ((copied != 0) & ~zero_flag)
+        host = np.where(allocated, host + 1, 0)  # stage1.entries.data_file_host
+        beyond = np.zeros(host.shape, dtype=bool)
+    else:
+        beyond = (host >= file_clusters) & ~compressed
     if beyond.any():
         row, col = (int(v[0]) for v in np.nonzero(beyond))
         raise QsimError(f"{img.path}: L2 entry {col} of the table for L1 entry {tables[row]} points at host offset "
@@ -121,6 +131,7 @@ def image_from_qcow2(img) -> ImageState:
         alloc_state=alloc,
         has_backing_file=bool(img.header.backing_file),
         description=f"image {os.path.basename(img.path)}",
+        has_data_file=img.has_data_file,
     )
 
 

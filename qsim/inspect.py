@@ -37,8 +37,10 @@ def entry_kinds(img: Qcow2Image, index: int, d: np.ndarray, b: np.ndarray | None
     compressed = (d & np.uint64(OFLAG_COMPRESSED)) != 0
     host = np.where(compressed, np.uint64(0), d & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
     has_host = host != 0
-    if img.has_data_file:  # host offset 0 is valid data there: COPIED tells it from unallocated (qcow2.h)
-        has_host |= ~compressed & ((d & np.uint64(OFLAG_COPIED)) != 0)
+    if img.has_data_file:  # host offset 0 is valid data there: COPIED tells it from unallocated (qcow2.h), after
+        # the zero flag without extended_l2 (qcow2_get_cluster_type: zero with offset 0 is zero, plain)
+        zero_flag = ((d & np.uint64(OFLAG_ZERO)) != 0) & (b is None)
+        has_host |= ~compressed & ~zero_flag & ((d & np.uint64(OFLAG_COPIED)) != 0)
     if b is None:
         zero = ((d & np.uint64(OFLAG_ZERO)) != 0) & ~compressed
         kind = np.select([compressed, zero & has_host, zero, has_host], [COMPRESSED_DATA, ZERO_AT, ZERO, DATA],
@@ -72,8 +74,9 @@ def inspect_image(path: str) -> dict:
         is_c = (d & np.uint64(OFLAG_COMPRESSED)) != 0
         host = np.where(is_c, np.uint64(0), d & np.uint64(L2E_OFFSET_MASK)).astype(np.int64)
         has_host = host != 0
-        if img.has_data_file:
-            has_host |= ~is_c & ((d & np.uint64(OFLAG_COPIED)) != 0)
+        if img.has_data_file:  # as in entry_kinds
+            zero_flag = ((d & np.uint64(OFLAG_ZERO)) != 0) & (b is None)
+            has_host |= ~is_c & ~zero_flag & ((d & np.uint64(OFLAG_COPIED)) != 0)
         if b is not None:
             b = b[:n]
             alloc_bits = b & np.uint64(0xFFFFFFFF)

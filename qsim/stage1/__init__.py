@@ -9,7 +9,8 @@ request. Allocation state makes this inherently sequential, so it is one numba k
 (``qsim.lru``), which turns them into hits, misses and write-backs for every cache size at once.
 
 It is split by idea: ``structs`` (the numba structrefs the kernel's arrays travel in, their field and index
-names, and the recording of events), ``lookup`` (the qcow2_get_host_offset family: subcluster types, extents,
+names, and the recording of events), ``entries`` (the accessors every kernel reads and writes L2 entries
+through), ``lookup`` (the qcow2_get_host_offset family: subcluster types, extents,
 reads, what is asked of a backing image), ``write`` (handle_copied, handle_alloc, COW, l2_allocate, linking) and
 ``driver`` (``run_requests``: the request loop with its fast paths). ``qsim.engine`` runs it over a trace.
 

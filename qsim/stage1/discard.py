@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit
 
 from ..codes import F_COMPRESSED, F_ZERO, GET, GET_DIRTY
+from .entries import entry, entry_bitmap, set_entry, set_entry_bitmap
 from .structs import (C_CLUSTERS_DISCARDED, C_CLUSTERS_FREED, C_HOST_DISCARDS, C_HOST_DISCARD_BYTES, G_CLUSTER_BITS,
                       G_DISCARD_NO_UNREF, G_EXTENDED, G_HAS_BACKING_FILE, G_SLICE_BITS, G_TABLE_BITS, G_VIRTUAL_SIZE,
                       S_EVENTS, emit, slice_key)
@@ -99,14 +100,11 @@ def _discard_in_l2_slice(r, offset, nb_clusters, freed):
     extended = g[G_EXTENDED]
     backing = g[G_HAS_BACKING_FILE]
     no_unref = g[G_DISCARD_NO_UNREF]
-    ehost = r.ehost
-    eflags = r.eflags
     changed = 0
     for i in range(n):
         j = idx + i
-        h = ehost[slot, j]
-        f = eflags[slot, j]
-        bits = r.ebits[slot, j] if extended else np.uint64(0)
+        h, f = entry(r, slot, j)
+        bits = entry_bitmap(r, slot, j) if extended else np.uint64(0)
         compressed = (f & F_COMPRESSED) != 0
         allocated = compressed or h != 0
         keep = no_unref and not compressed
@@ -123,10 +121,9 @@ def _discard_in_l2_slice(r, offset, nb_clusters, freed):
         if new_h == h and new_f == f and new_bits == bits:
             continue
         changed += 1
-        ehost[slot, j] = new_h
-        eflags[slot, j] = new_f
+        set_entry(r, slot, j, new_h, new_f)
         if extended:
-            r.ebits[slot, j] = new_bits
+            set_entry_bitmap(r, slot, j, new_bits)
         if not keep:
             if allocated and free_any_cluster(r, h, f):
                 r.part_first[freed] = h

@@ -32,9 +32,13 @@ def run_requests(r, op, offset, length, first, last):
     okey = r.okey
     okind = r.okind
     tslot = r.tslot
+    # The fast paths read dense rows directly (the tables the image held when loaded; stage1.entries says how
+    # entries are stored): a table created during the replay, kept sparse, takes the general path, so no hash
+    # probe sits in this loop.
     ehost = r.ehost
     eflags = r.eflags
     ebits = r.ebits
+    dense = ehost.shape[0]
     cb = g[G_CLUSTER_BITS]
     tb = g[G_TABLE_BITS]
     sb = g[G_SLICE_BITS]
@@ -97,7 +101,9 @@ def run_requests(r, op, offset, length, first, last):
                 if not one and not extended:
                     last_gc = (pos + ln - 1) >> cb
                     one = (last_gc >> sb) == (gc >> sb)
-                    if one and slot >= 0:
+                    if one and slot >= dense:
+                        one = False
+                    elif one and slot >= 0:
                         f0 = eflags[slot, idx] & (F_ZERO | F_COMPRESSED)
                         h0 = ehost[slot, idx]
                         one = (f0 & F_COMPRESSED) == 0
@@ -125,7 +131,7 @@ def run_requests(r, op, offset, length, first, last):
                 l1 = gc >> tb
                 slot = tslot[l1] if l1 < l1_size else -1
                 idx = gc & table_mask
-                one = slot >= 0 and (last_gc >> sb) == (gc >> sb)
+                one = 0 <= slot < dense and (last_gc >> sb) == (gc >> sb)
                 if one:
                     h0 = ehost[slot, idx]
                     for j in range(last_gc - gc + 1):

@@ -10,6 +10,7 @@ from ..bitops import trailing_zeros32
 from ..codes import (BACKING_READ, BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_ZERO, GET, NORMAL, UNALLOC_ALLOC,
                      UNALLOC_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
 from ..hostalloc import ALLOCATED_AT_OPEN, CLUSTER_BITS, FILE_CLUSTERS_AT_OPEN, RS_AT, get_refcount
+from .entries import entry, entry_bitmap, entry_host
 from .structs import (G_BACKING_MODELLED, G_BACKING_SIZE, G_CLUSTER_BITS, G_EXTENDED, G_HAS_BACKING_FILE, G_SC_BITS,
                       G_SLICE_BITS, G_SPC, G_L1_SIZE, G_TABLE_BITS, S_BACKING, S_EVENTS, S_REQUEST_HIGH_WATER,
                       S_SCANNED, S_WRITTEN_BYTES, emit, slice_key)
@@ -18,14 +19,13 @@ from .structs import (G_BACKING_MODELLED, G_BACKING_SIZE, G_CLUSTER_BITS, G_EXTE
 @njit(cache=True, inline="always")
 def bitmaps(im, slot, idx):
     """(allocation bits, zero bits) of an extended L2 entry, as int64 (bits 0-31 and 32-63 of the bitmap)."""
-    bitmap = im.ebits[slot, idx]
+    bitmap = entry_bitmap(im, slot, idx)
     return np.int64(bitmap & np.uint64(0xFFFFFFFF)), np.int64(bitmap >> np.uint64(32))
 
 
 @njit(cache=True, inline="always")
 def subcluster_type(im, slot, idx, sc):
-    f = im.eflags[slot, idx]
-    h = im.ehost[slot, idx]
+    h, f = entry(im, slot, idx)
     if f & F_COMPRESSED:
         return COMPRESSED
     if im.g[G_EXTENDED]:
@@ -73,13 +73,13 @@ def _count_contiguous_subclusters(im, slot, idx, nb_clusters, sc_index):
             if t == COMPRESSED:
                 return ret
             expected_type = t
-            expected_host = im.ehost[slot, idx]
+            expected_host = entry_host(im, slot, idx)
             check_offset = t == NORMAL or t == ZERO_ALLOC or t == UNALLOC_ALLOC
         elif t != expected_type:
             break
         elif check_offset:
             expected_host += 1
-            if expected_host != im.ehost[slot, idx + i]:
+            if expected_host != entry_host(im, slot, idx + i):
                 break
         count += ret
         if first_sc + ret < im.g[G_SPC]:

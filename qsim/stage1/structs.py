@@ -17,8 +17,8 @@ from ..hostalloc import RS_AT, log
 # geometry/options vector (int64) indices
 (G_CLUSTER_BITS, G_TABLE_BITS, G_SLICE_BITS, G_SC_BITS, G_EXTENDED, G_SPC, G_SLICES_PER_TABLE, G_L1_SIZE,
  G_HAS_BACKING_FILE, G_WRITETHROUGH, G_BACKING_MODELLED, G_BACKING_SIZE, G_FAST_PATHS, G_VIRTUAL_SIZE,
- G_DISCARD_UNMAP, G_DISCARD_NO_UNREF) = range(16)
-GEOMETRY_SIZE = 16
+ G_DISCARD_UNMAP, G_DISCARD_NO_UNREF, G_DATA_FILE) = range(17)
+GEOMETRY_SIZE = 17
 # run state (int64) indices. S_REFCOUNT_DEPENDS_ON_L2: the refcount cache depends on the L2 cache (QEMU's
 # qcow2_cache_set_dependency after a refcount decrease), so the next flush of the refcount cache, or the next
 # L2 link, flushes the whole L2 cache first.
@@ -58,11 +58,13 @@ class L2ViewType(types.StructRef):
 
 class L2View(structref.StructRefProxy):
     """One image's L2 mapping: geometry vector ``g`` (G_* indices), L1 index -> table slot ``tslot`` (-1: none),
-    slot -> host cluster of the table ``thost``, and per slot and entry the host cluster ``ehost`` (0: none),
-    ``eflags`` (F_*) and the extended-L2 bitmap ``ebits``."""
+    slot -> host cluster of the table ``thost``, and the L2 entries: dense rows per slot and entry (host cluster
+    ``ehost`` (0: none), ``eflags`` (F_*), extended-L2 bitmap ``ebits``) for the first ``ehost.shape[0]`` slots,
+    the sparse hash ``skey`` / ``shost`` / ``sflags`` / ``sbits`` / ``sstate`` for the others (read and written
+    only through qsim.stage1.entries)."""
 
 
-L2_VIEW_FIELDS = ["g", "tslot", "thost", "ehost", "eflags", "ebits"]
+L2_VIEW_FIELDS = ["g", "tslot", "thost", "ehost", "eflags", "ebits", "skey", "shost", "sflags", "sbits", "sstate"]
 structref.define_proxy(L2View, L2ViewType, L2_VIEW_FIELDS)
 
 
@@ -88,13 +90,15 @@ structref.define_proxy(Run, RunType, RUN_FIELDS)
 
 
 if config.DISABLE_JIT:  # plain Python (the tests' reference run of this same code): the fields on plain objects
-    def new_l2_view(g, tslot, thost, ehost, eflags, ebits):
-        return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits)
+    def new_l2_view(g, tslot, thost, ehost, eflags, ebits, skey, shost, sflags, sbits, sstate):
+        return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits, skey=skey,
+                               shost=shost, sflags=sflags, sbits=sbits, sstate=sstate)
 
-    def new_run(g, tslot, thost, ehost, eflags, ebits, below, used, covered, alloc, okey, okind, oflush, state, bqoff,
-                bqlen, bqkind, cnt, rlog, rst):
+    def new_run(g, tslot, thost, ehost, eflags, ebits, skey, shost, sflags, sbits, sstate, below, used, covered,
+                alloc, okey, okind, oflush, state, bqoff, bqlen, bqkind, cnt, rlog, rst):
         metas, part_first, part_last = _scratch_rows()
-        return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits, below=below,
+        return SimpleNamespace(g=g, tslot=tslot, thost=thost, ehost=ehost, eflags=eflags, ebits=ebits, skey=skey,
+                               shost=shost, sflags=sflags, sbits=sbits, sstate=sstate, below=below,
                                used=used, covered=covered, alloc=alloc, okey=okey, okind=okind, oflush=oflush,
                                state=state, bqoff=bqoff, bqlen=bqlen, bqkind=bqkind, cnt=cnt, rlog=rlog, rst=rst,
                                metas=metas, part_first=part_first, part_last=part_last)
@@ -111,19 +115,21 @@ else:
         return carray(_as_pointer(a.ctypes.data), a.shape, a.dtype)
 
     @njit(cache=True)
-    def new_l2_view(g, tslot, thost, ehost, eflags, ebits):
+    def new_l2_view(g, tslot, thost, ehost, eflags, ebits, skey, shost, sflags, sbits, sstate):
         """An L2View (built in compiled code, so its constructor is cached with the rest)."""
         return L2View(_borrowed(g), _borrowed(tslot), _borrowed(thost), _borrowed(ehost), _borrowed(eflags),
-                      _borrowed(ebits))
+                      _borrowed(ebits), _borrowed(skey), _borrowed(shost), _borrowed(sflags), _borrowed(sbits),
+                      _borrowed(sstate))
 
     @njit(cache=True)
-    def new_run(g, tslot, thost, ehost, eflags, ebits, below, used, covered, alloc, okey, okind, oflush, state, bqoff,
-                bqlen, bqkind, cnt, rlog, rst):
+    def new_run(g, tslot, thost, ehost, eflags, ebits, skey, shost, sflags, sbits, sstate, below, used, covered,
+                alloc, okey, okind, oflush, state, bqoff, bqlen, bqkind, cnt, rlog, rst):
         """A Run over the image's arrays (L2View's fields) and the chain's qcow2 layers ``below`` (a typed list of
         L2Views); run_requests sizes its scratch rows."""
         metas, part_first, part_last = _scratch_rows()
         return Run(_borrowed(g), _borrowed(tslot), _borrowed(thost), _borrowed(ehost), _borrowed(eflags),
-                   _borrowed(ebits), below, _borrowed(used), _borrowed(covered), _borrowed(alloc), _borrowed(okey),
+                   _borrowed(ebits), _borrowed(skey), _borrowed(shost), _borrowed(sflags), _borrowed(sbits),
+                   _borrowed(sstate), below, _borrowed(used), _borrowed(covered), _borrowed(alloc), _borrowed(okey),
                    _borrowed(okind), _borrowed(oflush), _borrowed(state), _borrowed(bqoff), _borrowed(bqlen),
                    _borrowed(bqkind), _borrowed(cnt), _borrowed(rlog), _borrowed(rst), metas, part_first, part_last)
 

@@ -14,11 +14,12 @@ from ..codes import (BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_COPIED, GET, GE
 from ..hostalloc import (CLUSTER_BITS as CLUSTER_BITS_, HIGH_WATER,
                          REFBLOCK_BITS, REFBLOCKS_MADE, RS_AT, RS_L2_FLUSHES, alloc_clusters, alloc_clusters_at,
                          free_cluster)
+from .entries import data_file_host, entry, entry_bitmap, entry_host, set_entry, set_entry_bitmap
 from .lookup import (bitmaps, detect_metadata_preallocation, subcluster_type, range_type, host_extent, read,
                      queue_backing, unallocated, zero_below)
 from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS, C_COW_WRITE_BYTES, C_REFCOUNT_DROPS,
                       C_RACING_SPLIT_WRITES, C_TABLES_ALLOCATED, C_ZERO_CHECKS, C_ZERO_FILL_BYTES,
-                      G_BACKING_MODELLED, G_CLUSTER_BITS, G_EXTENDED, G_SC_BITS,
+                      G_BACKING_MODELLED, G_CLUSTER_BITS, G_DATA_FILE, G_EXTENDED, G_SC_BITS,
                       G_SLICES_PER_TABLE, G_SLICE_BITS, G_SPC, G_TABLE_BITS, G_VIRTUAL_SIZE, M_ALLOC, M_END_N,
                       M_END_OFF, M_GUEST_CLUSTER, M_KEEP_OLD, M_NB, M_SKIP, M_START_N, M_START_OFF, S_EVENTS,
                       S_FLUSHES, S_REFCOUNT_DEPENDS_ON_L2, S_REQUEST_DATA, S_REQUEST_HIGH_WATER, S_SCANNED, S_SLOTS,
@@ -28,10 +29,10 @@ from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS
 @njit(cache=True)
 def _needs_new_alloc(im, slot, idx):
     """cluster_needs_new_alloc: only an allocated (normal or zero-allocated) cluster with COPIED is kept."""
-    f = im.eflags[slot, idx]
+    h, f = entry(im, slot, idx)
     if f & F_COMPRESSED:
         return True
-    if im.ehost[slot, idx] != 0 and (f & F_COPIED):
+    if h != 0 and (f & F_COPIED):
         return False
     return True
 
@@ -82,7 +83,11 @@ def free_any_cluster(r, host, flags):
     makes the refcount cache depend on the L2 cache). With COPIED the refcount was 1, so the cluster is free again
     and the allocator's free_cluster_index moves back to it; without COPIED (shared by a snapshot: refcount 2 or
     more) it stays allocated, and so do a compressed cluster's host clusters (shared with other compressed
-    clusters; qsim keeps no per-cluster refcounts). Returns whether the cluster was freed."""
+    clusters; qsim keeps no per-cluster refcounts). With an external data file nothing is freed and no refcount
+    changes: the cluster lives in the data file, which has no refcounts (the data file may get a discard).
+    Returns whether the cluster was freed."""
+    if r.g[G_DATA_FILE]:
+        return False
     r.state[S_REFCOUNT_DEPENDS_ON_L2] = 1
     r.cnt[C_REFCOUNT_DROPS] += 1
     if not (flags & F_COPIED) or (flags & F_COMPRESSED):
@@ -197,13 +202,13 @@ def _calculate_l2_meta(r, nmeta, host_cluster, guest, nbytes, slot, idx, keep_ol
 
 @njit(cache=True)
 def _count_single_write_clusters(im, slot, idx, nb, new_alloc):
-    expected = im.ehost[slot, idx]
+    expected = entry_host(im, slot, idx)
     i = 0
     while i < nb:
         if _needs_new_alloc(im, slot, idx + i) != new_alloc:
             break
         if not new_alloc:
-            if expected != im.ehost[slot, idx + i]:
+            if expected != entry_host(im, slot, idx + i):
                 break
             expected += 1
         i += 1
@@ -246,7 +251,7 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
         nb = _clusters_to_slice_end(g, start, cur)
         slot = get_cluster_table(r, gc, GET)
         if not _needs_new_alloc(r, slot, idx):
-            host = r.ehost[slot, idx]
+            host = entry_host(r, slot, idx)
             if cluster_offset != INV and (host << cb) != cluster_offset - oic:
                 break
             keep = _count_single_write_clusters(r, slot, idx, nb, False)
@@ -257,7 +262,9 @@ def _alloc_host_offset(r, nmeta, offset, nbytes):
         # handle_alloc
         slot = get_cluster_table(r, gc, GET)
         nb = _count_single_write_clusters(r, slot, idx, nb, True)
-        if cluster_offset == INV:
+        if r.g[G_DATA_FILE]:  # do_alloc_cluster_offset: the data file's cluster is the guest cluster, nothing
+            host = data_file_host(gc)  # is allocated (nor refcounted) for it
+        elif cluster_offset == INV:
             host = alloc_flushing(r, -1, nb)
         else:
             host = (cluster_offset - oic) >> cb
@@ -353,7 +360,7 @@ def _link_l2(r, j, prealloc):
             cnt[C_COW_READ_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_WRITE_BYTES] += m[M_START_N] + m[M_END_N]
         cnt[C_COW_READ_LOOKUPS] += r.state[S_EVENTS] - before
-    if not prealloc:  # the data and COW written: whole 4 KiB filesystem blocks of the image file
+    if not prealloc and not r.g[G_DATA_FILE]:  # the data and COW written: whole 4 KiB blocks of the image file
         written_from = (m[M_ALLOC] << cb) + (m[M_START_OFF] & ~np.int64(4095))
         written_to = (m[M_ALLOC] << cb) + ((m[M_END_OFF] + m[M_END_N] + 4095) & ~np.int64(4095))
         r.state[S_WRITTEN_BYTES] += written_to - written_from
@@ -363,21 +370,18 @@ def _link_l2(r, j, prealloc):
     slot = get_cluster_table(r, gc, GET_DIRTY)
     idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
     written_to_all = m[M_END_OFF] + m[M_END_N]
-    ehost = r.ehost
-    eflags = r.eflags
     for i in range(m[M_NB]):
-        old = ehost[slot, idx + i]
+        old, old_flags = entry(r, slot, idx + i)
         if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i:
-            free_any_cluster(r, old, eflags[slot, idx + i])  # a compressed cluster's refcount drops too
-        ehost[slot, idx + i] = m[M_ALLOC] + i
-        eflags[slot, idx + i] = F_COPIED
+            free_any_cluster(r, old, old_flags)  # a compressed cluster's refcount drops too
+        set_entry(r, slot, idx + i, m[M_ALLOC] + i, F_COPIED)
         if g[G_EXTENDED] and not prealloc:
             written_from = max(m[M_START_OFF], i << cb)
             written_to = min(written_to_all, (i + 1) << cb)
             first_sc = (written_from >> scb) & (g[G_SPC] - 1)
             last_sc = ((written_to - 1) >> scb) & (g[G_SPC] - 1)
             bits = np.uint64(((np.int64(1) << (last_sc + 1)) - 1) & ~((np.int64(1) << first_sc) - 1))
-            r.ebits[slot, idx + i] = (r.ebits[slot, idx + i] | bits) & ~(bits << np.uint64(32))
+            set_entry_bitmap(r, slot, idx + i, (entry_bitmap(r, slot, idx + i) | bits) & ~(bits << np.uint64(32)))
 
 
 @njit(cache=True)

@@ -85,6 +85,21 @@ def log_l2_flush(rlog, rst):
 
 
 @njit(cache=True)
+def log_lookups(covered, alloc, rlog, rst, first, end):
+    """qcow2_get_refcount of every cluster in [first, end), logged: one R_GET row per refcount block the table
+    has, repeated once per cluster it covers there (what one get_refcount per cluster logs, at a fraction of the
+    cost: the allocator's searches and the preallocation scan walk millions of clusters)."""
+    if rlog.shape[0] == 0 or end <= first:
+        return
+    bits = alloc[REFBLOCK_BITS]
+    for block in range(first >> bits, ((end - 1) >> bits) + 1):
+        if block < alloc[REFTABLE_ENTRIES] and block < covered.shape[0] and covered[block]:
+            lo = max(first, block << bits)
+            hi = min(end, (block + 1) << bits)
+            log(rlog, rst, block, R_GET, hi - lo)
+
+
+@njit(cache=True)
 def get_refcount(used, covered, alloc, rlog, rst, cluster):
     """qcow2_get_refcount: one lookup of the covering block when the refcount table has one; refcount > 0."""
     index = cluster >> alloc[REFBLOCK_BITS]
@@ -116,12 +131,14 @@ def alloc_clusters_noref(used, covered, alloc, rlog, rst, n):
     qcow2_get_refcount per candidate, restarts included."""
     while True:
         restart = False
+        start = alloc[FREE_INDEX]
         for _ in range(n):
             index = alloc[FREE_INDEX]
             alloc[FREE_INDEX] += 1
-            if get_refcount(used, covered, alloc, rlog, rst, index):
+            if _is_used(used, index):
                 restart = True
                 break
+        log_lookups(covered, alloc, rlog, rst, start, alloc[FREE_INDEX])
         if not restart:
             return alloc[FREE_INDEX] - n
 
@@ -289,8 +306,9 @@ def alloc_clusters_at(used, covered, alloc, rlog, rst, first, n):
         return 0
     while True:
         free = 0
-        while free < n and not get_refcount(used, covered, alloc, rlog, rst, first + free):
+        while free < n and not _is_used(used, first + free):
             free += 1
+        log_lookups(covered, alloc, rlog, rst, first, first + free + (1 if free < n else 0))
         if update_refcount(used, covered, alloc, rlog, rst, first, free, 1) != EAGAIN:
             return free
 

@@ -9,7 +9,7 @@ from numba import njit
 from ..bitops import trailing_zeros32
 from ..codes import (BACKING_READ, BACKING_STATUS, COMPRESSED, F_COMPRESSED, F_ZERO, GET, NORMAL, UNALLOC_ALLOC,
                      UNALLOC_PLAIN, ZERO_ALLOC, ZERO_PLAIN)
-from ..hostalloc import ALLOCATED_AT_OPEN, CLUSTER_BITS, FILE_CLUSTERS_AT_OPEN, RS_AT, get_refcount
+from ..hostalloc import ALLOCATED_AT_OPEN, CLUSTER_BITS, FILE_CLUSTERS_AT_OPEN, RS_AT, log_lookups
 from .entries import entry, entry_bitmap, entry_host
 from .structs import (G_BACKING_MODELLED, G_BACKING_SIZE, G_CLUSTER_BITS, G_EXTENDED, G_HAS_BACKING_FILE, G_SC_BITS,
                       G_SLICE_BITS, G_SPC, G_L1_SIZE, G_TABLE_BITS, S_BACKING, S_EVENTS, S_REQUEST_HIGH_WATER,
@@ -163,10 +163,12 @@ def detect_metadata_preallocation(r):
     r.rst[RS_AT] = r.state[S_EVENTS]
     count = 0
     i = 0
+    used = r.used
     while i < end and count < threshold:
-        if get_refcount(r.used, r.covered, alloc, r.rlog, r.rst, i):
+        if i < used.shape[0] and used[i] != 0:
             count += 1
         i += 1
+    log_lookups(r.covered, alloc, r.rlog, r.rst, 0, i)
 
 
 @njit(cache=True)

@@ -202,6 +202,23 @@ def _calculate_l2_meta(r, nmeta, host_cluster, guest, nbytes, slot, idx, keep_ol
 
 @njit(cache=True)
 def _count_single_write_clusters(im, slot, idx, nb, new_alloc):
+    eh = im.ehost
+    if slot < eh.shape[0]:  # a dense row, read in place (the struct's fields fetched once, not per cluster)
+        ef = im.eflags
+        expected = eh[slot, idx]
+        i = 0
+        while i < nb:
+            h = eh[slot, idx + i]
+            f = ef[slot, idx + i]
+            needs = (f & F_COMPRESSED) != 0 or h == 0 or (f & F_COPIED) == 0  # _needs_new_alloc
+            if needs != new_alloc:
+                break
+            if not new_alloc:
+                if expected != h:
+                    break
+                expected += 1
+            i += 1
+        return i
     expected = entry_host(im, slot, idx)
     i = 0
     while i < nb:
@@ -370,11 +387,21 @@ def _link_l2(r, j, prealloc):
     slot = get_cluster_table(r, gc, GET_DIRTY)
     idx = gc & ((1 << g[G_TABLE_BITS]) - 1)
     written_to_all = m[M_END_OFF] + m[M_END_N]
+    eh = r.ehost  # a dense row is written in place (the struct's fields fetched once, not per cluster)
+    ef = r.eflags
+    dense = slot < eh.shape[0]
     for i in range(m[M_NB]):
-        old, old_flags = entry(r, slot, idx + i)
+        if dense:
+            old, old_flags = eh[slot, idx + i], ef[slot, idx + i]
+        else:
+            old, old_flags = entry(r, slot, idx + i)
         if not m[M_KEEP_OLD] and old != 0 and old != m[M_ALLOC] + i:
             free_any_cluster(r, old, old_flags)  # a compressed cluster's refcount drops too
-        set_entry(r, slot, idx + i, m[M_ALLOC] + i, F_COPIED)
+        if dense:
+            eh[slot, idx + i] = m[M_ALLOC] + i
+            ef[slot, idx + i] = F_COPIED
+        else:
+            set_entry(r, slot, idx + i, m[M_ALLOC] + i, F_COPIED)
         if g[G_EXTENDED] and not prealloc:
             written_from = max(m[M_START_OFF], i << cb)
             written_to = min(written_to_all, (i + 1) << cb)

@@ -27,14 +27,16 @@ from .structs import (C_CLUSTERS_ALLOCATED, C_COW_READ_BYTES, C_COW_READ_LOOKUPS
 
 
 @njit(cache=True)
+def _needs_new(host, flags):
+    """cluster_needs_new_alloc of an entry's host cluster and flags: only an allocated (normal or zero-allocated)
+    cluster with COPIED is kept."""
+    return (flags & F_COMPRESSED) != 0 or host == 0 or (flags & F_COPIED) == 0
+
+
+@njit(cache=True)
 def _needs_new_alloc(im, slot, idx):
-    """cluster_needs_new_alloc: only an allocated (normal or zero-allocated) cluster with COPIED is kept."""
     h, f = entry(im, slot, idx)
-    if f & F_COMPRESSED:
-        return True
-    if h != 0 and (f & F_COPIED):
-        return False
-    return True
+    return _needs_new(h, f)
 
 
 @njit(cache=True)
@@ -210,8 +212,7 @@ def _count_single_write_clusters(im, slot, idx, nb, new_alloc):
         while i < nb:
             h = eh[slot, idx + i]
             f = ef[slot, idx + i]
-            needs = (f & F_COMPRESSED) != 0 or h == 0 or (f & F_COPIED) == 0  # _needs_new_alloc
-            if needs != new_alloc:
+            if _needs_new(h, f) != new_alloc:
                 break
             if not new_alloc:
                 if expected != h:

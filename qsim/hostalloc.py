@@ -126,21 +126,42 @@ def _set_used(used, alloc, cluster, value):
 
 
 @njit(cache=True)
+def _set_range(used, alloc, first, end, value):
+    """_set_used of clusters [first, end), with the state's counters updated once."""
+    stop = min(end, used.shape[0])
+    changed = 0
+    for cluster in range(first, stop):
+        changed += used[cluster] != value
+        used[cluster] = value
+    alloc[USED_DELTA] += changed if value else -changed
+    if value and stop > max(first, alloc[HIGH_WATER]):
+        alloc[HIGH_WATER] = stop
+    if end > stop:
+        alloc[OVERFLOW] = 1  # as _set_used
+
+
+@njit(cache=True)
 def alloc_clusters_noref(used, covered, alloc, rlog, rst, n):
-    """First n free clusters in a row from free_cluster_index; advances it past them (no refcount change). One
-    qcow2_get_refcount per candidate, restarts included."""
+    """First n free clusters in a row from free_cluster_index; advances it past them (no refcount change). QEMU
+    takes candidates one by one, restarting after each used one, with one qcow2_get_refcount per candidate: the
+    candidates are every cluster from free_cluster_index to the end of the run found, so this scans for the run
+    directly and logs them in one go (tests/test_refcount_blocks.py holds it to the candidate-by-candidate loop)."""
+    start = alloc[FREE_INDEX]
+    size = used.shape[0]  # (clusters past the map are free)
+    first = start
     while True:
-        restart = False
-        start = alloc[FREE_INDEX]
-        for _ in range(n):
-            index = alloc[FREE_INDEX]
-            alloc[FREE_INDEX] += 1
-            if _is_used(used, index):
-                restart = True
-                break
-        log_lookups(covered, alloc, rlog, rst, start, alloc[FREE_INDEX])
-        if not restart:
-            return alloc[FREE_INDEX] - n
+        while first < size and used[first] != 0:
+            first += 1
+        end = first
+        limit = min(first + n, size)
+        while end < limit and used[end] == 0:
+            end += 1
+        if end == limit:
+            break
+        first = end + 1  # a used cluster inside the run: the search restarts after it
+    alloc[FREE_INDEX] = first + n
+    log_lookups(covered, alloc, rlog, rst, start, first + n)
+    return first
 
 
 @njit(cache=True)
@@ -229,8 +250,7 @@ def _refcount_area(used, covered, alloc, rlog, rst, start):
         else:
             log(rlog, rst, i, R_GET_DIRTY if i * per_block < end else R_GET, 1)
     log(rlog, rst, 0, R_FLUSH, 1)
-    for c in range(start, end):
-        _set_used(used, alloc, c, 1)
+    _set_range(used, alloc, start, end, 1)
     old, old_clusters = alloc[REFTABLE_CLUSTER], alloc[REFTABLE_ENTRIES] // per_table_cluster
     alloc[REFTABLE_CLUSTER] = start + new_blocks
     alloc[REFTABLE_ENTRIES] = table_size
@@ -254,9 +274,10 @@ def update_refcount(used, covered, alloc, rlog, rst, first, n, addend):
         return 0
     if addend < 0:
         log(rlog, rst, 0, R_RC_DEPENDS, 1)
-    last_block = -1
-    for cluster in range(first, first + n):
-        block_index = cluster >> alloc[REFBLOCK_BITS]
+    bits = alloc[REFBLOCK_BITS]
+    cluster = first
+    while cluster < first + n:
+        block_index = cluster >> bits
         if block_index >= covered.shape[0]:
             alloc[OVERFLOW] = 1
             return 0
@@ -267,25 +288,18 @@ def update_refcount(used, covered, alloc, rlog, rst, first, n, addend):
             if cluster > first:  # the undo: update_refcount of the clusters done, the other way
                 if addend > 0:  # undoing an increase is a decrease
                     log(rlog, rst, 0, R_RC_DEPENDS, 1)
-                undo_block = -1
-                for done in range(first, cluster):
-                    if done >> alloc[REFBLOCK_BITS] != undo_block:
-                        undo_block = done >> alloc[REFBLOCK_BITS]
-                        log(rlog, rst, undo_block, R_GET_DIRTY, 1)
-            for done in range(first, cluster):  # revert
-                _set_used(used, alloc, done, 0 if addend > 0 else 1)
-                if addend > 0 and done < alloc[FREE_INDEX]:
-                    alloc[FREE_INDEX] = done
+                for undo_block in range(first >> bits, ((cluster - 1) >> bits) + 1):
+                    log(rlog, rst, undo_block, R_GET_DIRTY, 1)
+                _set_range(used, alloc, first, cluster, 0 if addend > 0 else 1)  # revert
+                if addend > 0:
+                    alloc[FREE_INDEX] = min(alloc[FREE_INDEX], first)
             return ret
-        if block_index != last_block:
-            last_block = block_index
-            log(rlog, rst, block_index, R_GET_DIRTY, 1)
-        if addend > 0:
-            _set_used(used, alloc, cluster, 1)
-        else:
-            _set_used(used, alloc, cluster, 0)
-            if cluster < alloc[FREE_INDEX]:
-                alloc[FREE_INDEX] = cluster
+        log(rlog, rst, block_index, R_GET_DIRTY, 1)
+        run_end = min(first + n, (block_index + 1) << bits)
+        _set_range(used, alloc, cluster, run_end, 1 if addend > 0 else 0)
+        if addend < 0:
+            alloc[FREE_INDEX] = min(alloc[FREE_INDEX], cluster)
+        cluster = run_end
     return 0
 
 

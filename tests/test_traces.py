@@ -251,8 +251,8 @@ def test_qsim_reads_what_fio_records(tmp_path, fio):
 
 
 def test_prefetched_chunks_are_the_chunks_in_order_with_errors_where_they_happened():
-    """The reader thread hands over every chunk in order, holds at most the budget (plus one chunk), raises the
-    reader's error after the chunks before it, and stops when the consumer stops."""
+    """The reader thread starts reading at once, hands over every chunk in order, holds at most the budget (plus
+    one chunk), raises the reader's error after the chunks before it, and stops when the consumer stops."""
     import threading
 
     from qsim.errors import QsimError
@@ -276,9 +276,20 @@ def test_prefetched_chunks_are_the_chunks_in_order_with_errors_where_they_happen
     assert seen == list(range(25))
     made.clear()
     stream = prefetched(chunks(), budget_bytes=20_000)
+    for _ in range(500):  # the reader starts at once, before the first chunk is asked for
+        if made:
+            break
+        threading.Event().wait(0.01)
+    assert made
     assert int(next(stream)[0]) == 0
     stream.close()  # the consumer stops: the reader stops within the budget instead of reading the rest
     for thread in threading.enumerate():
         if thread.name == "qsim-trace-reader":
             thread.join(5)
     assert len(made) <= 5
+    readers = lambda: [t for t in threading.enumerate() if t.name == "qsim-trace-reader"]  # noqa: E731
+    stream = prefetched(chunks(), budget_bytes=20_000)
+    del stream  # dropped before its first chunk: the reader, waiting for room, stops too
+    for thread in readers():
+        thread.join(5)
+    assert not readers()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 
 BUDGET_BYTES = 256 << 20  # about 12M requests with times: a 10M-request file is read while the image opens
@@ -19,7 +20,8 @@ _END = object()
 
 def prefetched(chunks: Iterable, budget_bytes: int = BUDGET_BYTES) -> Iterator:
     """The chunks of ``chunks`` (objects with ``nbytes``), produced by a reader thread up to ``budget_bytes``
-    ahead of the consumer."""
+    ahead of the consumer. The thread starts now, not at the first ``next``: the file is read while the caller
+    still prepares (builds or opens the image)."""
     ready: queue.Queue = queue.Queue()
     room = threading.Condition()
     state = {"held": 0, "stop": False}
@@ -38,8 +40,19 @@ def prefetched(chunks: Iterable, budget_bytes: int = BUDGET_BYTES) -> Iterator:
         except BaseException as exc:  # handed to the consumer, raised there
             ready.put((_END, exc))
 
-    reader = threading.Thread(target=read, name="qsim-trace-reader", daemon=True)
-    reader.start()
+    threading.Thread(target=read, name="qsim-trace-reader", daemon=True).start()
+    stream = _handed_over(ready, room, state)
+    weakref.finalize(stream, _stop, room, state)  # (a stream dropped before its first chunk stops the reader too)
+    return stream
+
+
+def _stop(room: threading.Condition, state: dict) -> None:
+    with room:
+        state["stop"] = True
+        room.notify()
+
+
+def _handed_over(ready: queue.Queue, room: threading.Condition, state: dict) -> Iterator:
     try:
         while True:
             chunk, error = ready.get()
@@ -52,6 +65,4 @@ def prefetched(chunks: Iterable, budget_bytes: int = BUDGET_BYTES) -> Iterator:
                 room.notify()
             yield chunk
     finally:
-        with room:
-            state["stop"] = True
-            room.notify()
+        _stop(room, state)

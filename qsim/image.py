@@ -74,7 +74,8 @@ def record_file_at_open(alloc: np.ndarray, path: str, cluster_size: int) -> None
 
 def image_from_qcow2(img) -> ImageState:
     """The state of a real image read by ``qsim.qcow2.open_image``: its tables, entries, host layout and refcounts."""
-    from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO
+    from .qcow2 import L2E_OFFSET_MASK
+    from .qcow2scan import decode_plain_entries
 
     g = img.geometry
     cb = img.header.cluster_bits
@@ -82,8 +83,44 @@ def image_from_qcow2(img) -> ImageState:
     keep = img.l2_tables < n_l1
     tables = img.l2_tables[keep]
     d = img.l2_descriptors if keep.all() else img.l2_descriptors[keep]  # (no 8-byte-per-entry copy when all fit)
-    compressed = (d & np.uint64(OFLAG_COMPRESSED)) != 0
     file_clusters = -(-img.file_bytes // g.cluster_size)
+    decoded = None if img.has_data_file else decode_plain_entries(d, cb, file_clusters, g.extended_l2)
+    host, flags = decoded if decoded is not None else _decode_entries(img, d, tables, file_clusters)
+    table_slot = np.full(n_l1, SLOT_NONE, dtype=np.int32)
+    table_slot[tables] = np.arange(len(tables), dtype=np.int32)
+    l1_offsets = img.l1[tables] & np.uint64(L2E_OFFSET_MASK)
+    bitmap = img.l2_bitmaps[keep].copy() if g.extended_l2 else np.zeros((1, 1), dtype=np.uint64)
+    alloc = hostalloc.new_alloc_state(g.cluster_size, g.refcount_bits)
+    alloc[hostalloc.REFTABLE_ENTRIES] = img.header.refcount_table_clusters * g.cluster_size // 8
+    alloc[hostalloc.REFTABLE_CLUSTER] = img.header.refcount_table_offset // g.cluster_size
+    used = img.host_used
+    alloc[hostalloc.HIGH_WATER] = len(used) - int(np.argmax(used[::-1])) if used.any() else 0  # (last used + 1)
+    record_file_at_open(alloc, img.path, g.cluster_size)
+    return ImageState(
+        geometry=g,
+        n_tables=len(tables),
+        table_slot=table_slot,
+        table_host=(l1_offsets >> np.uint64(cb)).astype(np.int64),
+        entry_host=host,
+        entry_flags=flags,
+        entry_bitmap=bitmap,
+        host_used=used,
+        refblock_covered=img.refblock_present.copy(),
+        alloc_state=alloc,
+        has_backing_file=bool(img.header.backing_file),
+        description=f"image {os.path.basename(img.path)}",
+        has_data_file=img.has_data_file,
+    )
+
+
+def _decode_entries(img, d: np.ndarray, tables: np.ndarray, file_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(host cluster, codes.F_* flags) of every L2 entry, compressed ones and external data files included; a data
+    cluster past the end of the file is refused."""
+    from .qcow2 import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO
+
+    g = img.geometry
+    cb = img.header.cluster_bits
+    compressed = (d & np.uint64(OFLAG_COMPRESSED)) != 0
     host = ((d & np.uint64(L2E_OFFSET_MASK)) >> np.uint64(cb)).astype(np.int64)
     copied = (d >> np.uint64(63)).astype(np.uint8)  # (OFLAG_COPIED is bit 63)
     flags = copied * np.uint8(F_COPIED)
@@ -108,31 +145,7 @@ def image_from_qcow2(img) -> ImageState:
                         f"{int(host[row, col]) << cb:#x}, past the end of the file")
     if not g.extended_l2:
         flags |= (d & np.uint64(OFLAG_ZERO)).astype(np.uint8) * np.uint8(F_ZERO)  # (OFLAG_ZERO is bit 0)
-    table_slot = np.full(n_l1, SLOT_NONE, dtype=np.int32)
-    table_slot[tables] = np.arange(len(tables), dtype=np.int32)
-    l1_offsets = img.l1[tables] & np.uint64(L2E_OFFSET_MASK)
-    bitmap = img.l2_bitmaps[keep].copy() if g.extended_l2 else np.zeros((1, 1), dtype=np.uint64)
-    alloc = hostalloc.new_alloc_state(g.cluster_size, g.refcount_bits)
-    alloc[hostalloc.REFTABLE_ENTRIES] = img.header.refcount_table_clusters * g.cluster_size // 8
-    alloc[hostalloc.REFTABLE_CLUSTER] = img.header.refcount_table_offset // g.cluster_size
-    used = img.host_used
-    alloc[hostalloc.HIGH_WATER] = int(np.flatnonzero(used)[-1]) + 1 if used.any() else 0
-    record_file_at_open(alloc, img.path, g.cluster_size)
-    return ImageState(
-        geometry=g,
-        n_tables=len(tables),
-        table_slot=table_slot,
-        table_host=(l1_offsets >> np.uint64(cb)).astype(np.int64),
-        entry_host=host,
-        entry_flags=flags,
-        entry_bitmap=bitmap,
-        host_used=used,
-        refblock_covered=img.refblock_present.copy(),
-        alloc_state=alloc,
-        has_backing_file=bool(img.header.backing_file),
-        description=f"image {os.path.basename(img.path)}",
-        has_data_file=img.has_data_file,
-    )
+    return host, flags
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,8 @@ MAX_SNAPSHOTS_BYTES = 1024 * MAX_SNAPSHOTS
 MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
 CHUNK_BITS = 18  # reference counts (uint8, saturating) are kept per 2^18 host clusters that something references
+DENSE_CLUSTERS = 1 << 26  # up to this many host clusters in the file (and at most twice the entries of the L2
+# tables), one dense count array and compiled passes
 SATURATED = 255
 BATCH_ENTRIES = 1 << 20  # L2 entries checked in one set of array operations (8 MiB of descriptors)
 CORRUPT = 'QEMU: "Image is corrupt"'
@@ -736,10 +738,10 @@ class Qcow2Image:
             out[first: first + k] = values[:k].astype(np.int64)
         return out
 
-    @property
-    def host_used(self) -> np.ndarray:
-        """uint8 1 for every host cluster of the image file with a refcount above 0 (``refcounts > 0`` at a byte a
-        cluster)."""
+    @functools.cached_property
+    def refcounts_clipped(self) -> np.ndarray:
+        """uint8 refcount of every host cluster of the image file, clipped at 255 (0 beyond the blocks): a byte a
+        cluster, for the check's compiled passes and ``host_used``."""
         cs = self.header.cluster_size
         n = -(-self.file_bytes // cs)
         out = np.zeros(n, dtype=np.uint8)
@@ -748,8 +750,14 @@ class Qcow2Image:
             first = index * per
             if first < n:
                 k = min(per, n - first)
-                np.greater(self.refblock(index)[:k], 0, out=out[first:first + k], casting="unsafe")
+                np.minimum(self.refblock(index)[:k], SATURATED, out=out[first:first + k], casting="unsafe")
         return out
+
+    @property
+    def host_used(self) -> np.ndarray:
+        """uint8 1 for every host cluster of the image file with a refcount above 0 (``refcounts > 0`` at a byte a
+        cluster)."""
+        return np.minimum(self.refcounts_clipped, 1)
 
     @property
     def refblock_present(self) -> np.ndarray:
@@ -775,6 +783,13 @@ class _Check:
         self.cs = img.header.cluster_size
         self.bits = img.header.cluster_bits
         self.chunks: dict[int, np.ndarray] = {}
+        self.chunk_bits = CHUNK_BITS
+        self.dense: np.ndarray | None = None  # all the counts in one chunk, for the compiled passes (qsim.qcow2scan)
+        file_clusters = -(-img.file_bytes // self.cs)
+        entries = int(np.count_nonzero(img.l1)) * img.geometry.l2_entries_per_table
+        if file_clusters <= min(DENSE_CLUSTERS, 2 * entries + 4096):  # (a byte a cluster, no more than the tables)
+            self.chunk_bits = max(CHUNK_BITS, (file_clusters + 1).bit_length())
+            self.dense = self.chunks[0] = np.zeros(file_clusters + 2, dtype=np.uint8)  # (add allows a cluster more)
         self.what: dict[int, str] = {}  # a name for metadata clusters, for the message
         self.many: dict[int, int] = {}  # exact counts of clusters referenced 255 times or more
 
@@ -801,14 +816,14 @@ class _Check:
         clusters = np.asarray(clusters, dtype=np.int64)
         if len(clusters) > 1 and not (clusters[1:] >= clusters[:-1]).all():
             clusters = np.sort(clusters)
-        runs = np.flatnonzero(np.diff(clusters >> CHUNK_BITS)) + 1
-        mask = (1 << CHUNK_BITS) - 1
+        runs = np.flatnonzero(np.diff(clusters >> self.chunk_bits)) + 1
+        mask = (1 << self.chunk_bits) - 1
         for a, b in zip(np.r_[0, runs].tolist(), np.r_[runs, len(clusters)].tolist()):
             sel = clusters[a:b]
-            k = int(sel[0]) >> CHUNK_BITS
+            k = int(sel[0]) >> self.chunk_bits
             counts = self.chunks.get(k)
             if counts is None:
-                counts = self.chunks[k] = np.zeros(1 << CHUNK_BITS, dtype=np.uint8)
+                counts = self.chunks[k] = np.zeros(1 << self.chunk_bits, dtype=np.uint8)
             local = sel & mask
             if len(local) > 1 and not (local[1:] > local[:-1]).all():  # (sorted) each once: the common case
                 local, n = np.unique(local, return_counts=True)
@@ -817,14 +832,14 @@ class _Check:
             total = counts[local].astype(np.int64) + n
             full = total >= SATURATED
             if full.any():
-                for c, t in zip((local[full] + (k << CHUNK_BITS)).tolist(), total[full].tolist()):
+                for c, t in zip((local[full] + (k << self.chunk_bits)).tolist(), total[full].tolist()):
                     self.many[c] = self.many.get(c, SATURATED) + t - SATURATED
                 total = np.minimum(total, SATURATED)
             counts[local] = total.astype(np.uint8)
 
     def count(self, cluster: int) -> int:
-        counts = self.chunks.get(cluster >> CHUNK_BITS)
-        n = int(counts[cluster & ((1 << CHUNK_BITS) - 1)]) if counts is not None else 0
+        counts = self.chunks.get(cluster >> self.chunk_bits)
+        n = int(counts[cluster & ((1 << self.chunk_bits) - 1)]) if counts is not None else 0
         return self.many.get(cluster, n) if n == SATURATED else n
 
     def data_refs(self, index: int, offset: int, d: np.ndarray, b, active: bool) -> None:
@@ -901,17 +916,32 @@ class _Check:
             raise bad
         tables = [img.read_l2(index, offset) for index, offset in zip(batch, offsets.tolist())]
         d = np.concatenate([t[0] for t in tables])
-        if ((d & np.uint64(OFLAG_COMPRESSED)) != 0).any():
-            return False
         b = np.concatenate([t[1] for t in tables]) if tables[0][1] is not None else None
-        img._check_entries(batch[0], int(offsets[0]), d, b, active)
+        if not self.plain_refs(d, b, active):  # (the compiled pass saw something: the exact path says what)
+            if ((d & np.uint64(OFLAG_COMPRESSED)) != 0).any():
+                return False
+            img._check_entries(batch[0], int(offsets[0]), d, b, active)
+            self.data_refs(batch[0], int(offsets[0]), d, b, active)
         for offset in offsets.tolist():
             self.what.setdefault(offset >> self.bits, f"L2 table at {offset:#x}")
         self.add_clusters(clusters)
-        self.data_refs(batch[0], int(offsets[0]), d, b, active)
         if active and self.kept is not None:
             self.kept.append((batch, d, b))
         return True
+
+    def plain_refs(self, d: np.ndarray, b: np.ndarray | None, active: bool) -> bool:
+        """``_check_entries`` and ``data_refs`` of a batch in one compiled pass, for plain entries (no extended L2,
+        no external data file) of an image with dense counts; False (nothing done) when the batch is not plain or
+        has anything that needs the exact path."""
+        img = self.img
+        if self.dense is None or b is not None or img.has_data_file:
+            return False
+        from .qcow2scan import count_plain_refs
+
+        allowed = OFLAG_COPIED | (L2E_OFFSET_MASK & ~(self.cs - 1)) | (OFLAG_ZERO if img.header.version >= 3 else 0)
+        stored = img.refcounts_clipped
+        return count_plain_refs(d, np.uint64(allowed), np.uint64(self.bits), np.uint64(img.file_bytes), stored,
+                                self.dense, active) < 0
 
     def table_refs(self, l1_offset: int, l1: np.ndarray, batch: list[int], active: bool, label: str) -> None:
         img = self.img
@@ -982,8 +1012,13 @@ class _Check:
                                    f"refcount block at {cluster * cs:#x} is also used as "
                                    f"{self.what.get(cluster, 'something else')}")
         for k, counts in sorted(self.chunks.items()):  # compare_refcounts: fewer references stored than made
-            used = np.flatnonzero(counts)
-            clusters = (np.int64(k) << CHUNK_BITS) + used
+            if self.dense is not None:  # (only the suspects are looked at closely)
+                from .qcow2scan import suspects
+
+                used = suspects(counts, img.refcounts_clipped)
+            else:
+                used = np.flatnonzero(counts)
+            clusters = (np.int64(k) << self.chunk_bits) + used
             stored = img.refcount_of(clusters)
             made = counts[used].astype(np.uint64)
             for i in np.flatnonzero(made == SATURATED).tolist():

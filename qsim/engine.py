@@ -106,6 +106,10 @@ class EventChunk(NamedTuple):
     backing_kind: np.ndarray
     refcount_log: np.ndarray = np.zeros((0, hostalloc.RLOG_WIDTH), np.int64)  # rows: see qsim.hostalloc
 
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self)
+
     def backing_trace(self) -> Trace:
         op = np.where(self.backing_kind == BACKING_READ, READ, STATUS).astype(np.uint8)
         return Trace(op, self.backing_offset, self.backing_length.astype(np.uint32), None, "<backing requests>")
@@ -282,25 +286,30 @@ class KernelRun:
                 self.work = current.with_capacity(grow_tables, grow_host, sparse, share_entries=sparse is not None)
         return self.work
 
-    def feed(self, trace: Trace, progress=None):
+    def feed(self, trace: Trace, progress=None, buffer_sets: int = 1):
         """Run the kernel over ``trace``; yields EventChunks, flush positions local to each. A chunk's arrays are
-        the run's buffers, overwritten by the next chunk: copy what you keep."""
+        the run's buffers, overwritten ``buffer_sets`` chunks later (each set holds 1/buffer_sets of the events of
+        one): copy what you keep, or take each chunk before the one ``buffer_sets`` later is made (``pipelined``)."""
         work = self._make_room(trace)
         i, n = 0, len(trace)
         offset = trace.offset
         length = trace.length  # uint32: the kernel widens each value, no int64 copy of the whole column
+        turn = 0
         while i < n:
+            capacity = self.capacity // buffer_sets if self.record else 0
             # the refcount log: room for a linear search through every refcount block in one request
-            log_rows = self.capacity // 8 + 4 * len(work.refblock_covered) + 4096 if self.record else 0
-            if self.buffers is None or len(self.buffers[0][0]) != self.capacity or \
-                    len(self.buffers[2]) < log_rows:  # reused: no fresh pages per chunk
-                queue_size = self.capacity if self.g[ev.G_BACKING_MODELLED] else 0
-                self.buffers = ((np.empty(self.capacity, np.int64), np.empty(self.capacity, np.uint8),
-                                 np.empty(self.capacity, np.int64)),
-                                (np.empty(queue_size, np.int64), np.empty(queue_size, np.int64),
-                                 np.empty(queue_size, np.uint8)),
-                                np.empty((log_rows, hostalloc.RLOG_WIDTH), np.int64))
-            out, queue, rlog = self.buffers
+            log_rows = capacity // 8 + 4 * len(work.refblock_covered) + 4096 if self.record else 0
+            if self.buffers is None or len(self.buffers) != buffer_sets:
+                self.buffers = [None] * buffer_sets
+            buffers = self.buffers[turn]
+            if buffers is None or len(buffers[0][0]) != capacity or len(buffers[2]) < log_rows:
+                # (reused: no fresh pages per chunk)
+                queue_size = capacity if self.g[ev.G_BACKING_MODELLED] else 0
+                buffers = self.buffers[turn] = (
+                    (np.empty(capacity, np.int64), np.empty(capacity, np.uint8), np.empty(capacity, np.int64)),
+                    (np.empty(queue_size, np.int64), np.empty(queue_size, np.int64), np.empty(queue_size, np.uint8)),
+                    np.empty((log_rows, hostalloc.RLOG_WIDTH), np.int64))
+            out, queue, rlog = buffers
             self.st[ev.S_EVENTS] = 0
             self.st[ev.S_FLUSHES] = 0
             self.st[ev.S_BACKING] = 0
@@ -323,6 +332,7 @@ class KernelRun:
             i = nxt
             if self.record:
                 events, flushes, asked = self.st[ev.S_EVENTS], self.st[ev.S_FLUSHES], self.st[ev.S_BACKING]
+                turn = (turn + 1) % buffer_sets
                 yield EventChunk(out[0][:events], out[1][:events], out[2][:flushes], queue[0][:asked],
                                  queue[1][:asked], queue[2][:asked], rlog[: self.rst[hostalloc.RS_COUNT]])
 

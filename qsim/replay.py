@@ -8,8 +8,9 @@ trace comes in one ``Scenario`` (``qsim.scenario``); the library takes typed val
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from .trace import Trace, apply_offset_policy
 from .units import format_size
 
 GIB = 1 << 30
+PIPELINE_MIN_REQUESTS = 1 << 20  # a trace this long (or streamed) runs stage 1 a chunk ahead of stage 2
 
 
 def default_virtual_size(trace: Trace) -> int:
@@ -248,6 +250,43 @@ def _clean(groups: list[_SliceGroup], ticks: int, backing_ticks: int) -> None:
             layer = layer.below
 
 
+class _Tick(NamedTuple):
+    """Cache-cleaning ticks due before the next events (``_CleanTimer``), in a pipelined replay's stream."""
+
+    ticks: int
+    backing_ticks: int
+    nbytes: int = 0
+
+
+def _stage_1_stream(group: _SliceGroup, chunks: Iterable[Trace], timer: _CleanTimer, scenario: Scenario,
+                    progress, seen: dict) -> Iterator:
+    """Stage 1 of the one slice group over every chunk: its event chunks (two buffer sets, each half the events of
+    one) with the cleaning ticks in between; ``seen["source"]``: the trace's name."""
+    size = group.run.original.geometry.virtual_size
+    for chunk in chunks:
+        seen["source"] = chunk.source
+        chunk = apply_offset_policy(chunk, size, scenario.offset_policy)
+        for ticks, backing_ticks, piece in timer.segments(chunk):
+            if ticks or backing_ticks:
+                yield _Tick(ticks, backing_ticks)
+            yield from group.run.feed(piece, progress, buffer_sets=2)
+
+
+def _count(groups: list[_SliceGroup], n: int, events, shared: bool) -> None:
+    """Stage 2 of slice group ``n`` over one event chunk: its caches (the coarser groups too when they share its
+    stage 1) and its backing chain."""
+    group = groups[n]
+    if len(events.refcount_log) or group.coupled is not None:
+        group.feed_refcount(events.key, events.kind, events.refcount_log)  # seeded before this chunk
+    group.model.feed(events.key, events.kind, events.flush_at)
+    if n == 0 and shared:
+        for coarse in groups[1:]:
+            shift = (coarse.entry_size // groups[0].entry_size).bit_length() - 1
+            coarse.model.feed(events.key >> shift, events.kind, events.flush_at)
+    if group.backing is not None and len(events.backing_offset):
+        group.backing.feed(events)
+
+
 def _feed_chunk(groups: list[_SliceGroup], chunk: Trace, progress, share_stage_1: bool) -> None:
     """Stage 1 and 2 of every slice group over one chunk of requests."""
     finest = groups[0].run
@@ -262,15 +301,7 @@ def _feed_chunk(groups: list[_SliceGroup], chunk: Trace, progress, share_stage_1
             group.run.cnt += finest.cnt - before  # the same requests, reads and bytes; a read-only image is unchanged
             continue
         for events in group.run.feed(chunk, progress if n == 0 else None):
-            if len(events.refcount_log) or group.coupled is not None:
-                group.feed_refcount(events.key, events.kind, events.refcount_log)  # seeded before this chunk
-            group.model.feed(events.key, events.kind, events.flush_at)
-            if n == 0 and shared:
-                for coarse in groups[1:]:
-                    shift = (coarse.entry_size // finest.entry_size).bit_length() - 1
-                    coarse.model.feed(events.key >> shift, events.kind, events.flush_at)
-            if group.backing is not None and len(events.backing_offset):
-                group.backing.feed(events)
+            _count(groups, n, events, shared)
 
 
 def replay(
@@ -306,15 +337,28 @@ def replay(
     image = loaded.state
     configs = [resolve_cache(image.geometry, settings, scenario.qemu_version) for settings in scenario.caches]
     groups = _slice_groups(image, loaded.below, configs, scenario, fast_paths)
-    source = "<memory>"
+    seen = {"source": "<memory>"}
     timer = _CleanTimer(scenario.cache_clean_interval)
-    for chunk in chunks:
-        source = chunk.source
-        chunk = apply_offset_policy(chunk, image.geometry.virtual_size, scenario.offset_policy)
-        for ticks, backing_ticks, piece in timer.segments(chunk):
-            if ticks or backing_ticks:
-                _clean(groups, ticks, backing_ticks)
-            _feed_chunk(groups, piece, progress, share_stage_1)
+    if len(groups) == 1 and (whole is None or len(whole) >= PIPELINE_MIN_REQUESTS):
+        # One slice size: stage 1 runs a chunk ahead in a thread while stage 2 counts (both kernels release the
+        # GIL); the results never depend on it.
+        from .traceio.prefetch import prefetched
+
+        for item in prefetched(_stage_1_stream(groups[0], chunks, timer, scenario, progress, seen),
+                               budget_bytes=1 << 62, in_flight=2):
+            if isinstance(item, _Tick):
+                _clean(groups, item.ticks, item.backing_ticks)
+            else:
+                _count(groups, 0, item, False)
+    else:
+        for chunk in chunks:
+            seen["source"] = chunk.source
+            chunk = apply_offset_policy(chunk, image.geometry.virtual_size, scenario.offset_policy)
+            for ticks, backing_ticks, piece in timer.segments(chunk):
+                if ticks or backing_ticks:
+                    _clean(groups, ticks, backing_ticks)
+                _feed_chunk(groups, piece, progress, share_stage_1)
+    source = seen["source"]
     notes = loaded.notes
     if timer.untimed:
         notes += (f"{source}: the trace has no timestamps, so cache cleaning (cache-clean-interval="

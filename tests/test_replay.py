@@ -16,7 +16,7 @@ from qsim.imageopts import ImageOptions
 from qsim.replay import replay
 from qsim.scenario import Grid, Scenario
 from qsim.sweep import sweep
-from qsim.trace import READ, WRITE, Trace, trace_stats
+from qsim.trace import DISCARD, READ, WRITE, Trace, trace_stats
 from qsim.traceio import read_trace
 
 K, M, G = 1 << 10, 1 << 20, 1 << 30
@@ -436,3 +436,45 @@ def test_cli_rows_written_without_pandas_equal_pandas_output(tmp_path, case, cap
             print_json(frame.to_dict(orient="records"))
             expected = capsys.readouterr().out
         assert ours == expected, output
+
+
+@pytest.mark.parametrize("case", ["writes", "discards", "cleaning", "extended"])
+def test_pipelined_stages_equal_the_serial_replay(monkeypatch, case):
+    """Stage 1 a chunk ahead of stage 2 in a thread, over two alternating event buffer sets, gives the serial
+    replay's rows; the chunks are small enough that each buffer set is reused hundreds of times."""
+    import time
+
+    import qsim.engine as engine
+    from qsim.lru import CacheModel
+    from qsim.synth import synthesize
+
+    replay_module = sys.modules["qsim.replay"]
+    monkeypatch.setattr(engine, "CHUNK_EVENTS", 4000)
+    t = synthesize(256 * G, 40_000, "zipf:0.6", "4k/60:64k/30:1M/10", read_share=0.5, flush_every=50, seed=5,
+                   align=512)
+    fields = {}
+    options = ImageOptions(extended_l2=case == "extended")
+    if case == "discards":
+        discards = np.random.default_rng(5).random(len(t)) < 0.2
+        t = Trace.from_arrays(np.where(discards & (t.op == WRITE), DISCARD, t.op), t.offset, t.length)
+        fields["discard"] = "unmap"
+    if case == "cleaning":  # ticks every 60 s over 40 minutes: the stream carries them between event chunks
+        t = Trace.from_arrays(t.op, t.offset, t.length, np.linspace(0.0, 2400.0, len(t)))
+        fields["cache_clean_interval"] = 60
+    scenario = Scenario.of(parse_cache_sizes("1M,4M,default"), 4 * K, options, 256 * G, **fields)  # (one slice size)
+    monkeypatch.setattr(replay_module, "PIPELINE_MIN_REQUESTS", 1 << 60)
+    serial = replay(t, scenario).rows
+    monkeypatch.setattr(replay_module, "PIPELINE_MIN_REQUESTS", 0)
+    feed = CacheModel.feed
+
+    def slow_feed(self, *args):  # stage 2 lags, so stage 1 is always a chunk ahead (and would overwrite it)
+        time.sleep(0.002)
+        feed(self, *args)
+
+    monkeypatch.setattr(CacheModel, "feed", slow_feed)
+    streams = []
+    stage_1_stream = replay_module._stage_1_stream
+    monkeypatch.setattr(replay_module, "_stage_1_stream", lambda *a: streams.append(1) or stage_1_stream(*a))
+    pipelined = replay(t, scenario).rows
+    assert streams and pipelined == serial
+    assert serial[0]["l2_misses"] > 1000 and (case != "cleaning" or serial[0]["cache_clean_ticks"] == 40)

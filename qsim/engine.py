@@ -252,7 +252,8 @@ class KernelRun:
         self.cnt = np.zeros(ev.COUNTERS_SIZE, dtype=np.int64)
         self.rst = np.zeros(hostalloc.RST_SIZE, dtype=np.int64)
         self.capacity = CHUNK_EVENTS if record else 0
-        self.buffers = None  # (events, backing queue) arrays, kept across chunks
+        self.buffers = None  # sets of (events, backing queue, refcount log) arrays, kept across chunks
+        self.turn = 0  # the buffer set of the next chunk, counted over every chunk made
 
     @property
     def n_keys(self) -> int:
@@ -294,13 +295,13 @@ class KernelRun:
         i, n = 0, len(trace)
         offset = trace.offset
         length = trace.length  # uint32: the kernel widens each value, no int64 copy of the whole column
-        turn = 0
         while i < n:
             capacity = self.capacity // buffer_sets if self.record else 0
             # the refcount log: room for a linear search through every refcount block in one request
             log_rows = capacity // 8 + 4 * len(work.refblock_covered) + 4096 if self.record else 0
             if self.buffers is None or len(self.buffers) != buffer_sets:
                 self.buffers = [None] * buffer_sets
+            turn = self.turn % buffer_sets  # (carried across calls: the sets go round over every chunk of a trace)
             buffers = self.buffers[turn]
             if buffers is None or len(buffers[0][0]) != capacity or len(buffers[2]) < log_rows:
                 # (reused: no fresh pages per chunk)
@@ -332,7 +333,7 @@ class KernelRun:
             i = nxt
             if self.record:
                 events, flushes, asked = self.st[ev.S_EVENTS], self.st[ev.S_FLUSHES], self.st[ev.S_BACKING]
-                turn = (turn + 1) % buffer_sets
+                self.turn += 1
                 yield EventChunk(out[0][:events], out[1][:events], out[2][:flushes], queue[0][:asked],
                                  queue[1][:asked], queue[2][:asked], rlog[: self.rst[hostalloc.RS_COUNT]])
 

@@ -74,8 +74,7 @@ def record_file_at_open(alloc: np.ndarray, path: str, cluster_size: int) -> None
 
 def image_from_qcow2(img) -> ImageState:
     """The state of a real image read by ``qsim.qcow2.open_image``: its tables, entries, host layout and refcounts."""
-    from .qcow2 import L2E_OFFSET_MASK
-    from .qcow2scan import decode_plain_entries
+    from .qcow2 import COMPILED_MIN_ENTRIES, L2E_OFFSET_MASK
 
     g = img.geometry
     cb = img.header.cluster_bits
@@ -84,7 +83,11 @@ def image_from_qcow2(img) -> ImageState:
     tables = img.l2_tables[keep]
     d = img.l2_descriptors if keep.all() else img.l2_descriptors[keep]  # (no 8-byte-per-entry copy when all fit)
     file_clusters = -(-img.file_bytes // g.cluster_size)
-    decoded = None if img.has_data_file else decode_plain_entries(d, cb, file_clusters, g.extended_l2)
+    decoded = None
+    if not img.has_data_file and d.size >= COMPILED_MIN_ENTRIES:  # (a small image needs no numba start-up)
+        from .qcow2scan import decode_plain_entries
+
+        decoded = decode_plain_entries(d, cb, file_clusters, g.extended_l2)
     host, flags = decoded if decoded is not None else _decode_entries(img, d, tables, file_clusters)
     table_slot = np.full(n_l1, SLOT_NONE, dtype=np.int32)
     table_slot[tables] = np.arange(len(tables), dtype=np.int32)

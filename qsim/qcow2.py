@@ -60,7 +60,9 @@ MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY = 1024 * MAX_BITMAPS
 CHUNK_BITS = 18  # reference counts (uint8, saturating) are kept per 2^18 host clusters that something references
 DENSE_CLUSTERS = 1 << 26  # up to this many host clusters in the file (and at most twice the entries of the L2
-# tables), one dense count array and compiled passes
+# tables), one dense count array
+COMPILED_MIN_ENTRIES = 1 << 20  # from this many L2 entries on, the check's dense passes are compiled (qsim.qcow2scan;
+# below, numpy's are as quick and a small image's check needs no numba start-up)
 SATURATED = 255
 BATCH_ENTRIES = 1 << 20  # L2 entries checked in one set of array operations (8 MiB of descriptors)
 CORRUPT = 'QEMU: "Image is corrupt"'
@@ -787,6 +789,7 @@ class _Check:
         self.dense: np.ndarray | None = None  # all the counts in one chunk, for the compiled passes (qsim.qcow2scan)
         file_clusters = -(-img.file_bytes // self.cs)
         entries = int(np.count_nonzero(img.l1)) * img.geometry.l2_entries_per_table
+        self.compiled_entries = entries
         if file_clusters <= min(DENSE_CLUSTERS, 2 * entries + 4096):  # (a byte a cluster, no more than the tables)
             self.chunk_bits = max(CHUNK_BITS, (file_clusters + 1).bit_length())
             self.dense = self.chunks[0] = np.zeros(file_clusters + 2, dtype=np.uint8)  # (add allows a cluster more)
@@ -934,7 +937,7 @@ class _Check:
         no external data file) of an image with dense counts; False (nothing done) when the batch is not plain or
         has anything that needs the exact path."""
         img = self.img
-        if self.dense is None or b is not None or img.has_data_file:
+        if self.dense is None or b is not None or img.has_data_file or self.compiled_entries < COMPILED_MIN_ENTRIES:
             return False
         from .qcow2scan import count_plain_refs
 
@@ -1012,8 +1015,8 @@ class _Check:
                                    f"refcount block at {cluster * cs:#x} is also used as "
                                    f"{self.what.get(cluster, 'something else')}")
         for k, counts in sorted(self.chunks.items()):  # compare_refcounts: fewer references stored than made
-            if self.dense is not None:  # (only the suspects are looked at closely)
-                from .qcow2scan import suspects
+            if self.dense is not None and self.compiled_entries >= COMPILED_MIN_ENTRIES:
+                from .qcow2scan import suspects  # (only the suspects are looked at closely)
 
                 used = suspects(counts, img.refcounts_clipped)
             else:

@@ -29,7 +29,9 @@ from .trace import Trace, apply_offset_policy
 from .units import format_size
 
 GIB = 1 << 30
-PIPELINE_MIN_REQUESTS = 1 << 20  # a trace this long (or streamed) runs stage 1 a chunk ahead of stage 2
+PIPELINE_MIN_REQUESTS = 1 << 20  # a trace this long (or streamed) runs stage 1 ahead of stage 2, in a thread
+PIPELINE_BUFFER_SETS = 4  # event buffer sets the two stages pass round (a quarter of the events each): stage 1 runs
+# up to three chunks ahead, so a short chunk (a trace chunk's last few requests) never stalls it
 
 
 def default_virtual_size(trace: Trace) -> int:
@@ -260,8 +262,8 @@ class _Tick(NamedTuple):
 
 def _stage_1_stream(group: _SliceGroup, chunks: Iterable[Trace], timer: _CleanTimer, scenario: Scenario,
                     progress, seen: dict) -> Iterator:
-    """Stage 1 of the one slice group over every chunk: its event chunks (two buffer sets, each half the events of
-    one) with the cleaning ticks in between; ``seen["source"]``: the trace's name."""
+    """Stage 1 of the one slice group over every chunk: its event chunks (PIPELINE_BUFFER_SETS buffer sets in
+    turn) with the cleaning ticks in between; ``seen["source"]``: the trace's name."""
     size = group.run.original.geometry.virtual_size
     for chunk in chunks:
         seen["source"] = chunk.source
@@ -269,7 +271,7 @@ def _stage_1_stream(group: _SliceGroup, chunks: Iterable[Trace], timer: _CleanTi
         for ticks, backing_ticks, piece in timer.segments(chunk):
             if ticks or backing_ticks:
                 yield _Tick(ticks, backing_ticks)
-            yield from group.run.feed(piece, progress, buffer_sets=2)
+            yield from group.run.feed(piece, progress, buffer_sets=PIPELINE_BUFFER_SETS)
 
 
 def _count(groups: list[_SliceGroup], n: int, events, shared: bool) -> None:
@@ -345,7 +347,7 @@ def replay(
         from .traceio.prefetch import prefetched
 
         for item in prefetched(_stage_1_stream(groups[0], chunks, timer, scenario, progress, seen),
-                               budget_bytes=1 << 62, in_flight=2):
+                               budget_bytes=1 << 62, in_flight=PIPELINE_BUFFER_SETS):
             if isinstance(item, _Tick):
                 _clean(groups, item.ticks, item.backing_ticks)
             else:

@@ -2,7 +2,8 @@
 with qemu-img, nothing cached in the repo), field-targeted and random. For each mutant QEMU judges first
 (``qemu-img info``, ``qemu-img check``, ``qemu-img map``); then qsim reads it the three ways users do (``qsim
 inspect``, ``qsim inspect --map``, and the replay path ``image_from_qcow2(open_image(path))``, whose check
-runs both with its dense counts and compiled passes and with chunked counts, for one verdict):
+runs three ways for one verdict: with dense counts, with the compiled passes large images get, and with chunked
+counts):
 
 - 0 tracebacks, 0 hangs, 0 signals: every outcome is a result or one QsimError line (exit 1);
 - memory stays bounded (tracemalloc peak per mutant);
@@ -218,6 +219,19 @@ def _qsim(argv: list[str]) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
+def _compiled(call):
+    """``call`` with the check's and the decode's compiled passes (qsim.qcow2scan), which a small image does not
+    get: the passes a large image takes, held to the same verdicts."""
+    import qsim.qcow2
+
+    least = qsim.qcow2.COMPILED_MIN_ENTRIES
+    qsim.qcow2.COMPILED_MIN_ENTRIES = 0
+    try:
+        return call()
+    finally:
+        qsim.qcow2.COMPILED_MIN_ENTRIES = least
+
+
 def _chunked(call):
     """``call`` with the check's reference counts kept per chunk (as for a huge sparse file), not in the one dense
     array and compiled passes a small image gets."""
@@ -268,6 +282,8 @@ def test_mutants_against_qemu_verdicts(tmp_path, qemu_img, qemu_io):
                                   ("map", lambda: _qsim(["inspect", str(path), "--map", "--output=json",
                                                          "--qemu-version", "7.2"])),
                                   ("replay", lambda: image_from_qcow2(open_image(str(path)))),
+                                  ("replay, compiled",
+                                   lambda: _compiled(lambda: image_from_qcow2(open_image(str(path))))),
                                   ("replay, chunked counts",
                                    lambda: _chunked(lambda: image_from_qcow2(open_image(str(path)))))):
                     try:
@@ -291,10 +307,11 @@ def test_mutants_against_qemu_verdicts(tmp_path, qemu_img, qemu_io):
             for key, (status, _, err) in outcomes.items():
                 if status not in (0, 1) or (status == 1 and len([x for x in err.splitlines() if "error:" in x]) != 1):
                     failures.append(f"{label}: {key} exit {status} with {err!r}")
-            if outcomes["replay"] != outcomes["replay, chunked counts"]:  # the check's two ways, one verdict
-                failures.append(f"{label}: dense counts say {outcomes['replay'][2]!r}, chunked counts "
-                                f"{outcomes['replay, chunked counts'][2]!r}")
-            del outcomes["replay, chunked counts"]
+            for way in ("replay, compiled", "replay, chunked counts"):  # the check's three ways, one verdict
+                if outcomes[way] != outcomes["replay"]:
+                    failures.append(f"{label}: dense counts say {outcomes['replay'][2]!r}, {way} "
+                                    f"{outcomes[way][2]!r}")
+                del outcomes[way]
             keyless = "key-secret" in v["text"] or "encrypt" in v["text"].lower()
             dirty = len(data) > 80 and data[4:8] == b"\0\0\0\3" and data[79] & 1
             backing = "backing" in v["text"].lower() and v["info"] == 0

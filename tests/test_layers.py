@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "qsim"
 LAYERS = [
     ("vocabulary", {"codes", "errors", "units", "bitops", "safeio", "progress"}),
     ("rules", {"geometry", "cachecfg", "imageopts", "sizing", "scenario"}),
-    ("inputs", {"trace", "synth", "traceio", "qcow2", "backing", "inspect", "libvirt"}),
+    ("inputs", {"trace", "synth", "traceio", "qcow2", "qcow2scan", "backing", "inspect", "libvirt"}),
     ("model", {"hostalloc", "imagestate", "stage1", "engine", "lru", "refcache", "image"}),
     ("drivers", {"replay", "sweep", "fleet", "qemu", "qemusystem", "validate", "knapsack", "plan", "capture", "qmp"}),
     ("outputs", {"tables", "plot"}),

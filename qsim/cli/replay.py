@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "bytes and metadata growth. Sizes as qemu-img writes them.",
         epilog=EXAMPLES, formatter_class=RawDefaultsHelp)
     add_replay_options(p)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, kernels=True)
 
 
 def emit_frame(frame, args: argparse.Namespace) -> None:

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "worker processes)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="local worker processes for a fleet sweep (default and at most: every core)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, kernels=True)
 
 
 GRID_DESTS = frozenset({"cluster_size", "extended_l2"})  # what a sweep adds to the scenario options

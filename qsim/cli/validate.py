@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the qemu-io to compare with (qemu-img from the same folder makes the image); default "
                         "$QSIM_QEMU_IO, else the one on PATH")
     p.add_argument("--output", choices=("human", "json"), default="human")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, kernels=True)
 
 
 def run(args: argparse.Namespace) -> int:

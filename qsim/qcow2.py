@@ -154,6 +154,15 @@ class _Reader:
             raise QsimError(f"{self.path}: short read of {what} at offset {offset:#x}")
         return data
 
+    def read_into(self, offset: int, out: np.ndarray, what: str) -> None:
+        """``out.nbytes`` bytes at ``offset`` straight into ``out`` (no intermediate bytes object)."""
+        length = out.nbytes
+        if offset < 0 or offset + length > self.size:
+            raise QsimError(f"{self.path}: {what} at offset {offset:#x} ({length} bytes) lies beyond the end of the "
+                            f"file ({self.size} bytes): truncated or damaged image")
+        if os.preadv(self.fd, [memoryview(out).cast("B")], offset) != length:
+            raise QsimError(f"{self.path}: short read of {what} at offset {offset:#x}")
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -549,8 +558,9 @@ class Qcow2Image:
     def l2_offsets(self) -> np.ndarray:
         return self.l1 & np.uint64(L1E_OFFSET_MASK)
 
-    def read_l2(self, index: int, offset: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The L2 table of L1 entry ``index`` at ``offset``: descriptors and (extended_l2) bitmaps, uint64."""
+    def read_l2(self, index: int, offset: int, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The L2 table of L1 entry ``index`` at ``offset``: descriptors and (extended_l2) bitmaps, uint64 (views of
+        ``out``, a uint64 array of one cluster, when given)."""
         cs = self.header.cluster_size
         where = f"L1 table at {self.header.l1_table_offset:#x}, entry {index}"
         if offset % cs:
@@ -558,7 +568,9 @@ class Qcow2Image:
                           f"offset {offset:#x} unaligned (L1 index: {index:#x})")
         if offset < cs:
             raise _refuse(self.path, where, f"L2 table offset {offset:#x} points into the header", "Image is corrupt")
-        raw = np.frombuffer(self._r.read(offset, cs, f"L2 table of L1 entry {index}"), ">u8").astype(np.uint64)
+        raw = np.empty(cs // 8, np.uint64) if out is None else out
+        self._r.read_into(offset, raw, f"L2 table of L1 entry {index}")
+        raw.byteswap(inplace=True)  # (big-endian on disk)
         if self.header.extended_l2:
             return raw[0::2], raw[1::2]
         return raw, None
@@ -694,14 +706,12 @@ class Qcow2Image:
     def _tables(self):
         kept = self.__dict__.pop("_checked_tables", None)  # the active L2 tables as the check read them
         if kept is not None:
+            rows, words = kept  # (every table's words in L1 order, in one array)
             entries = self.geometry.l2_entries_per_table
-            rows = np.asarray([i for batch, _, _ in kept for i in batch], dtype=np.int64)
-            d = np.concatenate([k[1] for k in kept]).reshape(-1, entries) if kept else np.zeros((0, entries),
-                                                                                                   np.uint64)
-            b = None
-            if self.header.extended_l2:
-                b = np.concatenate([k[2] for k in kept]).reshape(-1, entries) if kept else np.zeros_like(d)
-            return rows, d, b
+            if not self.header.extended_l2:
+                return rows, words.reshape(-1, entries), None
+            pairs = words.reshape(-1, entries, 2)
+            return rows, pairs[:, :, 0], pairs[:, :, 1]
         rows, ds, bs = [], [], []
         for index, _, d, b in self.iter_tables(within_disk=False, check=False):
             rows.append(index)
@@ -773,7 +783,7 @@ class Qcow2Image:
         checker = _Check(self, keep_tables)
         checker.run()
         if keep_tables:
-            self._checked_tables = checker.kept
+            self._checked_tables = (checker.kept_rows, checker.kept_words)
 
 
 class _Check:
@@ -781,7 +791,9 @@ class _Check:
 
     def __init__(self, img: Qcow2Image, keep_tables: bool = False):
         self.img = img
-        self.kept: list | None = [] if keep_tables else None  # (L1 indices, descriptors, bitmaps) of the active table
+        self.keep_tables = keep_tables
+        self.kept_rows = np.zeros(0, np.int64)  # (keep_tables) the active L1 table's L2 tables: L1 indices,
+        self.kept_words = np.zeros(0, np.uint64)  # and each one's words (a cluster each), read straight into place
         self.cs = img.header.cluster_size
         self.bits = img.header.cluster_bits
         self.chunks: dict[int, np.ndarray] = {}
@@ -892,19 +904,29 @@ class _Check:
         self.add(l1_offset, len(l1) * 8, label)
         used = np.flatnonzero(l1).tolist()
         per_batch = max(BATCH_ENTRIES // self.img.geometry.l2_entries_per_table, 1)
+        words = self.cs // 8
+        keep = active and self.keep_tables
+        if keep:
+            self.kept_rows = np.asarray(used, np.int64)
+            self.kept_words = np.empty(len(used) * words, np.uint64)
         for start in range(0, len(used), per_batch):
             batch = used[start:start + per_batch]
+            # the batch's tables land in their place in kept_words, or in a scratch array
+            into = self.kept_words[start * words:(start + len(batch)) * words] if keep else \
+                np.empty(len(batch) * words, np.uint64)
             try:
-                done = self.batch_refs(l1_offset, l1, batch, active, label)
+                done = self.batch_refs(l1_offset, l1, batch, active, label, into)
             except QsimError:
-                self.table_refs(l1_offset, l1, batch, active, label)  # raises the first problem, exactly
+                self.table_refs(l1_offset, l1, batch, active, label, into)  # raises the first problem, exactly
                 raise
             if not done:
-                self.table_refs(l1_offset, l1, batch, active, label)
+                self.table_refs(l1_offset, l1, batch, active, label, into)
 
-    def batch_refs(self, l1_offset: int, l1: np.ndarray, batch: list[int], active: bool, label: str) -> bool:
-        """``table_refs`` over several tables at once; False (nothing done) for an image with an external data file
-        or compressed clusters, which go table by table. QsimError, not necessarily the first problem, if any."""
+    def batch_refs(self, l1_offset: int, l1: np.ndarray, batch: list[int], active: bool, label: str,
+                   into: np.ndarray) -> bool:
+        """``table_refs`` over several tables at once (read into ``into``, a cluster each); False (nothing done) for
+        an image with an external data file or compressed clusters, which go table by table. QsimError, not
+        necessarily the first problem, if any."""
         img = self.img
         if img.has_data_file:
             return False
@@ -917,9 +939,10 @@ class _Check:
         clusters = offsets >> self.bits
         if active and ((img.refcount_of(clusters) == 1) != ((entries & np.uint64(OFLAG_COPIED)) != 0)).any():
             raise bad
-        tables = [img.read_l2(index, offset) for index, offset in zip(batch, offsets.tolist())]
-        d = np.concatenate([t[0] for t in tables])
-        b = np.concatenate([t[1] for t in tables]) if tables[0][1] is not None else None
+        words = self.cs // 8
+        for k, (index, offset) in enumerate(zip(batch, offsets.tolist())):
+            img.read_l2(index, offset, into[k * words:(k + 1) * words])
+        d, b = (into[0::2], into[1::2]) if img.header.extended_l2 else (into, None)
         if not self.plain_refs(d, b, active):  # (the compiled pass saw something: the exact path says what)
             if ((d & np.uint64(OFLAG_COMPRESSED)) != 0).any():
                 return False
@@ -928,8 +951,6 @@ class _Check:
         for offset in offsets.tolist():
             self.what.setdefault(offset >> self.bits, f"L2 table at {offset:#x}")
         self.add_clusters(clusters)
-        if active and self.kept is not None:
-            self.kept.append((batch, d, b))
         return True
 
     def plain_refs(self, d: np.ndarray, b: np.ndarray | None, active: bool) -> bool:
@@ -946,9 +967,11 @@ class _Check:
         return count_plain_refs(d, np.uint64(allowed), np.uint64(self.bits), np.uint64(img.file_bytes), stored,
                                 self.dense, active) < 0
 
-    def table_refs(self, l1_offset: int, l1: np.ndarray, batch: list[int], active: bool, label: str) -> None:
+    def table_refs(self, l1_offset: int, l1: np.ndarray, batch: list[int], active: bool, label: str,
+                   into: np.ndarray) -> None:
         img = self.img
-        for index in batch:
+        words = self.cs // 8
+        for k, index in enumerate(batch):
             entry = int(l1[index])
             where = f"{label} at {l1_offset:#x}, entry {index}"
             if entry & L1E_RESERVED_MASK:
@@ -960,11 +983,9 @@ class _Check:
                 if (ref == 1) != bool(entry & OFLAG_COPIED):
                     raise self.corrupt(where, f"COPIED flag {'set' if entry & OFLAG_COPIED else 'clear'} but the L2 "
                                        f"table's refcount is {ref}")
-            d, b = img.read_l2(index, offset)
+            d, b = img.read_l2(index, offset, into[k * words:(k + 1) * words])
             img._check_entries(index, offset, d, b, active)
             self.data_refs(index, offset, d, b, active)
-            if active and self.kept is not None:
-                self.kept.append(([index], d, b))
 
     def run(self) -> None:
         img, h, cs = self.img, self.img.header, self.cs

@@ -57,23 +57,22 @@ def count_plain_refs(d, allowed, cluster_bits, file_bytes, stored, counts, activ
     return bad
 
 
-@njit(cache=True, nogil=True)
-def suspects(counts, stored):
+def suspects(counts: np.ndarray, stored: np.ndarray) -> np.ndarray:
     """Host clusters, ascending, referenced more often than their stored refcount says (or 255 times or more: their
     exact count is elsewhere): the only ones compare_refcounts has to look at closely."""
-    n = 0
-    for c in range(counts.shape[0]):
-        made = counts[c]
-        if made != 0 and (made == 255 or c >= stored.shape[0] or stored[c] < made):
-            n += 1
-    out = np.empty(n, np.int64)
+    out = np.empty(counts.shape[0], np.int64)  # (pages only where suspects are written: almost none)
+    return out[: _suspects(counts, stored, out)]
+
+
+@njit(cache=True, nogil=True)
+def _suspects(counts, stored, out):
     n = 0
     for c in range(counts.shape[0]):
         made = counts[c]
         if made != 0 and (made == 255 or c >= stored.shape[0] or stored[c] < made):
             out[n] = c
             n += 1
-    return out
+    return n
 
 
 def decode_plain_entries(d: np.ndarray, cluster_bits: int, file_clusters: int, extended: bool):

@@ -23,6 +23,7 @@ import struct
 import subprocess
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 from pathlib import Path
 
 import numpy as np
@@ -219,30 +220,14 @@ def _qsim(argv: list[str]) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-def _compiled(call):
-    """``call`` with the check's and the decode's compiled passes (qsim.qcow2scan), which a small image does not
-    get: the passes a large image takes, held to the same verdicts."""
+def _qcow2_with(name: str, value: int, call):
+    """``call`` with one of qsim.qcow2's thresholds set to ``value``: COMPILED_MIN_ENTRIES=0 gives a small image the
+    compiled passes (qsim.qcow2scan) a large one takes; DENSE_CLUSTERS=0 keeps its reference counts per chunk, as
+    for a huge sparse file."""
     import qsim.qcow2
 
-    least = qsim.qcow2.COMPILED_MIN_ENTRIES
-    qsim.qcow2.COMPILED_MIN_ENTRIES = 0
-    try:
+    with mock.patch.object(qsim.qcow2, name, value):
         return call()
-    finally:
-        qsim.qcow2.COMPILED_MIN_ENTRIES = least
-
-
-def _chunked(call):
-    """``call`` with the check's reference counts kept per chunk (as for a huge sparse file), not in the one dense
-    array and compiled passes a small image gets."""
-    import qsim.qcow2
-
-    dense = qsim.qcow2.DENSE_CLUSTERS
-    qsim.qcow2.DENSE_CLUSTERS = 0
-    try:
-        return call()
-    finally:
-        qsim.qcow2.DENSE_CLUSTERS = dense
 
 
 class Hang(Exception):
@@ -282,10 +267,10 @@ def test_mutants_against_qemu_verdicts(tmp_path, qemu_img, qemu_io):
                                   ("map", lambda: _qsim(["inspect", str(path), "--map", "--output=json",
                                                          "--qemu-version", "7.2"])),
                                   ("replay", lambda: image_from_qcow2(open_image(str(path)))),
-                                  ("replay, compiled",
-                                   lambda: _compiled(lambda: image_from_qcow2(open_image(str(path))))),
-                                  ("replay, chunked counts",
-                                   lambda: _chunked(lambda: image_from_qcow2(open_image(str(path)))))):
+                                  ("replay, compiled", lambda: _qcow2_with(
+                                      "COMPILED_MIN_ENTRIES", 0, lambda: image_from_qcow2(open_image(str(path))))),
+                                  ("replay, chunked counts", lambda: _qcow2_with(
+                                      "DENSE_CLUSTERS", 0, lambda: image_from_qcow2(open_image(str(path)))))):
                     try:
                         r = call()
                         outcomes[key] = r if not key.startswith("replay") else (0, "", "")

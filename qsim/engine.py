@@ -23,7 +23,7 @@ from .imagestate import ImageState
 from .stage1.entries import SP_OVERFLOW
 from .trace import WRITE, Trace
 
-CHUNK_EVENTS = 1 << 22
+CHUNK_EVENTS = 3 << 20  # events a chunk holds (shared by the buffer sets of a pipelined run): 51 MiB
 
 
 @dataclass(frozen=True, eq=False)

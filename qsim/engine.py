@@ -290,7 +290,8 @@ class KernelRun:
     def feed(self, trace: Trace, progress=None, buffer_sets: int = 1):
         """Run the kernel over ``trace``; yields EventChunks, flush positions local to each. A chunk's arrays are
         the run's buffers, overwritten ``buffer_sets`` chunks later (each set holds 1/buffer_sets of the events of
-        one): copy what you keep, or take each chunk before the one ``buffer_sets`` later is made (``pipelined``)."""
+        one): copy what you keep, or be done with each chunk before the one ``buffer_sets`` later is made (as the
+        replay's pipeline is: qsim.replay, prefetch's in_flight)."""
         work = self._make_room(trace)
         i, n = 0, len(trace)
         offset = trace.offset

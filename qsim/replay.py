@@ -342,8 +342,8 @@ def replay(
     seen = {"source": "<memory>"}
     timer = _CleanTimer(scenario.cache_clean_interval)
     if len(groups) == 1 and (whole is None or len(whole) >= PIPELINE_MIN_REQUESTS):
-        # One slice size: stage 1 runs a chunk ahead in a thread while stage 2 counts (both kernels release the
-        # GIL); the results never depend on it.
+        # One slice size: stage 1 runs up to three chunks ahead in a thread while stage 2 counts (both kernels
+        # release the GIL); the results never depend on it.
         from .traceio.prefetch import prefetched
 
         for item in prefetched(_stage_1_stream(groups[0], chunks, timer, scenario, progress, seen),

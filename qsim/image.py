@@ -82,7 +82,7 @@ def image_from_qcow2(img) -> ImageState:
     keep = img.l2_tables < n_l1
     tables = img.l2_tables[keep]
     d = img.l2_descriptors if keep.all() else img.l2_descriptors[keep]  # (no 8-byte-per-entry copy when all fit)
-    file_clusters = -(-img.file_bytes // g.cluster_size)
+    file_clusters = img.file_clusters
     decoded = None
     if not img.has_data_file and d.size >= COMPILED_MIN_ENTRIES:  # (a small image needs no numba start-up)
         from .qcow2scan import decode_plain_entries

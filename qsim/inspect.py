@@ -232,15 +232,9 @@ def looks_metadata_preallocated(img: Qcow2Image) -> bool:
     cs = img.geometry.cluster_size
     real_clusters = os.stat(img.path).st_blocks * 512 // cs
     threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-    file_clusters = -(-img.file_bytes // cs)
-    per = 1 << img.refblock_bits
     used = 0
-    for index in np.flatnonzero(img.refblock_present).tolist():
-        first = index * per
-        if first >= file_clusters:
-            break
-        values = img.refblock(index)
-        used += int(np.count_nonzero(values[: file_clusters - first]))
+    for _, values in img.refcount_runs():
+        used += int(np.count_nonzero(values))
         if used >= threshold:
             return True
     return False

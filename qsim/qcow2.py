@@ -588,6 +588,13 @@ class Qcow2Image:
                 self._check_entries(index, offset, d, b, active=True)
             yield index, offset, d, b
 
+    @property
+    def plain_entry_bits(self) -> int:
+        """The bits a plain L2 entry may have set (no extended L2, no external data file): COPIED, a
+        cluster-aligned offset and, in a version 3 image, ZERO. An entry with no other bit set is sound."""
+        h = self.header
+        return OFLAG_COPIED | (L2E_OFFSET_MASK & ~(h.cluster_size - 1)) | (OFLAG_ZERO if h.version >= 3 else 0)
+
     def _check_entries(self, index: int, offset: int, d: np.ndarray, b: np.ndarray | None, active: bool) -> None:
         """What qcow2_get_host_offset / count_contiguous_subclusters and qemu-img check's check_refcounts_l2 call
         corrupt, entry by entry."""
@@ -595,8 +602,7 @@ class Qcow2Image:
         cs = h.cluster_size
         ext = b is not None
         if not ext and not self.has_data_file:  # one pass for the common case: aligned offsets, flags QEMU allows
-            allowed = OFLAG_COPIED | (L2E_OFFSET_MASK & ~(cs - 1)) | (OFLAG_ZERO if h.version >= 3 else 0)
-            if not (d & np.uint64(~allowed & (2**64 - 1))).any():
+            if not (d & np.uint64(~self.plain_entry_bits & (2**64 - 1))).any():
                 return
         compressed = (d & np.uint64(OFLAG_COMPRESSED)) != 0
         host = d & np.uint64(L2E_OFFSET_MASK)
@@ -734,35 +740,37 @@ class Qcow2Image:
     def l2_bitmaps(self) -> np.ndarray | None:
         return self._tables[2]
 
-    @functools.cached_property
-    def refcounts(self) -> np.ndarray:
-        """int64 refcount of every host cluster of the image file (0 beyond the blocks)."""
-        cs = self.header.cluster_size
-        n = -(-self.file_bytes // cs)
-        out = np.zeros(n, dtype=np.int64)
+    @property
+    def file_clusters(self) -> int:
+        """Host clusters of the image file, a partial last one included."""
+        return -(-self.file_bytes // self.header.cluster_size)
+
+    def refcount_runs(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first host cluster, refcounts) of each refcount block the table has, in order, cut at the file's end:
+        read one block at a time, so a caller may stop early."""
+        n = self.file_clusters
         per = 1 << self.refblock_bits
         for index in np.flatnonzero(self.reftable & np.uint64(REFT_OFFSET_MASK)).tolist():
             first = index * per
             if first >= n:
-                continue
-            values = self.refblock(index)
-            k = min(per, n - first)
-            out[first: first + k] = values[:k].astype(np.int64)
+                break
+            yield first, self.refblock(index)[: n - first]
+
+    @functools.cached_property
+    def refcounts(self) -> np.ndarray:
+        """int64 refcount of every host cluster of the image file (0 beyond the blocks)."""
+        out = np.zeros(self.file_clusters, dtype=np.int64)
+        for first, values in self.refcount_runs():
+            out[first: first + len(values)] = values
         return out
 
     @functools.cached_property
     def refcounts_clipped(self) -> np.ndarray:
         """uint8 refcount of every host cluster of the image file, clipped at 255 (0 beyond the blocks): a byte a
         cluster, for the check's compiled passes and ``host_used``."""
-        cs = self.header.cluster_size
-        n = -(-self.file_bytes // cs)
-        out = np.zeros(n, dtype=np.uint8)
-        per = 1 << self.refblock_bits
-        for index in np.flatnonzero(self.reftable & np.uint64(REFT_OFFSET_MASK)).tolist():
-            first = index * per
-            if first < n:
-                k = min(per, n - first)
-                np.minimum(self.refblock(index)[:k], SATURATED, out=out[first:first + k], casting="unsafe")
+        out = np.zeros(self.file_clusters, dtype=np.uint8)
+        for first, values in self.refcount_runs():
+            np.minimum(values, SATURATED, out=out[first:first + len(values)], casting="unsafe")
         return out
 
     @property
@@ -799,7 +807,7 @@ class _Check:
         self.chunks: dict[int, np.ndarray] = {}
         self.chunk_bits = CHUNK_BITS
         self.dense: np.ndarray | None = None  # all the counts in one chunk, for the compiled passes (qsim.qcow2scan)
-        file_clusters = -(-img.file_bytes // self.cs)
+        file_clusters = img.file_clusters
         entries = int(np.count_nonzero(img.l1)) * img.geometry.l2_entries_per_table
         self.compiled_entries = entries
         if file_clusters <= min(DENSE_CLUSTERS, 2 * entries + 4096):  # (a byte a cluster, no more than the tables)
@@ -962,10 +970,9 @@ class _Check:
             return False
         from .qcow2scan import count_plain_refs
 
-        allowed = OFLAG_COPIED | (L2E_OFFSET_MASK & ~(self.cs - 1)) | (OFLAG_ZERO if img.header.version >= 3 else 0)
         stored = img.refcounts_clipped
-        return count_plain_refs(d, np.uint64(allowed), np.uint64(self.bits), np.uint64(img.file_bytes), stored,
-                                self.dense, active) < 0
+        return count_plain_refs(d, np.uint64(img.plain_entry_bits), np.uint64(self.bits), np.uint64(img.file_bytes),
+                                stored, self.dense, active) < 0
 
     def table_refs(self, l1_offset: int, l1: np.ndarray, batch: list[int], active: bool, label: str,
                    into: np.ndarray) -> None:
@@ -1014,7 +1021,7 @@ class _Check:
             self.add(t_off, t_size * 8, "bitmap table")
             for offset in data.tolist():
                 self.add(offset, cs, "bitmap data")
-        file_clusters = -(-img.file_bytes // cs)
+        file_clusters = img.file_clusters
         blocks = []
         for index in np.flatnonzero(img.reftable).tolist():
             entry = int(img.reftable[index])
